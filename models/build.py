@@ -1,0 +1,219 @@
+"""`rac build`: data -> encoder -> memory -> neighbours -> head -> one artifact directory for the service.
+
+    rac build --out artifacts/demo          # Fashion-MNIST-LT, a 58k-item memory (README, "Choices")
+    rac build --quick --out /tmp/quick      # a few hundred memory items, for tests: well under two minutes
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.data import Dataset, Splits, class_buckets, fashion_mnist, list_dataset, long_tailed_splits
+from models.evaluate import evaluate_head
+from models.features import Prepared, cached_embed, export_encoder
+from models.mam import Head, HeadConfig
+from models.memory import Memory, make_memory, retrieve, write_memory
+from models.train import MemoryTensors, TrainConfig, predict, train_head
+from service import artifacts as A
+from service.decode import InputSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    ratio: float = 1000.0  # long tail: most / fewest training images per class (about Places-LT's)
+    val_per_class: int = 200  # balanced validation carved out of training data, kept out of the memory
+    seed: int = 0
+    quick: bool = False  # a small subset: 600 training-pool and 200 test images
+    # A user's dataset instead of Fashion-MNIST: "relative/path label" list files over an image folder.
+    root: Path | None = None
+    train_list: Path | None = None
+    val_list: Path | None = None
+    test_list: Path | None = None
+    external_list: Path | None = None
+    classes: Path | None = None
+
+
+@dataclass
+class BuildConfig:
+    out: Path
+    cache: Path = Path(".cache/rac")
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: str = "efficientnet-lite0"
+    checkpoint: Path | None = None  # ViT weights: a Hugging Face folder or a timm file
+    input_size: int = 64  # Fashion-MNIST is 28x28; 64 px: see README "Choices"
+    grey: bool = True
+    pca_dim: int = 256  # 0: keep the encoder's own dimension
+    sources: tuple[str, ...] = ("downstream", "external")
+    values: str = "text"  # text (all-MiniLM-L6-v2) | visual (EfficientNet-Lite2)
+    noise: float = 0.4  # probability an external item's text names a wrong class
+    index: str = "auto"  # or a FAISS factory string
+    exact_below: int = 20_000
+    target_recall: float = 0.95
+    k: int = 100
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    examples: int = 10
+
+
+def config_from_manifest(manifest: A.Manifest, out: Path, cache: Path) -> BuildConfig:
+    """The configuration an artifact directory was built with (to re-create its data and memory)."""
+    b = dict(manifest.build)
+    paths = ("root", "train_list", "val_list", "test_list", "external_list", "classes")
+    data = {k: (Path(v) if k in paths and v else v) for k, v in b.pop("data").items()}  # type: ignore[union-attr]
+    head, train = HeadConfig(**b.pop("head")), TrainConfig(**b.pop("train"))  # type: ignore[arg-type]
+    b["sources"] = tuple(b["sources"])  # type: ignore[arg-type]
+    b["checkpoint"] = Path(b["checkpoint"]) if b.get("checkpoint") else None  # type: ignore[arg-type]
+    return BuildConfig(**(b | {"out": out, "cache": cache, "data": DataConfig(**data),
+                               "head": head, "train": train}))  # type: ignore[arg-type]  # fmt: skip
+
+
+def load_data(cfg: DataConfig) -> tuple[Dataset, Splits]:
+    if cfg.root is not None:
+        if not (cfg.train_list and cfg.val_list and cfg.test_list):
+            raise ValueError("a list dataset needs --train-list, --val-list and --test-list")
+        return list_dataset(cfg.root, cfg.train_list, cfg.val_list, cfg.test_list, cfg.classes, cfg.external_list)
+    dataset = fashion_mnist()
+    if cfg.quick:
+        dataset = dataset.subsample({"train": 600, "test": 200}, cfg.seed)
+        return dataset, long_tailed_splits(dataset, ratio=10.0, val_per_class=10, seed=cfg.seed)
+    return dataset, long_tailed_splits(dataset, cfg.ratio, cfg.val_per_class, cfg.seed)
+
+
+def prepare(cfg: BuildConfig, encoder_path: Path, exported: A.EncoderInfo | None = None) -> Prepared:
+    """Load the data, export the encoder to `encoder_path` (unless `exported` describes the one already
+    there) and embed every image pool with it."""
+    dataset, splits = load_data(cfg.data)
+    if exported is None:
+        fit_part = splits.external if splits.external is not None else splits.train
+        fit_images = dataset.pools[fit_part.pool].subset(fit_part.index[:: max(1, len(fit_part.index) // 10_000)])
+        spec, projection = export_encoder(
+            cfg.encoder, cfg.input_size, cfg.grey, cfg.pca_dim, fit_images, encoder_path, cfg.cache, cfg.checkpoint
+        )
+    else:
+        spec, projection = InputSpec.from_dict(exported.input), exported.projection
+    emb = {
+        name: cached_embed(images, encoder_path, spec, cfg.cache, desc=f"embed {name}")
+        for name, images in dataset.pools.items()
+    }
+    return Prepared(dataset, splits, spec, encoder_path, projection, emb)
+
+
+def script_head(head: Head, sample: tuple[torch.Tensor, ...], path: Path) -> None:
+    """TorchScript export, checked against the eager module on real inputs."""
+    scripted = torch.jit.script(head)
+    with torch.no_grad():
+        want, got = head(*sample), scripted(*sample)
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    scripted.save(str(path))
+
+
+def write_examples(prep: Prepared, out: Path, count: int, probs: np.ndarray) -> list[dict[str, object]]:
+    """A few test images as PNG (one per class first), with the offline predictions for them."""
+    test = prep.splits.test
+    labels = prep.dataset.labels(test)
+    first = [int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)]
+    rows = (first + [r for r in range(len(labels)) if r not in first])[:count]
+    (out / A.EXAMPLES).mkdir(exist_ok=True)
+    examples = []
+    classes = prep.dataset.classes
+    for n, r in enumerate(rows):
+        name = classes[labels[r]].lower().replace("/", "-").replace(" ", "-")
+        file = f"{A.EXAMPLES}/{n:02d}-{name}.png"
+        prep.dataset.pools[test.pool].image(int(test.index[r])).save(out / file)
+        examples.append({"file": file, "label": classes[labels[r]], "predicted": classes[int(probs[r].argmax())],
+                         "probabilities": [round(float(p), 6) for p in probs[r]]})  # fmt: skip
+    return examples
+
+
+def build(cfg: BuildConfig) -> A.Manifest:
+    """Build into DIR.partial, then swap it in: a failed build never leaves a half-written directory."""
+    final = cfg.out
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    manifest = _build(replace(cfg, out=partial))
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    return manifest
+
+
+def _build(cfg: BuildConfig) -> A.Manifest:
+    out = cfg.out
+    prep = prepare(cfg, out / A.ENCODER)
+    memory = make_memory(prep, cfg.sources, cfg.values, cfg.noise, cfg.k, cfg.index, cfg.exact_below,
+                         cfg.target_recall, cfg.data.seed, cfg.cache)  # fmt: skip
+    k = min(cfg.k, len(memory.items) - 1)
+    log.info("memory: %d items, index %s (nprobe %d, recall@%d %.3f)", len(memory.items), memory.factory,
+             memory.nprobe, k, memory.recall)  # fmt: skip
+    s = prep.splits
+    train, val, test = (retrieve(prep, memory, p, k) for p in (s.train, s.val, s.test))
+    tensors = MemoryTensors(memory.keys, memory.values)
+    classes = prep.dataset.classes
+    # A quick build has about a hundred training queries: small batches, more epochs, still seconds.
+    tcfg = replace(cfg.train, batch_size=16, epochs=max(cfg.train.epochs, 30)) if cfg.data.quick else cfg.train
+    head = train_head(cfg.head, tcfg, train, tensors, k, len(classes))
+    counts = np.bincount(train.labels, minlength=len(classes))
+    buckets = class_buckets(counts)
+    evaluation = {
+        split: evaluate_head(head, data, tensors, k, buckets, memory.items.true_label)
+        for split, data in (("val", val), ("test", test))
+    }
+    evaluation["train_counts"] = {c: int(n) for c, n in zip(classes, counts, strict=True)}  # type: ignore[assignment]
+    evaluation["buckets"] = {c: str(b) for c, b in zip(classes, buckets, strict=True)}  # type: ignore[assignment]
+    log.info("test accuracy: %s", evaluation["test"]["accuracy"])  # type: ignore[index]
+
+    write_memory(out, memory.index, memory.keys, memory.values, memory.items)
+    script_head(head, tensors.batch(val, np.arange(min(64, len(val.labels))), k, head), out / A.HEAD)
+    logits, _ = predict(head, test, tensors, k)
+    probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
+    examples = write_examples(prep, out, cfg.examples, probs)
+    return write_manifest(cfg, prep, memory, head, k, evaluation, examples)
+
+
+def write_manifest(
+    cfg: BuildConfig,
+    prep: Prepared,
+    memory: Memory,
+    head: Head,
+    k: int,
+    evaluation: dict[str, object],
+    examples: list[dict[str, object]],
+) -> A.Manifest:
+    out = cfg.out
+    files = {name: A.digest(out / name) for name in A.CHECKED_FILES}
+    version = hashlib.blake2b(
+        "".join(files[n] for n in (A.INDEX, A.KEYS, A.VALUES, A.ITEMS)).encode(), digest_size=6
+    ).hexdigest()
+    sources = {str(s): int(n) for s, n in zip(*np.unique(memory.items.source, return_counts=True), strict=True)}
+    manifest = A.Manifest(
+        format_version=A.FORMAT_VERSION,
+        memory_version=version,
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        encoder=A.EncoderInfo(name=cfg.encoder, input=prep.spec.to_dict(), dim=memory.keys.shape[1],
+                              projection=prep.projection),  # fmt: skip
+        memory=A.MemoryInfo(size=len(memory.items), sources=sources, value_encoder=memory.value_encoder,
+                            value_dim=memory.values.shape[1], text_noise=cfg.noise),  # fmt: skip
+        index=A.IndexInfo(type=memory.factory, metric="cosine", nprobe=memory.nprobe,
+                          recall_at_k=round(memory.recall, 4), k=k),  # fmt: skip
+        head=A.HeadInfo(kind=cfg.head.kind, config=cfg.head.to_dict(), train=cfg.train.to_dict(),
+                        layers=head.num_layers, uses_keys=head.uses_keys),  # fmt: skip
+        classes=prep.dataset.classes,
+        files=files,
+        evaluation=evaluation,
+        examples=examples,
+        build=json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k != "out"}, default=str)),
+    )
+    (out / A.MANIFEST).write_text(manifest.model_dump_json(indent=1))
+    return manifest

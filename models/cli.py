@@ -1,0 +1,170 @@
+"""`rac`: one command for every verb. Heavy imports happen inside each verb, never at import.
+
+    rac build --out artifacts/demo            rac evaluate --artifacts artifacts/demo
+    rac train --artifacts artifacts/demo      rac serve --artifacts artifacts/demo
+    rac bench --artifacts artifacts/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+
+def _head_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("head and training")
+    g.add_argument("--head", default="mam", choices=["linear", "mlp", "mean_knn", "mam"])
+    g.add_argument("--layers", type=int, default=1, help="MAM layers (the paper uses 8)")
+    g.add_argument("--attention", default="similarity", choices=["similarity", "projected", "both"])
+    g.add_argument("--k", type=int, default=100, help="neighbours per query")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--tau", type=float, default=1.0, help="logit adjustment strength")
+    g.add_argument("--label-smoothing", type=float, default=0.0)
+
+
+def _head_config(a: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from models.mam import HeadConfig
+    from models.train import TrainConfig
+
+    head = HeadConfig(kind=a.head, layers=a.layers, attention=a.attention)
+    train = TrainConfig(epochs=a.epochs, lr=a.lr, tau=a.tau, label_smoothing=a.label_smoothing)
+    return head, train
+
+
+def cmd_build(a: argparse.Namespace) -> None:
+    from models.build import BuildConfig, DataConfig, build
+
+    data = DataConfig(ratio=a.ratio, seed=a.seed, quick=a.quick, root=a.root, train_list=a.train_list,
+                      val_list=a.val_list, test_list=a.test_list, external_list=a.external_list,
+                      classes=a.classes)  # fmt: skip
+    head, train = _head_config(a)
+    cfg = BuildConfig(
+        out=a.out, cache=a.cache, data=data, encoder=a.encoder, checkpoint=a.checkpoint, input_size=a.input_size,
+        grey=not a.rgb, pca_dim=a.pca_dim, sources=tuple(a.sources.split(",")), values=a.values, noise=a.noise,
+        index=a.index, k=a.k, head=head, train=replace(train, seed=a.seed),
+    )  # fmt: skip
+    manifest = build(cfg)
+    acc = manifest.evaluation["test"]["accuracy"]  # type: ignore[index]
+    print(f"built {a.out}: {manifest.memory.size} memory items, index {manifest.index.type}, "
+          f"test top-1 {json.dumps({b: round(v, 1) for b, v in acc.items()})}")  # fmt: skip
+
+
+def _context(a: argparse.Namespace, k_max: int):  # type: ignore[no-untyped-def]
+    """The data, embeddings and memory an artifact directory was built with, re-created offline."""
+    from models.build import config_from_manifest, prepare
+    from models.memory import make_memory
+    from service import artifacts as A
+
+    manifest = A.read_manifest(a.artifacts)
+    cfg = config_from_manifest(manifest, a.artifacts, a.cache)
+    prep = prepare(cfg, a.artifacts / A.ENCODER, exported=manifest.encoder)
+    memory = make_memory(prep, cfg.sources, cfg.values, cfg.noise, max(k_max, cfg.k), cfg.index, cfg.exact_below,
+                         cfg.target_recall, cfg.data.seed, cfg.cache)  # fmt: skip
+    return cfg, prep, memory
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    from models.evaluate import EvalConfig, markdown, run_all
+
+    cfg = EvalConfig(seeds=tuple(int(s) for s in a.seeds.split(",")))
+    _, prep, memory = _context(a, max(cfg.k_sweep))
+    results = run_all(prep, memory, cfg, a.only, a.cache, a.json)
+    print(markdown(results))
+    print(f"\nwrote {a.json}")
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    """Train one head configuration on the artifact's memory and print its validation figures."""
+    from models.evaluate import Context
+
+    head, train = _head_config(a)
+    _, prep, memory = _context(a, a.k)
+    ctx = Context.make(prep, memory, a.k)
+    for seed in (int(s) for s in a.seeds.split(",")):
+        r = ctx.run(head, replace(train, seed=seed), a.k)
+        splits = ("val", "test") if a.test else ("val",)
+        print(json.dumps({"seed": seed, **{s: r[s] for s in splits}, "seconds": round(r["seconds"], 1)}))
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    import uvicorn
+
+    os.environ["RAC_ARTIFACTS"] = str(a.artifacts)
+    uvicorn.run("service.app:factory", factory=True, host=a.host, port=a.port, workers=a.workers,
+                log_level="info", access_log=False)  # fmt: skip
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    from service.bench import main as bench
+
+    bench(a.artifacts, a.json, a.seconds, a.concurrency)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports a missing AVX2 module needlessly
+    p = argparse.ArgumentParser(prog="rac", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    b = sub.add_parser("build", help="build an artifact directory")
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--quick", action="store_true", help="a few hundred memory items (tests)")
+    b.add_argument("--cache", type=Path, default=Path(".cache/rac"))
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--ratio", type=float, default=1000.0, help="long-tail imbalance ratio")
+    b.add_argument("--encoder", default="efficientnet-lite0",
+                   help="efficientnet-lite0 | vit-hf | vit-timm | vit-s16 (random weights)")  # fmt: skip
+    b.add_argument("--checkpoint", type=Path, help="ViT weights: a Hugging Face folder or a timm file")
+    b.add_argument("--input-size", type=int, default=64)
+    b.add_argument("--rgb", action="store_true", help="keep colour (default: grey, as Fashion-MNIST)")
+    b.add_argument("--pca-dim", type=int, default=256, help="0 keeps the encoder's dimension")
+    b.add_argument("--sources", default="downstream,external")
+    b.add_argument("--values", default="text", choices=["text", "visual"])
+    b.add_argument("--noise", type=float, default=0.4)
+    b.add_argument("--index", default="auto", help="auto, or a FAISS factory string such as IVF256,Flat")
+    d = b.add_argument_group("a list-file dataset instead of Fashion-MNIST")
+    for name in ("root", "train-list", "val-list", "test-list", "external-list", "classes"):
+        d.add_argument(f"--{name}", type=Path)
+    _head_args(b)
+    b.set_defaults(func=cmd_build)
+
+    for name, func, helptext in (("evaluate", cmd_evaluate, "the paper's tables over an artifact's data"),
+                                 ("train", cmd_train, "train one head and print validation figures")):  # fmt: skip
+        e = sub.add_parser(name, help=helptext)
+        e.add_argument("--artifacts", type=Path, required=True)
+        e.add_argument("--cache", type=Path, default=Path(".cache/rac"))
+        e.add_argument("--seeds", default="0,1,2" if name == "evaluate" else "0")
+        e.set_defaults(func=func)
+    ev = sub.choices["evaluate"]
+    ev.add_argument("--only", default="all", choices=["all", "table", "k", "memory"])
+    ev.add_argument("--json", type=Path, default=Path("results/evaluation.json"))
+    tr = sub.choices["train"]
+    tr.add_argument("--test", action="store_true", help="also print test figures (not for choosing)")
+    _head_args(tr)
+
+    s = sub.add_parser("serve", help="serve an artifact directory over HTTP")
+    s.add_argument("--artifacts", type=Path, default=Path(os.environ.get("RAC_ARTIFACTS", "artifacts/demo")))
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workers", type=int, default=1)
+    s.set_defaults(func=cmd_serve)
+
+    be = sub.add_parser("bench", help="in-process ceiling, raw encoder, HTTP throughput, cache hits")
+    be.add_argument("--artifacts", type=Path, default=Path("artifacts/demo"))
+    be.add_argument("--json", type=Path, default=Path("results/bench.json"))
+    be.add_argument("--seconds", type=float, default=10.0, help="per HTTP measurement")
+    be.add_argument("--concurrency", default="1,4,16")
+    be.set_defaults(func=cmd_bench)
+
+    a = p.parse_args(argv)
+    a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

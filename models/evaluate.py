@@ -1,0 +1,254 @@
+"""Figures: top-1 accuracy by many/mid/few-shot bucket, where the attention goes, and the paper's tables
+(Table 1, the sweep over k, the memory ablation), each mean and spread over seeds.
+
+    rac evaluate --artifacts artifacts/demo            # all tables, printed and written as JSON
+    rac evaluate --artifacts artifacts/demo --only table
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from models.data import BUCKETS, class_buckets
+from models.features import Prepared
+from models.mam import Head, HeadConfig
+from models.memory import Memory, Retrieved, make_memory, retrieve
+from models.train import MemoryTensors, TrainConfig, predict, train_head
+
+log = logging.getLogger(__name__)
+
+
+def bucket_accuracy(pred: np.ndarray, labels: np.ndarray, buckets: np.ndarray) -> dict[str, float]:
+    """Top-1 accuracy (%) overall and per bucket; buckets (C,) names each class's bucket."""
+    ok = pred == labels
+    out = {b: float(100 * ok[buckets[labels] == b].mean()) for b in BUCKETS if (buckets[labels] == b).any()}
+    out["all"] = float(100 * ok.mean())
+    return out
+
+
+def attention_focus(
+    attn: np.ndarray, ids: np.ndarray, item_labels: np.ndarray, labels: np.ndarray, buckets: np.ndarray
+) -> dict[str, dict[str, float]]:
+    """Per bucket: attention mass (%) on neighbours whose image is of the query's class, against their share
+    of the retrieved list (what uniform averaging gives them). attn, ids: (n, k)."""
+    same = item_labels[ids] == labels[:, None]  # (n, k)
+    mass, share = (attn * same).sum(1), same.mean(1)
+    out = {}
+    for b in (*BUCKETS, "all"):
+        rows = np.ones(len(labels), bool) if b == "all" else buckets[labels] == b
+        if rows.any():
+            out[b] = {"attention": float(100 * mass[rows].mean()), "share": float(100 * share[rows].mean())}
+    return out
+
+
+def evaluate_head(
+    head: Head, data: Retrieved, memory: MemoryTensors, k: int, buckets: np.ndarray, item_labels: np.ndarray
+) -> dict[str, object]:
+    logits, attn = predict(head, data, memory, k)
+    out: dict[str, object] = {"accuracy": bucket_accuracy(logits.argmax(1), data.labels, buckets)}
+    if attn.shape[1]:
+        out["attention"] = attention_focus(attn[:, -1], data.ids[:, :k], item_labels, data.labels, buckets)
+    return out
+
+
+# ---------------------------------------------------------------- the tables
+
+
+# The rows of Table 1. "MAM (paper)" is the published module; "MAM" is the variant this project serves:
+# its scores are the query's own similarities to the neighbours with a learned temperature (README).
+HEADS: dict[str, HeadConfig] = {
+    "Linear": HeadConfig(kind="linear"),
+    "MLP": HeadConfig(kind="mlp"),
+    "Mean kNN": HeadConfig(kind="mean_knn"),
+    "MAM (paper, 8 layers)": HeadConfig(kind="mam", layers=8, attention="projected"),
+    "MAM": HeadConfig(kind="mam", layers=1, attention="similarity"),
+}
+
+
+@dataclass
+class EvalConfig:
+    seeds: tuple[int, ...] = (0, 1, 2)
+    lrs: tuple[float, ...] = (1e-3, 3e-3)  # chosen per head on validation (seed 0)
+    k: int = 100
+    k_sweep: tuple[int, ...] = (1, 10, 50, 100, 200)
+    noise_levels: tuple[float, ...] = (0.0, 0.4, 0.8)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sweep_heads: tuple[str, ...] = ("Mean kNN", "MAM")
+
+
+@dataclass
+class Context:
+    """What every run of one memory shares."""
+
+    prep: Prepared
+    memory: Memory
+    tensors: MemoryTensors
+    train: Retrieved
+    val: Retrieved
+    test: Retrieved
+    buckets: np.ndarray
+
+    @classmethod
+    def make(cls, prep: Prepared, memory: Memory, k_max: int) -> Context:
+        s = prep.splits
+        train, val, test = (retrieve(prep, memory, p, k_max) for p in (s.train, s.val, s.test))
+        counts = np.bincount(train.labels, minlength=len(prep.dataset.classes))
+        return cls(prep, memory, MemoryTensors(memory.keys, memory.values), train, val, test, class_buckets(counts))
+
+    def run(self, cfg: HeadConfig, tcfg: TrainConfig, k: int) -> dict[str, object]:
+        t = time.perf_counter()
+        head = train_head(cfg, tcfg, self.train, self.tensors, k, len(self.prep.dataset.classes))
+        figures = {
+            split: evaluate_head(head, data, self.tensors, k, self.buckets, self.memory.items.true_label)
+            for split, data in (("val", self.val), ("test", self.test))
+        }
+        return {**figures, "seconds": time.perf_counter() - t}
+
+
+def summarise(runs: list[dict[str, object]]) -> dict[str, object]:
+    """Mean and standard deviation over seeds of every accuracy and attention figure."""
+
+    def collect(path: tuple[str, ...]) -> list[float]:
+        vals = []
+        for r in runs:
+            node: object = r
+            for p in path:
+                node = node[p] if isinstance(node, dict) and p in node else None  # type: ignore[index]
+            if isinstance(node, float):
+                vals.append(node)
+        return vals
+
+    out: dict[str, object] = {}
+    for split in ("val", "test"):
+        acc = {b: _ms(collect((split, "accuracy", b))) for b in (*BUCKETS, "all")}
+        out[split] = {"accuracy": {b: v for b, v in acc.items() if v}}
+        att = {
+            b: {w: _ms(collect((split, "attention", b, w))) for w in ("attention", "share")}
+            for b in (*BUCKETS, "all")
+        }
+        if any(v["attention"] for v in att.values()):
+            out[split]["attention"] = att  # type: ignore[index]
+    out["seconds"] = float(np.mean(collect(("seconds",))))
+    return out
+
+
+def _ms(vals: list[float]) -> dict[str, float] | None:
+    return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)} if vals else None
+
+
+def table1(ctx: Context, cfg: EvalConfig) -> dict[str, object]:
+    """Each head: learning rate chosen on validation with seed 0, then every seed at that rate."""
+    rows: dict[str, object] = {}
+    for name, head in HEADS.items():
+        trials = {lr: ctx.run(head, replace(cfg.train, lr=lr, seed=cfg.seeds[0]), cfg.k) for lr in cfg.lrs}
+        lr = max(trials, key=lambda r: trials[r]["val"]["accuracy"]["all"])  # type: ignore[index]
+        runs = [trials[lr]] + [ctx.run(head, replace(cfg.train, lr=lr, seed=s), cfg.k) for s in cfg.seeds[1:]]
+        rows[name] = {"lr": lr, **summarise(runs)}
+        log.info("%s: lr %g, test all %.1f", name, lr, rows[name]["test"]["accuracy"]["all"]["mean"])  # type: ignore[index]
+    return rows
+
+
+def sweep_k(ctx: Context, cfg: EvalConfig, lrs: dict[str, float]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for name in cfg.sweep_heads:
+        out[name] = {
+            str(k): summarise([ctx.run(HEADS[name], replace(cfg.train, lr=lrs[name], seed=s), k) for s in cfg.seeds])
+            for k in cfg.k_sweep
+        }
+    return out
+
+
+def memory_ablation(
+    prep: Prepared, base: Memory, cfg: EvalConfig, lrs: dict[str, float], cache_dir: Path
+) -> dict[str, object]:
+    """The paper's Figure 3 questions: which memory, which values, how much text noise."""
+    variants: dict[str, dict[str, object]] = {
+        "downstream only": {"sources": ("downstream",)},
+        "external only": {"sources": ("external",)},
+        "both": {},
+        "both, visual values (Lite2)": {"values": "visual"},
+        **{f"both, noise {p}": {"noise": p} for p in cfg.noise_levels if p != 0.4},
+    }
+    out: dict[str, object] = {}
+    for label, change in variants.items():
+        args: dict[str, object] = {"sources": ("downstream", "external"), "values": "text", "noise": 0.4, **change}
+        memory = base if not change else make_memory(prep, k=cfg.k, cache_dir=cache_dir, **args)  # type: ignore[arg-type]
+        ctx = Context.make(prep, memory, cfg.k)
+        out[label] = {
+            "memory": {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()} | {"size": len(memory.items)},
+            **{
+                name: summarise([ctx.run(HEADS[name], replace(cfg.train, lr=lrs[name], seed=s), cfg.k) for s in cfg.seeds])
+                for name in cfg.sweep_heads
+            },
+        }
+        log.info("memory %s done", label)
+    return out
+
+
+# ---------------------------------------------------------------- printing
+
+
+def _cell(stat: object) -> str:
+    if not isinstance(stat, dict):
+        return "-"
+    return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
+
+
+def markdown(results: dict[str, object]) -> str:
+    """The tables as Markdown, for the terminal and the README."""
+    lines: list[str] = []
+    if "table1" in results:
+        lines += ["Table 1: top-1 accuracy (%) on the balanced test set, mean ± std over seeds", "",
+                  "| head | lr | many | mid | few | all |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for name, row in results["table1"].items():  # type: ignore[attr-defined]
+            acc = row["test"]["accuracy"]
+            lines.append(f"| {name} | {row['lr']:g} | " + " | ".join(_cell(acc.get(b)) for b in (*BUCKETS, "all")) + " |")
+        lines += ["", "Attention mass on neighbours of the query's own class vs their share of the retrieved list (%, test)",
+                  "", "| head | many | mid | few | all |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        for name, row in results["table1"].items():  # type: ignore[attr-defined]
+            att = row["test"].get("attention")
+            if att:
+                cells = [f"{att[b]['attention']['mean']:.1f} vs {att[b]['share']['mean']:.1f}" for b in (*BUCKETS, "all")]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "k_sweep" in results:
+        sweep = results["k_sweep"]
+        ks = list(next(iter(sweep.values())).keys())  # type: ignore[attr-defined]
+        lines += ["", "Sweep over k: test top-1 (all classes / few-shot)", "",
+                  "| head | " + " | ".join(f"k={k}" for k in ks) + " |", "| --- |" + " --- |" * len(ks)]  # fmt: skip
+        for name, by_k in sweep.items():  # type: ignore[attr-defined]
+            cells = [f"{_cell(by_k[k]['test']['accuracy']['all'])} / {_cell(by_k[k]['test']['accuracy'].get('few'))}" for k in ks]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "memory" in results:
+        lines += ["", "Memory ablation: test top-1 (all / many / mid / few)", "",
+                  "| memory | size | head | all | many | mid | few |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for label, row in results["memory"].items():  # type: ignore[attr-defined]
+            for name in (n for n in row if n != "memory"):
+                acc = row[name]["test"]["accuracy"]
+                cells = " | ".join(_cell(acc.get(b)) for b in ("all", *BUCKETS))
+                lines.append(f"| {label} | {row['memory']['size']} | {name} | {cells} |")
+    return "\n".join(lines)
+
+
+def run_all(
+    prep: Prepared, memory: Memory, cfg: EvalConfig, only: str, cache_dir: Path, out: Path
+) -> dict[str, object]:
+    k_max = max((*cfg.k_sweep, cfg.k)) if only in ("all", "k") else cfg.k
+    ctx = Context.make(prep, memory, min(k_max, len(memory.items) - 1))
+    results: dict[str, object] = {"config": {"seeds": list(cfg.seeds), "lrs": list(cfg.lrs), "k": cfg.k,
+                                             "train": cfg.train.to_dict()}}  # fmt: skip
+    table = table1(ctx, cfg)
+    results["table1"] = table
+    lrs = {name: float(row["lr"]) for name, row in table.items()}  # type: ignore[index]
+    if only in ("all", "k"):
+        results["k_sweep"] = sweep_k(ctx, cfg, lrs)
+    if only in ("all", "memory"):
+        results["memory"] = memory_ablation(prep, memory, cfg, lrs, cache_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    return results

@@ -1,0 +1,200 @@
+"""HTTP routes and their schemas. No numeric work here: parse, call the pipeline, serialise."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import RedirectResponse, Response
+from pydantic import BaseModel
+
+from service.batching import Overloaded
+from service.decode import DecodeError
+from service.metrics import Metrics
+from service.pipeline import Classification, Pipeline
+from service.upload import UploadError, read_images
+
+router = APIRouter()
+
+
+# ---------------------------------------------------------------- schemas (for the OpenAPI page)
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
+class Neighbor(BaseModel):
+    id: int
+    text: str
+    source: str  # "downstream" (the training set) or "external"
+    label: str  # the class the item's text names
+    similarity: float  # cosine similarity of its image to the query
+    attention: float  # the head's last-layer attention weight on it
+
+
+class ClassifyResponse(BaseModel):
+    predictions: list[Prediction]
+    neighbors: list[Neighbor]
+    memory_version: str
+    cached: bool  # the neighbours came from the cache (decode, encode and search were skipped)
+    timings_ms: dict[str, float]  # decode, queue, encode, search, head (batch stages: the batch's), total
+
+
+class BatchEntry(BaseModel):
+    status: int  # 200, or the 4xx this image alone earned
+    result: ClassifyResponse | None = None
+    detail: str | None = None
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchEntry]
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+def _image_body(field: str, many: bool) -> dict[str, object]:
+    file = {"type": "string", "format": "binary"}
+    prop = {"type": "array", "items": file} if many else file
+    form = {"type": "object", "properties": {field: prop}, "required": [field]}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form},
+                                                          "image/png": {"schema": file}}}}  # fmt: skip
+
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in (
+        (400, "empty, truncated or corrupt image"),
+        (413, "body, image or pixel count over the limit"),
+        (415, "not multipart/form-data, or not a PNG, JPEG or WebP image"),
+        (422, "bad query values or no image field"),
+        (503, "overloaded (Retry-After) or not ready"),
+    )
+}
+
+
+# ---------------------------------------------------------------- dependencies
+
+
+def get_pipeline(request: Request) -> Pipeline:
+    pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
+    if pipeline is None:
+        raise Overloaded("not ready")
+    return pipeline
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+TopK = Annotated[int, Query(ge=1, le=1000, description="how many classes to return")]
+Neighbors = Annotated[int, Query(ge=0, le=1000, description="how many retrieved memory items to return")]
+
+
+def _json(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), status, headers,
+                    media_type="application/json")  # fmt: skip
+
+
+def error(status: int, detail: str) -> Response:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return _json({"detail": detail}, status, headers)
+
+
+def _answer(c: Classification, pipeline: Pipeline) -> dict[str, object]:
+    return {"predictions": c.predictions, "neighbors": c.neighbors, "memory_version": pipeline.manifest.memory_version,
+            "cached": c.cached, "timings_ms": c.timings_ms}  # fmt: skip
+
+
+def _check_options(pipeline: Pipeline, top_k: int, neighbors: int) -> None:
+    if top_k > len(pipeline.manifest.classes):
+        raise UploadError(422, f"top_k={top_k}, but there are {len(pipeline.manifest.classes)} classes")
+    if neighbors > pipeline.k:
+        raise UploadError(422, f"neighbors={neighbors}, but the service retrieves k={pipeline.k}")
+
+
+async def _classify(
+    request: Request, pipeline: Pipeline, field: str, many: bool, top_k: int, neighbors: int
+) -> list[Classification | DecodeError]:
+    _check_options(pipeline, top_k, neighbors)
+    s = pipeline.settings
+    limit = (s.max_request_bytes if many else s.max_image_bytes + 64 * 1024)
+    images = await read_images(request, field, limit, s.max_batch_images if many else 1)
+    return await pipeline.classify(images, top_k, neighbors)
+
+
+# ---------------------------------------------------------------- routes
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=ERRORS, openapi_extra=_image_body("image", False))
+async def classify(request: Request, pipeline: PipelineDep, top_k: TopK = 5, neighbors: Neighbors = 0) -> Response:
+    """Classify one image: send it as multipart field `image` (or as a raw image/png|jpeg|webp body)."""
+    (result,) = await _classify(request, pipeline, "image", False, top_k, neighbors)
+    if isinstance(result, DecodeError):
+        return error(result.status, result.message)
+    return _json(_answer(result, pipeline))
+
+
+@router.post("/classify/batch", response_model=BatchResponse, responses=ERRORS,
+             openapi_extra=_image_body("images", True))  # fmt: skip
+async def classify_batch(
+    request: Request, pipeline: PipelineDep, top_k: TopK = 5, neighbors: Neighbors = 0
+) -> Response:
+    """Classify several images, sent as repeated multipart field `images`; answers come in order, and a
+    bad image fails only its own entry."""
+    results = await _classify(request, pipeline, "images", True, top_k, neighbors)
+    entries = [
+        {"status": r.status, "detail": r.message} if isinstance(r, DecodeError)
+        else {"status": 200, "result": _answer(r, pipeline)}
+        for r in results
+    ]  # fmt: skip
+    return _json({"results": entries})
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"model": ErrorResponse}})
+async def readyz(request: Request) -> Response:
+    """Artifacts loaded, checked and warmed up: ready for traffic."""
+    if getattr(request.app.state, "ready", False):
+        return _json({"ready": True})
+    return error(503, "not ready: loading or warming up")
+
+
+@router.get("/metrics")
+async def metrics(m: MetricsDep) -> Response:
+    """Prometheus exposition."""
+    return Response(m.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/info")
+async def info(pipeline: PipelineDep) -> Response:
+    """What is being served: encoder, memory, index, head, classes and the figures it was built with."""
+    m = pipeline.manifest
+    return _json({
+        "encoder": m.encoder.model_dump() | {"providers": pipeline.encoder.providers},
+        "memory": m.memory.model_dump() | {"version": m.memory_version},
+        "index": m.index.model_dump(),
+        "head": m.head.model_dump(),
+        "classes": m.classes,
+        "evaluation": m.evaluation,
+        "cache": pipeline.cache.store.backend,
+        "created": m.created,
+    })  # fmt: skip
+
+
+@router.get("/", include_in_schema=False)
+async def root() -> RedirectResponse:
+    return RedirectResponse("/docs")

@@ -1,0 +1,99 @@
+"""The artifact directory contract: its file names and manifest, written offline and checked at start-up."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pydantic import BaseModel
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ENCODER = "encoder.onnx"
+INDEX = "index.faiss"
+KEYS = "keys.npy"
+VALUES = "values.npy"
+ITEMS = "items.sqlite"
+HEAD = "head.pt"
+EXAMPLES = "examples"
+CHECKED_FILES = (ENCODER, INDEX, KEYS, VALUES, ITEMS, HEAD)
+
+
+class EncoderInfo(BaseModel):
+    name: str
+    input: dict[str, object]  # service.decode.InputSpec.to_dict()
+    dim: int  # embedding dimension (after the projection, if any)
+    projection: str  # "none" or "pca-<d> of <raw dim>"
+
+
+class MemoryInfo(BaseModel):
+    size: int
+    sources: dict[str, int]  # items per source
+    value_encoder: str
+    value_dim: int
+    text_noise: float  # probability that an external item's text names a wrong class
+
+
+class IndexInfo(BaseModel):
+    type: str  # FAISS factory string
+    metric: str  # "cosine" (inner product of L2-normalised vectors)
+    nprobe: int  # 0 for exact indexes
+    recall_at_k: float  # measured against exact search at build time
+    k: int  # neighbours the head reads
+
+
+class HeadInfo(BaseModel):
+    kind: str
+    config: dict[str, object]
+    train: dict[str, object]
+    layers: int  # attention maps the head returns
+    uses_keys: bool
+
+
+class Manifest(BaseModel):
+    format_version: int
+    memory_version: str  # content hash of index, keys, values and items: part of every cache key
+    created: str
+    encoder: EncoderInfo
+    memory: MemoryInfo
+    index: IndexInfo
+    head: HeadInfo
+    classes: list[str]
+    files: dict[str, str]  # file name -> blake2b digest
+    evaluation: dict[str, object]  # figures measured when built (see README)
+    examples: list[dict[str, object]]  # example PNGs with the labels and predictions made offline
+    build: dict[str, object]  # the offline configuration that made this directory
+
+
+def digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ArtifactError(RuntimeError):
+    """Artifacts that are missing or do not fit together; the message names the mismatch."""
+
+
+def read_manifest(directory: Path) -> Manifest:
+    path = directory / MANIFEST
+    if not path.exists():
+        raise ArtifactError(f"{path} not found: build artifacts with `rac build --out {directory}`")
+    manifest = Manifest.model_validate_json(path.read_text())
+    if manifest.format_version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: format version {manifest.format_version}, this service reads {FORMAT_VERSION}: rebuild"
+        )
+    return manifest
+
+
+def verify_files(directory: Path, manifest: Manifest) -> None:
+    for name in CHECKED_FILES:
+        path = directory / name
+        if not path.exists():
+            raise ArtifactError(f"{path} is missing")
+        want = manifest.files.get(name)
+        if want is not None and digest(path) != want:
+            raise ArtifactError(f"{path} does not match the checksum in {MANIFEST}: it was changed after the build")

@@ -1,0 +1,97 @@
+"""Image bytes -> encoder input: the one preprocessing that both the service and the memory builder use."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# A truncated upload is an error to report, never an image to guess the rest of.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How an image becomes the encoder's (3, size, size) float32 input; stored in the manifest."""
+
+    size: int  # square side in pixels
+    grey: bool  # True: convert to one grey channel, then repeat it (the memory was grey)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"size": self.size, "grey": self.grey, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> InputSpec:
+        mean, std = d["mean"], d["std"]
+        assert isinstance(mean, list) and isinstance(std, list)
+        return cls(int(str(d["size"])), bool(d["grey"]), tuple(mean), tuple(std))  # type: ignore[arg-type]
+
+
+class DecodeError(ValueError):
+    """A client's image that cannot be used; `status` is the HTTP status it deserves."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def open_image(data: bytes, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+    """Parse and fully decode `data`, checking format and pixel count before any pixels are decoded.
+
+    draft_size: let libjpeg decode large photos at a reduced scale (at least this many pixels a side):
+    far cheaper, and the same result after the resize to the encoder's input.
+    """
+    if not data:
+        raise DecodeError(400, "empty file: the image field holds no bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise DecodeError(415, "not an image this service reads: send PNG, JPEG or WebP") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DecodeError(413, f"image has too many pixels: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DecodeError(400, f"cannot read image header: {e}") from None
+    width, height = image.size
+    if width * height > max_pixels:  # checked on the header, before decoding (decompression bombs)
+        raise DecodeError(413, f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+    if width == 0 or height == 0:
+        raise DecodeError(400, f"image has no pixels ({width}x{height})")
+    if draft_size is not None and image.format == "JPEG":
+        image.draft(image.mode, (draft_size, draft_size))
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DecodeError(400, f"corrupt or truncated {image.format} image: {e}") from None
+    return image
+
+
+def preprocess(image: Image.Image, spec: InputSpec) -> np.ndarray:
+    """PIL image -> (3, size, size) float32: upright, grey or RGB, centre-cropped square, normalised."""
+    image = ImageOps.exif_transpose(image) if image.format == "JPEG" else image
+    image = image.convert("L" if spec.grey else "RGB")
+    if image.size != (spec.size, spec.size):
+        # Centre crop to square, then resize: a no-op crop for square images such as Fashion-MNIST.
+        image = ImageOps.fit(image, (spec.size, spec.size), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.float32)  # (S, S) or (S, S, 3), values 0..255
+    if spec.grey:
+        pixels = np.broadcast_to(pixels[None], (3, spec.size, spec.size))
+    else:
+        pixels = pixels.transpose(2, 0, 1)
+    mean = np.asarray(spec.mean, np.float32)[:, None, None] * 255.0
+    scale = 1.0 / (np.asarray(spec.std, np.float32)[:, None, None] * 255.0)
+    return np.ascontiguousarray((pixels - mean) * scale, dtype=np.float32)  # (3, S, S)
+
+
+def decode(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
+    """Uploaded bytes -> encoder input (3, S, S) float32; raises DecodeError with an HTTP status."""
+    return preprocess(open_image(data, max_pixels, draft_size=2 * spec.size), spec)

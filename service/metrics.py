@@ -1,0 +1,36 @@
+"""Prometheus metrics, all in one place: a latency histogram per stage and counters for what went wrong."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+STAGES = ("decode", "queue", "encode", "search", "head", "total")
+# 0.1 ms .. 5 s: the stages of one batch run from tens of microseconds to tens of milliseconds.
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """One registry per app, so that tests can build several apps in one process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.stage_seconds = Histogram(
+            "rac_stage_seconds", "Latency of each pipeline stage (batch stages: the batch's time)", ["stage"],
+            buckets=BUCKETS, registry=r,
+        )  # fmt: skip
+        self.requests = Counter("rac_requests_total", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.images = Counter("rac_images_total", "Images classified or refused, by outcome", ["outcome"], registry=r)
+        self.cache = Counter("rac_cache_total", "Neighbour cache lookups: hit, miss or error", ["result"], registry=r)
+        self.batch_size = Histogram(
+            "rac_batch_size", "Images per encode/search/head batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
+        )
+        self.queue_depth = Gauge("rac_queue_depth", "Images admitted and not yet answered", registry=r)
+        self.refused = Counter("rac_refused_total", "Requests refused with 503 because the queue was full", registry=r)
+        for stage in STAGES:  # export every series from the start, so dashboards never see a gap
+            self.stage_seconds.labels(stage)
+        for result in ("hit", "miss", "error"):
+            self.cache.labels(result)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,44 @@
+"""The service's settings: the one place that reads the environment (variables prefixed RAC_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RAC_", frozen=True)
+
+    artifacts: Path = Path("artifacts/demo")
+    verify_checksums: bool = True  # hash every artifact file at start-up against the manifest
+
+    # Compute
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # encoder: CUDA where a GPU is present, else CPU
+    encoder_threads: int = 0  # onnxruntime intra-op threads; 0: one per core
+    search_threads: int = 1  # FAISS OpenMP threads: small batches gain nothing from more
+    head_threads: int = 1  # torch threads for the head
+    decode_threads: int = 2
+
+    # Micro-batching and back-pressure
+    max_batch: int = 32  # images per encode/search/head batch
+    max_wait_ms: float = 2.0  # how long a batch waits to fill once its first image arrived
+    max_pending: int = 256  # images admitted (decoding or queued) at once; beyond: 503 at once
+
+    # Input limits
+    max_image_bytes: int = 8 * 1024 * 1024  # per image; the request limit adds multipart overhead
+    max_pixels: int = 40_000_000  # width x height, checked before decoding (decompression bombs)
+    max_batch_images: int = 32  # images in one /classify/batch request
+
+    # Neighbour cache: Redis when a URL is set (REDIS_URL or RAC_REDIS_URL), else in-process LRU
+    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("RAC_REDIS_URL", "REDIS_URL"))
+    cache_ttl_s: int = 24 * 3600
+    cache_entries: int = 50_000  # in-process LRU size
+    redis_timeout_ms: float = 50.0  # per operation: a slow Redis costs at most this, then is skipped
+    redis_retry_s: float = 1.0  # after a Redis failure, go without it this long, then try again
+
+    @property
+    def max_request_bytes(self) -> int:
+        return self.max_batch_images * self.max_image_bytes + 64 * 1024
