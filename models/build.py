@@ -1,7 +1,7 @@
 """`rac build`: data -> encoder -> memory -> neighbours -> head -> one artifact directory for the service.
 
-    rac build --out artifacts/demo          # Fashion-MNIST-LT, a 58k-item memory (README, "Choices")
-    rac build --quick --out /tmp/quick      # a few hundred memory items, for tests: well under two minutes
+rac build --out artifacts/demo          # Fashion-MNIST-LT, a 58k-item memory (README, "Choices")
+rac build --quick --out /tmp/quick      # a few hundred memory items, for tests: well under two minutes
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from models.data import Dataset, Splits, class_buckets, fashion_mnist, list_dataset, long_tailed_splits
-from models.evaluate import evaluate_head
+from models.evaluate import JSON, evaluate_head
 from models.features import Prepared, cached_embed, export_encoder
 from models.mam import Head, HeadConfig
 from models.memory import Memory, make_memory, retrieve, write_memory
@@ -68,14 +68,15 @@ class BuildConfig:
 
 def config_from_manifest(manifest: A.Manifest, out: Path, cache: Path) -> BuildConfig:
     """The configuration an artifact directory was built with (to re-create its data and memory)."""
-    b = dict(manifest.build)
+    b: JSON = dict(manifest.build)
     paths = ("root", "train_list", "val_list", "test_list", "external_list", "classes")
-    data = {k: (Path(v) if k in paths and v else v) for k, v in b.pop("data").items()}  # type: ignore[union-attr]
-    head, train = HeadConfig(**b.pop("head")), TrainConfig(**b.pop("train"))  # type: ignore[arg-type]
-    b["sources"] = tuple(b["sources"])  # type: ignore[arg-type]
-    b["checkpoint"] = Path(b["checkpoint"]) if b.get("checkpoint") else None  # type: ignore[arg-type]
-    return BuildConfig(**(b | {"out": out, "cache": cache, "data": DataConfig(**data),
-                               "head": head, "train": train}))  # type: ignore[arg-type]  # fmt: skip
+    data: JSON = {k: (Path(v) if k in paths and v else v) for k, v in b["data"].items()}
+    b["data"] = DataConfig(**data)
+    b["head"], b["train"] = HeadConfig(**b["head"]), TrainConfig(**b["train"])
+    b["sources"] = tuple(b["sources"])
+    b["checkpoint"] = Path(b["checkpoint"]) if b.get("checkpoint") else None
+    b["out"], b["cache"] = out, cache
+    return BuildConfig(**b)
 
 
 def load_data(cfg: DataConfig) -> tuple[Dataset, Splits]:
@@ -119,7 +120,7 @@ def script_head(head: Head, sample: tuple[torch.Tensor, ...], path: Path) -> Non
     scripted.save(str(path))
 
 
-def write_examples(prep: Prepared, out: Path, count: int, probs: np.ndarray) -> list[dict[str, object]]:
+def write_examples(prep: Prepared, out: Path, count: int, probs: np.ndarray) -> list[JSON]:
     """A few test images as PNG (one per class first), with the offline predictions for them."""
     test = prep.splits.test
     labels = prep.dataset.labels(test)
@@ -132,8 +133,14 @@ def write_examples(prep: Prepared, out: Path, count: int, probs: np.ndarray) -> 
         name = classes[labels[r]].lower().replace("/", "-").replace(" ", "-")
         file = f"{A.EXAMPLES}/{n:02d}-{name}.png"
         prep.dataset.pools[test.pool].image(int(test.index[r])).save(out / file)
-        examples.append({"file": file, "label": classes[labels[r]], "predicted": classes[int(probs[r].argmax())],
-                         "probabilities": [round(float(p), 6) for p in probs[r]]})  # fmt: skip
+        examples.append(
+            {
+                "file": file,
+                "label": classes[labels[r]],
+                "predicted": classes[int(probs[r].argmax())],
+                "probabilities": [round(float(p), 6) for p in probs[r]],
+            }
+        )
     return examples
 
 
@@ -152,11 +159,27 @@ def build(cfg: BuildConfig) -> A.Manifest:
 def _build(cfg: BuildConfig) -> A.Manifest:
     out = cfg.out
     prep = prepare(cfg, out / A.ENCODER)
-    memory = make_memory(prep, cfg.sources, cfg.values, cfg.noise, cfg.k, cfg.index, cfg.exact_below,
-                         cfg.target_recall, cfg.data.seed, cfg.cache)  # fmt: skip
+    memory = make_memory(
+        prep,
+        cfg.sources,
+        cfg.values,
+        cfg.noise,
+        cfg.k,
+        cfg.index,
+        cfg.exact_below,
+        cfg.target_recall,
+        cfg.data.seed,
+        cfg.cache,
+    )
     k = min(cfg.k, len(memory.items) - 1)
-    log.info("memory: %d items, index %s (nprobe %d, recall@%d %.3f)", len(memory.items), memory.factory,
-             memory.nprobe, k, memory.recall)  # fmt: skip
+    log.info(
+        "memory: %d items, index %s (nprobe %d, recall@%d %.3f)",
+        len(memory.items),
+        memory.factory,
+        memory.nprobe,
+        k,
+        memory.recall,
+    )
     s = prep.splits
     train, val, test = (retrieve(prep, memory, p, k) for p in (s.train, s.val, s.test))
     tensors = MemoryTensors(memory.keys, memory.values)
@@ -170,9 +193,9 @@ def _build(cfg: BuildConfig) -> A.Manifest:
         split: evaluate_head(head, data, tensors, k, buckets, memory.items.true_label)
         for split, data in (("val", val), ("test", test))
     }
-    evaluation["train_counts"] = {c: int(n) for c, n in zip(classes, counts, strict=True)}  # type: ignore[assignment]
-    evaluation["buckets"] = {c: str(b) for c, b in zip(classes, buckets, strict=True)}  # type: ignore[assignment]
-    log.info("test accuracy: %s", evaluation["test"]["accuracy"])  # type: ignore[index]
+    evaluation["train_counts"] = {c: int(n) for c, n in zip(classes, counts, strict=True)}
+    evaluation["buckets"] = {c: str(b) for c, b in zip(classes, buckets, strict=True)}
+    log.info("test accuracy: %s", evaluation["test"]["accuracy"])
 
     write_memory(out, memory.index, memory.keys, memory.values, memory.items)
     script_head(head, tensors.batch(val, np.arange(min(64, len(val.labels))), k, head), out / A.HEAD)
@@ -188,8 +211,8 @@ def write_manifest(
     memory: Memory,
     head: Head,
     k: int,
-    evaluation: dict[str, object],
-    examples: list[dict[str, object]],
+    evaluation: JSON,
+    examples: list[JSON],
 ) -> A.Manifest:
     out = cfg.out
     files = {name: A.digest(out / name) for name in A.CHECKED_FILES}
@@ -201,14 +224,26 @@ def write_manifest(
         format_version=A.FORMAT_VERSION,
         memory_version=version,
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        encoder=A.EncoderInfo(name=cfg.encoder, input=prep.spec.to_dict(), dim=memory.keys.shape[1],
-                              projection=prep.projection),  # fmt: skip
-        memory=A.MemoryInfo(size=len(memory.items), sources=sources, value_encoder=memory.value_encoder,
-                            value_dim=memory.values.shape[1], text_noise=cfg.noise),  # fmt: skip
-        index=A.IndexInfo(type=memory.factory, metric="cosine", nprobe=memory.nprobe,
-                          recall_at_k=round(memory.recall, 4), k=k),  # fmt: skip
-        head=A.HeadInfo(kind=cfg.head.kind, config=cfg.head.to_dict(), train=cfg.train.to_dict(),
-                        layers=head.num_layers, uses_keys=head.uses_keys),  # fmt: skip
+        encoder=A.EncoderInfo(
+            name=cfg.encoder, input=prep.spec.to_dict(), dim=memory.keys.shape[1], projection=prep.projection
+        ),
+        memory=A.MemoryInfo(
+            size=len(memory.items),
+            sources=sources,
+            value_encoder=memory.value_encoder,
+            value_dim=memory.values.shape[1],
+            text_noise=cfg.noise,
+        ),
+        index=A.IndexInfo(
+            type=memory.factory, metric="cosine", nprobe=memory.nprobe, recall_at_k=round(memory.recall, 4), k=k
+        ),
+        head=A.HeadInfo(
+            kind=cfg.head.kind,
+            config=cfg.head.to_dict(),
+            train=cfg.train.to_dict(),
+            layers=head.num_layers,
+            uses_keys=head.uses_keys,
+        ),
         classes=prep.dataset.classes,
         files=files,
         evaluation=evaluation,

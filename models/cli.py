@@ -1,8 +1,8 @@
 """`rac`: one command for every verb. Heavy imports happen inside each verb, never at import.
 
-    rac build --out artifacts/demo            rac evaluate --artifacts artifacts/demo
-    rac train --artifacts artifacts/demo      rac serve --artifacts artifacts/demo
-    rac bench --artifacts artifacts/demo
+rac build --out artifacts/demo            rac evaluate --artifacts artifacts/demo
+rac train --artifacts artifacts/demo      rac serve --artifacts artifacts/demo
+rac bench --artifacts artifacts/demo
 """
 
 from __future__ import annotations
@@ -11,9 +11,16 @@ import argparse
 import json
 import logging
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # light at import: the CLI loads each verb's modules only when it runs
+    from models.build import BuildConfig
+    from models.features import Prepared
+    from models.mam import HeadConfig
+    from models.memory import Memory
+    from models.train import TrainConfig
 
 
 def _head_args(p: argparse.ArgumentParser) -> None:
@@ -28,7 +35,7 @@ def _head_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--label-smoothing", type=float, default=0.0)
 
 
-def _head_config(a: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _head_config(a: argparse.Namespace) -> tuple[HeadConfig, TrainConfig]:
     from models.mam import HeadConfig
     from models.train import TrainConfig
 
@@ -40,22 +47,44 @@ def _head_config(a: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_build(a: argparse.Namespace) -> None:
     from models.build import BuildConfig, DataConfig, build
 
-    data = DataConfig(ratio=a.ratio, seed=a.seed, quick=a.quick, root=a.root, train_list=a.train_list,
-                      val_list=a.val_list, test_list=a.test_list, external_list=a.external_list,
-                      classes=a.classes)  # fmt: skip
+    data = DataConfig(
+        ratio=a.ratio,
+        seed=a.seed,
+        quick=a.quick,
+        root=a.root,
+        train_list=a.train_list,
+        val_list=a.val_list,
+        test_list=a.test_list,
+        external_list=a.external_list,
+        classes=a.classes,
+    )
     head, train = _head_config(a)
     cfg = BuildConfig(
-        out=a.out, cache=a.cache, data=data, encoder=a.encoder, checkpoint=a.checkpoint, input_size=a.input_size,
-        grey=not a.rgb, pca_dim=a.pca_dim, sources=tuple(a.sources.split(",")), values=a.values, noise=a.noise,
-        index=a.index, k=a.k, head=head, train=replace(train, seed=a.seed),
-    )  # fmt: skip
+        out=a.out,
+        cache=a.cache,
+        data=data,
+        encoder=a.encoder,
+        checkpoint=a.checkpoint,
+        input_size=a.input_size,
+        grey=not a.rgb,
+        pca_dim=a.pca_dim,
+        sources=tuple(a.sources.split(",")),
+        values=a.values,
+        noise=a.noise,
+        index=a.index,
+        k=a.k,
+        head=head,
+        train=replace(train, seed=a.seed),
+    )
     manifest = build(cfg)
-    acc = manifest.evaluation["test"]["accuracy"]  # type: ignore[index]
-    print(f"built {a.out}: {manifest.memory.size} memory items, index {manifest.index.type}, "
-          f"test top-1 {json.dumps({b: round(v, 1) for b, v in acc.items()})}")  # fmt: skip
+    acc = manifest.evaluation["test"]["accuracy"]
+    print(
+        f"built {a.out}: {manifest.memory.size} memory items, index {manifest.index.type}, "
+        f"test top-1 {json.dumps({b: round(v, 1) for b, v in acc.items()})}"
+    )
 
 
-def _context(a: argparse.Namespace, k_max: int):  # type: ignore[no-untyped-def]
+def _context(a: argparse.Namespace, k_max: int) -> tuple[BuildConfig, Prepared, Memory]:
     """The data, embeddings and memory an artifact directory was built with, re-created offline."""
     from models.build import config_from_manifest, prepare
     from models.memory import make_memory
@@ -64,8 +93,18 @@ def _context(a: argparse.Namespace, k_max: int):  # type: ignore[no-untyped-def]
     manifest = A.read_manifest(a.artifacts)
     cfg = config_from_manifest(manifest, a.artifacts, a.cache)
     prep = prepare(cfg, a.artifacts / A.ENCODER, exported=manifest.encoder)
-    memory = make_memory(prep, cfg.sources, cfg.values, cfg.noise, max(k_max, cfg.k), cfg.index, cfg.exact_below,
-                         cfg.target_recall, cfg.data.seed, cfg.cache)  # fmt: skip
+    memory = make_memory(
+        prep,
+        cfg.sources,
+        cfg.values,
+        cfg.noise,
+        max(k_max, cfg.k),
+        cfg.index,
+        cfg.exact_below,
+        cfg.target_recall,
+        cfg.data.seed,
+        cfg.cache,
+    )
     return cfg, prep, memory
 
 
@@ -96,8 +135,15 @@ def cmd_serve(a: argparse.Namespace) -> None:
     import uvicorn
 
     os.environ["RAC_ARTIFACTS"] = str(a.artifacts)
-    uvicorn.run("service.app:factory", factory=True, host=a.host, port=a.port, workers=a.workers,
-                log_level="info", access_log=False)  # fmt: skip
+    uvicorn.run(
+        "service.app:factory",
+        factory=True,
+        host=a.host,
+        port=a.port,
+        workers=a.workers,
+        log_level="info",
+        access_log=False,
+    )
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
@@ -118,8 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--cache", type=Path, default=Path(".cache/rac"))
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--ratio", type=float, default=1000.0, help="long-tail imbalance ratio")
-    b.add_argument("--encoder", default="efficientnet-lite0",
-                   help="efficientnet-lite0 | vit-hf | vit-timm | vit-s16 (random weights)")  # fmt: skip
+    b.add_argument(
+        "--encoder",
+        default="efficientnet-lite0",
+        help="efficientnet-lite0 | vit-hf | vit-timm | vit-s16 (random weights)",
+    )
     b.add_argument("--checkpoint", type=Path, help="ViT weights: a Hugging Face folder or a timm file")
     b.add_argument("--input-size", type=int, default=64)
     b.add_argument("--rgb", action="store_true", help="keep colour (default: grey, as Fashion-MNIST)")
@@ -134,8 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     _head_args(b)
     b.set_defaults(func=cmd_build)
 
-    for name, func, helptext in (("evaluate", cmd_evaluate, "the paper's tables over an artifact's data"),
-                                 ("train", cmd_train, "train one head and print validation figures")):  # fmt: skip
+    for name, func, helptext in (
+        ("evaluate", cmd_evaluate, "the paper's tables over an artifact's data"),
+        ("train", cmd_train, "train one head and print validation figures"),
+    ):
         e = sub.add_parser(name, help=helptext)
         e.add_argument("--artifacts", type=Path, required=True)
         e.add_argument("--cache", type=Path, default=Path(".cache/rac"))
@@ -167,4 +218,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

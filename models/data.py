@@ -12,9 +12,17 @@ from PIL import Image
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 BUCKETS = ("many", "mid", "few")
 
 
@@ -122,9 +130,7 @@ def long_tail_counts(n_max: int, num_classes: int, ratio: float) -> np.ndarray:
     return np.floor(n_max * ratio ** (-i / max(num_classes - 1, 1))).astype(np.int64)
 
 
-def long_tailed_splits(
-    dataset: Dataset, ratio: float = 1000.0, val_per_class: int = 200, seed: int = 0
-) -> Splits:
+def long_tailed_splits(dataset: Dataset, ratio: float = 1000.0, val_per_class: int = 200, seed: int = 0) -> Splits:
     """Carve a balanced validation set out of the training pool, draw an exponentially long-tailed training
     set from what is left (class 0 the head), and keep the rest for the external memory."""
     labels = dataset.pools["train"].labels
@@ -136,8 +142,9 @@ def long_tailed_splits(
     train = np.concatenate([ix[val_per_class : val_per_class + n] for ix, n in zip(by_class, counts, strict=True)])
     rest = np.concatenate([ix[val_per_class + n :] for ix, n in zip(by_class, counts, strict=True)])
     test = np.arange(len(dataset.pools["test"]))
-    return Splits(Part("train", np.sort(train)), Part("train", np.sort(val)), Part("test", test),
-                  Part("train", np.sort(rest)))  # fmt: skip
+    return Splits(
+        Part("train", np.sort(train)), Part("train", np.sort(val)), Part("test", test), Part("train", np.sort(rest))
+    )
 
 
 def class_buckets(train_counts: np.ndarray) -> np.ndarray:
@@ -171,8 +178,11 @@ def list_dataset(
     external: Path | None = None,
 ) -> tuple[Dataset, Splits]:
     """A user's dataset from list files over an image folder; its splits are taken as given."""
-    pools: dict[str, ImageSet] = {"train": read_list_file(train, root), "val": read_list_file(val, root),
-                                  "test": read_list_file(test, root)}  # fmt: skip
+    pools: dict[str, ImageSet] = {
+        "train": read_list_file(train, root),
+        "val": read_list_file(val, root),
+        "test": read_list_file(test, root),
+    }
     if external is not None:
         pools["external"] = read_list_file(external, root)
     num_classes = 1 + max(int(p.labels.max()) for p in pools.values())

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ class Embedder(nn.Module):
 
     def __init__(self, backbone: nn.Module, pool: str):
         super().__init__()
-        self.backbone = backbone
+        self.backbone: Any = backbone  # EfficientNet or transformers' ViTModel: untyped third-party modules
         self.pool = pool  # "mean": average the final feature map; "cls": the ViT class token
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -101,8 +102,8 @@ def _vit_config(shape: VitShape, layer_norm_eps: float = 1e-12):  # type: ignore
         patch_size=shape.patch,
         image_size=shape.image,
         layer_norm_eps=layer_norm_eps,
-        attn_implementation="eager",
-    )
+        attn_implementation="eager",  # plain ops: exports to ONNX as it runs in torch
+    )  # type: ignore[call-arg]
 
 
 def vit_random(shape: VitShape, seed: int = 0) -> Embedder:
@@ -167,7 +168,7 @@ def vit_from_timm(path: Path, heads: int | None = None) -> Embedder:
         raise ValueError("global-average-pooled ViTs (fc_norm) are not supported: the class token is used")
     hidden = state["cls_token"].shape[-1]
     patch = state["patch_embed.proj.weight"].shape[-1]
-    grid = int(round((state["pos_embed"].shape[1] - 1) ** 0.5))
+    grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
     shape = VitShape(
         hidden=hidden,
         layers=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
@@ -191,10 +192,13 @@ class Projection(nn.Module):
     Fashion-MNIST moved by 0.1 points while search got about five times cheaper (README, "Choices").
     """
 
+    mean: torch.Tensor  # (D,)
+    components: torch.Tensor  # (D, d)
+
     def __init__(self, mean: np.ndarray, components: np.ndarray):
         super().__init__()
-        self.register_buffer("mean", torch.from_numpy(mean.astype(np.float32)))  # (D,)
-        self.register_buffer("components", torch.from_numpy(components.astype(np.float32)))  # (D, d)
+        self.register_buffer("mean", torch.from_numpy(mean.astype(np.float32)))
+        self.register_buffer("components", torch.from_numpy(components.astype(np.float32)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize((x - self.mean) @ self.components, dim=-1)
@@ -232,9 +236,7 @@ def export_onnx(model: nn.Module, input_size: int, path: Path, opset: int = 17) 
     model.eval()
 
 
-def image_encoder(
-    name: str, input_size: int, grey: bool, checkpoint: Path | None = None
-) -> tuple[Embedder, InputSpec]:
+def image_encoder(name: str, input_size: int, grey: bool, checkpoint: Path | None = None) -> tuple[Embedder, InputSpec]:
     """An encoder by name, with the input spec it expects (grey: the dataset's images are grey).
 
     name: efficientnet-lite0 | efficientnet-lite2 | vit-hf (a folder) | vit-timm (a file) | vit-s16 ...

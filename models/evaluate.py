@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,8 @@ from models.memory import Memory, Retrieved, make_memory, retrieve
 from models.train import MemoryTensors, TrainConfig, predict, train_head
 
 log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]  # results as they are written to JSON: nested dicts of figures
 
 
 def bucket_accuracy(pred: np.ndarray, labels: np.ndarray, buckets: np.ndarray) -> dict[str, float]:
@@ -49,9 +52,9 @@ def attention_focus(
 
 def evaluate_head(
     head: Head, data: Retrieved, memory: MemoryTensors, k: int, buckets: np.ndarray, item_labels: np.ndarray
-) -> dict[str, object]:
+) -> JSON:
     logits, attn = predict(head, data, memory, k)
-    out: dict[str, object] = {"accuracy": bucket_accuracy(logits.argmax(1), data.labels, buckets)}
+    out: JSON = {"accuracy": bucket_accuracy(logits.argmax(1), data.labels, buckets)}
     if attn.shape[1]:
         out["attention"] = attention_focus(attn[:, -1], data.ids[:, :k], item_labels, data.labels, buckets)
     return out
@@ -101,7 +104,7 @@ class Context:
         counts = np.bincount(train.labels, minlength=len(prep.dataset.classes))
         return cls(prep, memory, MemoryTensors(memory.keys, memory.values), train, val, test, class_buckets(counts))
 
-    def run(self, cfg: HeadConfig, tcfg: TrainConfig, k: int) -> dict[str, object]:
+    def run(self, cfg: HeadConfig, tcfg: TrainConfig, k: int) -> JSON:
         t = time.perf_counter()
         head = train_head(cfg, tcfg, self.train, self.tensors, k, len(self.prep.dataset.classes))
         figures = {
@@ -111,7 +114,7 @@ class Context:
         return {**figures, "seconds": time.perf_counter() - t}
 
 
-def summarise(runs: list[dict[str, object]]) -> dict[str, object]:
+def summarise(runs: list[JSON]) -> JSON:
     """Mean and standard deviation over seeds of every accuracy and attention figure."""
 
     def collect(path: tuple[str, ...]) -> list[float]:
@@ -119,21 +122,20 @@ def summarise(runs: list[dict[str, object]]) -> dict[str, object]:
         for r in runs:
             node: object = r
             for p in path:
-                node = node[p] if isinstance(node, dict) and p in node else None  # type: ignore[index]
+                node = node[p] if isinstance(node, dict) and p in node else None
             if isinstance(node, float):
                 vals.append(node)
         return vals
 
-    out: dict[str, object] = {}
+    out: JSON = {}
     for split in ("val", "test"):
         acc = {b: _ms(collect((split, "accuracy", b))) for b in (*BUCKETS, "all")}
         out[split] = {"accuracy": {b: v for b, v in acc.items() if v}}
         att = {
-            b: {w: _ms(collect((split, "attention", b, w))) for w in ("attention", "share")}
-            for b in (*BUCKETS, "all")
+            b: {w: _ms(collect((split, "attention", b, w))) for w in ("attention", "share")} for b in (*BUCKETS, "all")
         }
         if any(v["attention"] for v in att.values()):
-            out[split]["attention"] = att  # type: ignore[index]
+            out[split]["attention"] = att
     out["seconds"] = float(np.mean(collect(("seconds",))))
     return out
 
@@ -142,20 +144,20 @@ def _ms(vals: list[float]) -> dict[str, float] | None:
     return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)} if vals else None
 
 
-def table1(ctx: Context, cfg: EvalConfig) -> dict[str, object]:
+def table1(ctx: Context, cfg: EvalConfig) -> JSON:
     """Each head: learning rate chosen on validation with seed 0, then every seed at that rate."""
-    rows: dict[str, object] = {}
+    rows: JSON = {}
     for name, head in HEADS.items():
         trials = {lr: ctx.run(head, replace(cfg.train, lr=lr, seed=cfg.seeds[0]), cfg.k) for lr in cfg.lrs}
-        lr = max(trials, key=lambda r: trials[r]["val"]["accuracy"]["all"])  # type: ignore[index]
+        lr = max(trials, key=lambda r: trials[r]["val"]["accuracy"]["all"])
         runs = [trials[lr]] + [ctx.run(head, replace(cfg.train, lr=lr, seed=s), cfg.k) for s in cfg.seeds[1:]]
         rows[name] = {"lr": lr, **summarise(runs)}
-        log.info("%s: lr %g, test all %.1f", name, lr, rows[name]["test"]["accuracy"]["all"]["mean"])  # type: ignore[index]
+        log.info("%s: lr %g, test all %.1f", name, lr, rows[name]["test"]["accuracy"]["all"]["mean"])
     return rows
 
 
-def sweep_k(ctx: Context, cfg: EvalConfig, lrs: dict[str, float]) -> dict[str, object]:
-    out: dict[str, object] = {}
+def sweep_k(ctx: Context, cfg: EvalConfig, lrs: dict[str, float]) -> JSON:
+    out: JSON = {}
     for name in cfg.sweep_heads:
         out[name] = {
             str(k): summarise([ctx.run(HEADS[name], replace(cfg.train, lr=lrs[name], seed=s), k) for s in cfg.seeds])
@@ -164,26 +166,27 @@ def sweep_k(ctx: Context, cfg: EvalConfig, lrs: dict[str, float]) -> dict[str, o
     return out
 
 
-def memory_ablation(
-    prep: Prepared, base: Memory, cfg: EvalConfig, lrs: dict[str, float], cache_dir: Path
-) -> dict[str, object]:
+def memory_ablation(prep: Prepared, base: Memory, cfg: EvalConfig, lrs: dict[str, float], cache_dir: Path) -> JSON:
     """The paper's Figure 3 questions: which memory, which values, how much text noise."""
-    variants: dict[str, dict[str, object]] = {
+    variants: dict[str, JSON] = {
         "downstream only": {"sources": ("downstream",)},
         "external only": {"sources": ("external",)},
         "both": {},
         "both, visual values (Lite2)": {"values": "visual"},
         **{f"both, noise {p}": {"noise": p} for p in cfg.noise_levels if p != 0.4},
     }
-    out: dict[str, object] = {}
+    out: JSON = {}
     for label, change in variants.items():
-        args: dict[str, object] = {"sources": ("downstream", "external"), "values": "text", "noise": 0.4, **change}
-        memory = base if not change else make_memory(prep, k=cfg.k, cache_dir=cache_dir, **args)  # type: ignore[arg-type]
+        args: JSON = {"sources": ("downstream", "external"), "values": "text", "noise": 0.4, **change}
+        memory = base if not change else make_memory(prep, k=cfg.k, cache_dir=cache_dir, **args)
         ctx = Context.make(prep, memory, cfg.k)
         out[label] = {
-            "memory": {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()} | {"size": len(memory.items)},
+            "memory": {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
+            | {"size": len(memory.items)},
             **{
-                name: summarise([ctx.run(HEADS[name], replace(cfg.train, lr=lrs[name], seed=s), cfg.k) for s in cfg.seeds])
+                name: summarise(
+                    [ctx.run(HEADS[name], replace(cfg.train, lr=lrs[name], seed=s), cfg.k) for s in cfg.seeds]
+                )
                 for name in cfg.sweep_heads
             },
         }
@@ -200,51 +203,76 @@ def _cell(stat: object) -> str:
     return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
 
 
-def markdown(results: dict[str, object]) -> str:
+def markdown(results: JSON) -> str:
     """The tables as Markdown, for the terminal and the README."""
     lines: list[str] = []
     if "table1" in results:
-        lines += ["Table 1: top-1 accuracy (%) on the balanced test set, mean ± std over seeds", "",
-                  "| head | lr | many | mid | few | all |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-        for name, row in results["table1"].items():  # type: ignore[attr-defined]
+        lines += [
+            "Table 1: top-1 accuracy (%) on the balanced test set, mean ± std over seeds",
+            "",
+            "| head | lr | many | mid | few | all |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, row in results["table1"].items():
             acc = row["test"]["accuracy"]
-            lines.append(f"| {name} | {row['lr']:g} | " + " | ".join(_cell(acc.get(b)) for b in (*BUCKETS, "all")) + " |")
-        lines += ["", "Attention mass on neighbours of the query's own class vs their share of the retrieved list (%, test)",
-                  "", "| head | many | mid | few | all |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
-        for name, row in results["table1"].items():  # type: ignore[attr-defined]
+            lines.append(
+                f"| {name} | {row['lr']:g} | " + " | ".join(_cell(acc.get(b)) for b in (*BUCKETS, "all")) + " |"
+            )
+        lines += [
+            "",
+            "Attention mass on neighbours of the query's own class vs their share of the retrieved list (%, test)",
+            "",
+            "| head | many | mid | few | all |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for name, row in results["table1"].items():
             att = row["test"].get("attention")
             if att:
-                cells = [f"{att[b]['attention']['mean']:.1f} vs {att[b]['share']['mean']:.1f}" for b in (*BUCKETS, "all")]
+                cells = [
+                    f"{att[b]['attention']['mean']:.1f} vs {att[b]['share']['mean']:.1f}" for b in (*BUCKETS, "all")
+                ]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "k_sweep" in results:
         sweep = results["k_sweep"]
-        ks = list(next(iter(sweep.values())).keys())  # type: ignore[attr-defined]
-        lines += ["", "Sweep over k: test top-1 (all classes / few-shot)", "",
-                  "| head | " + " | ".join(f"k={k}" for k in ks) + " |", "| --- |" + " --- |" * len(ks)]  # fmt: skip
-        for name, by_k in sweep.items():  # type: ignore[attr-defined]
-            cells = [f"{_cell(by_k[k]['test']['accuracy']['all'])} / {_cell(by_k[k]['test']['accuracy'].get('few'))}" for k in ks]
+        ks = list(next(iter(sweep.values())).keys())
+        lines += [
+            "",
+            "Sweep over k: test top-1 (all classes / few-shot)",
+            "",
+            "| head | " + " | ".join(f"k={k}" for k in ks) + " |",
+            "| --- |" + " --- |" * len(ks),
+        ]
+        for name, by_k in sweep.items():
+            cells = [
+                f"{_cell(by_k[k]['test']['accuracy']['all'])} / {_cell(by_k[k]['test']['accuracy'].get('few'))}"
+                for k in ks
+            ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "memory" in results:
-        lines += ["", "Memory ablation: test top-1 (all / many / mid / few)", "",
-                  "| memory | size | head | all | many | mid | few |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-        for label, row in results["memory"].items():  # type: ignore[attr-defined]
+        lines += [
+            "",
+            "Memory ablation: test top-1 (all / many / mid / few)",
+            "",
+            "| memory | size | head | all | many | mid | few |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for label, row in results["memory"].items():
             for name in (n for n in row if n != "memory"):
                 acc = row[name]["test"]["accuracy"]
-                cells = " | ".join(_cell(acc.get(b)) for b in ("all", *BUCKETS))
-                lines.append(f"| {label} | {row['memory']['size']} | {name} | {cells} |")
+                row_cells = " | ".join(_cell(acc.get(b)) for b in ("all", *BUCKETS))
+                lines.append(f"| {label} | {row['memory']['size']} | {name} | {row_cells} |")
     return "\n".join(lines)
 
 
-def run_all(
-    prep: Prepared, memory: Memory, cfg: EvalConfig, only: str, cache_dir: Path, out: Path
-) -> dict[str, object]:
+def run_all(prep: Prepared, memory: Memory, cfg: EvalConfig, only: str, cache_dir: Path, out: Path) -> JSON:
     k_max = max((*cfg.k_sweep, cfg.k)) if only in ("all", "k") else cfg.k
     ctx = Context.make(prep, memory, min(k_max, len(memory.items) - 1))
-    results: dict[str, object] = {"config": {"seeds": list(cfg.seeds), "lrs": list(cfg.lrs), "k": cfg.k,
-                                             "train": cfg.train.to_dict()}}  # fmt: skip
+    results: JSON = {
+        "config": {"seeds": list(cfg.seeds), "lrs": list(cfg.lrs), "k": cfg.k, "train": cfg.train.to_dict()}
+    }
     table = table1(ctx, cfg)
     results["table1"] = table
-    lrs = {name: float(row["lr"]) for name, row in table.items()}  # type: ignore[index]
+    lrs = {name: float(row["lr"]) for name, row in table.items()}
     if only in ("all", "k"):
         results["k_sweep"] = sweep_k(ctx, cfg, lrs)
     if only in ("all", "memory"):

@@ -114,7 +114,7 @@ class Head(nn.Module):
             attn = attn + 1.0 / k
         elif self.kind == "mam":
             # Standardised per query, so a temperature means the same whatever the spread of similarities.
-            sims_std = (sims - sims.mean(-1, keepdim=True)) / (sims.std(-1, keepdim=True) + 1e-6)
+            sims_std = (sims - sims.mean(-1, keepdim=True)) / (sims.std(-1, keepdim=True, unbiased=False) + 1e-6)
             maps = []
             for layer in self.layers:
                 update, a = layer(f, sims_std, keys, values)

@@ -75,9 +75,13 @@ def memory_items(
         label.append(named)
         true.append(y)
     return MemoryItems(
-        np.concatenate(pool), np.concatenate(index), np.concatenate(source), text,
-        np.concatenate(label), np.concatenate(true),
-    )  # fmt: skip
+        np.concatenate(pool),
+        np.concatenate(index),
+        np.concatenate(source),
+        text,
+        np.concatenate(label),
+        np.concatenate(true),
+    )
 
 
 def self_ids(items: MemoryItems, part: Part) -> np.ndarray:
@@ -250,9 +254,13 @@ def write_items(path: Path, items: MemoryItems) -> None:
             " label INTEGER NOT NULL, origin TEXT NOT NULL)"
         )
         rows = zip(
-            range(len(items)), items.source.tolist(), items.text, items.label.tolist(),
-            [f"{p}/{i}" for p, i in zip(items.pool, items.index, strict=True)], strict=True,
-        )  # fmt: skip
+            range(len(items)),
+            items.source.tolist(),
+            items.text,
+            items.label.tolist(),
+            [f"{p}/{i}" for p, i in zip(items.pool, items.index, strict=True)],
+            strict=True,
+        )
         db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?)", rows)
     db.close()
 

@@ -80,7 +80,7 @@ def train_head(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=tcfg.label_smoothing)
     labels = torch.from_numpy(train.labels)
     head.train()
-    bar = tqdm(total=total, desc=f"train {cfg.kind}", unit="step", leave=False, disable=not progress)
+    bar = tqdm(total=total, desc=f"train {cfg.kind}", unit="step", leave=False, disable=None if progress else True)
     for _ in range(tcfg.epochs):
         order = rng.permutation(len(train.labels))
         for s in range(0, len(order), tcfg.batch_size):

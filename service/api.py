@@ -62,8 +62,12 @@ def _image_body(field: str, many: bool) -> dict[str, object]:
     file = {"type": "string", "format": "binary"}
     prop = {"type": "array", "items": file} if many else file
     form = {"type": "object", "properties": {field: prop}, "required": [field]}
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form},
-                                                          "image/png": {"schema": file}}}}  # fmt: skip
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": form}, "image/png": {"schema": file}},
+        }
+    }
 
 
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -95,13 +99,14 @@ def get_metrics(request: Request) -> Metrics:
 
 PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-TopK = Annotated[int, Query(ge=1, le=1000, description="how many classes to return")]
+TopK = Annotated[int, Query(ge=1, le=1000, description="how many classes to return (at most all of them)")]
 Neighbors = Annotated[int, Query(ge=0, le=1000, description="how many retrieved memory items to return")]
 
 
 def _json(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), status, headers,
-                    media_type="application/json")  # fmt: skip
+    return Response(
+        orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), status, headers, media_type="application/json"
+    )
 
 
 def error(status: int, detail: str) -> Response:
@@ -110,13 +115,16 @@ def error(status: int, detail: str) -> Response:
 
 
 def _answer(c: Classification, pipeline: Pipeline) -> dict[str, object]:
-    return {"predictions": c.predictions, "neighbors": c.neighbors, "memory_version": pipeline.manifest.memory_version,
-            "cached": c.cached, "timings_ms": c.timings_ms}  # fmt: skip
+    return {
+        "predictions": c.predictions,
+        "neighbors": c.neighbors,
+        "memory_version": pipeline.manifest.memory_version,
+        "cached": c.cached,
+        "timings_ms": c.timings_ms,
+    }
 
 
-def _check_options(pipeline: Pipeline, top_k: int, neighbors: int) -> None:
-    if top_k > len(pipeline.manifest.classes):
-        raise UploadError(422, f"top_k={top_k}, but there are {len(pipeline.manifest.classes)} classes")
+def _check_options(pipeline: Pipeline, neighbors: int) -> None:
     if neighbors > pipeline.k:
         raise UploadError(422, f"neighbors={neighbors}, but the service retrieves k={pipeline.k}")
 
@@ -124,9 +132,9 @@ def _check_options(pipeline: Pipeline, top_k: int, neighbors: int) -> None:
 async def _classify(
     request: Request, pipeline: Pipeline, field: str, many: bool, top_k: int, neighbors: int
 ) -> list[Classification | DecodeError]:
-    _check_options(pipeline, top_k, neighbors)
+    _check_options(pipeline, neighbors)
     s = pipeline.settings
-    limit = (s.max_request_bytes if many else s.max_image_bytes + 64 * 1024)
+    limit = s.max_request_bytes if many else s.max_image_bytes + 64 * 1024
     images = await read_images(request, field, limit, s.max_batch_images if many else 1)
     return await pipeline.classify(images, top_k, neighbors)
 
@@ -143,8 +151,9 @@ async def classify(request: Request, pipeline: PipelineDep, top_k: TopK = 5, nei
     return _json(_answer(result, pipeline))
 
 
-@router.post("/classify/batch", response_model=BatchResponse, responses=ERRORS,
-             openapi_extra=_image_body("images", True))  # fmt: skip
+@router.post(
+    "/classify/batch", response_model=BatchResponse, responses=ERRORS, openapi_extra=_image_body("images", True)
+)
 async def classify_batch(
     request: Request, pipeline: PipelineDep, top_k: TopK = 5, neighbors: Neighbors = 0
 ) -> Response:
@@ -152,10 +161,11 @@ async def classify_batch(
     bad image fails only its own entry."""
     results = await _classify(request, pipeline, "images", True, top_k, neighbors)
     entries = [
-        {"status": r.status, "detail": r.message} if isinstance(r, DecodeError)
+        {"status": r.status, "detail": r.message}
+        if isinstance(r, DecodeError)
         else {"status": 200, "result": _answer(r, pipeline)}
         for r in results
-    ]  # fmt: skip
+    ]
     return _json({"results": entries})
 
 
@@ -183,16 +193,18 @@ async def metrics(m: MetricsDep) -> Response:
 async def info(pipeline: PipelineDep) -> Response:
     """What is being served: encoder, memory, index, head, classes and the figures it was built with."""
     m = pipeline.manifest
-    return _json({
-        "encoder": m.encoder.model_dump() | {"providers": pipeline.encoder.providers},
-        "memory": m.memory.model_dump() | {"version": m.memory_version},
-        "index": m.index.model_dump(),
-        "head": m.head.model_dump(),
-        "classes": m.classes,
-        "evaluation": m.evaluation,
-        "cache": pipeline.cache.store.backend,
-        "created": m.created,
-    })  # fmt: skip
+    return _json(
+        {
+            "encoder": m.encoder.model_dump() | {"providers": pipeline.encoder.providers},
+            "memory": m.memory.model_dump() | {"version": m.memory_version},
+            "index": m.index.model_dump(),
+            "head": m.head.model_dump(),
+            "classes": m.classes,
+            "evaluation": m.evaluation,
+            "cache": pipeline.cache.store.backend,
+            "created": m.created,
+        }
+    )
 
 
 @router.get("/", include_in_schema=False)

@@ -1,6 +1,6 @@
 """create_app(settings) -> FastAPI. The lifespan loads and checks the artifacts once, then warms up.
 
-    uvicorn --factory service.app:factory      # settings from RAC_* environment variables
+uvicorn --factory service.app:factory      # settings from RAC_* environment variables
 """
 
 from __future__ import annotations
@@ -64,9 +64,15 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.pipeline = pipeline
         warm = asyncio.create_task(_warm_up(app, pipeline))
         m = pipeline.manifest
-        log.info("serving %s: %d memory items (version %s), index %s, encoder on %s, cache %s",
-                 settings.artifacts, m.memory.size, m.memory_version, m.index.type, pipeline.encoder.providers[0],
-                 pipeline.cache.store.backend)  # fmt: skip
+        log.info(
+            "serving %s: %d memory items (version %s), index %s, encoder on %s, cache %s",
+            settings.artifacts,
+            m.memory.size,
+            m.memory_version,
+            m.index.type,
+            pipeline.encoder.providers[0],
+            pipeline.cache.store.backend,
+        )
         try:
             yield
         finally:

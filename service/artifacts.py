@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -60,9 +61,9 @@ class Manifest(BaseModel):
     head: HeadInfo
     classes: list[str]
     files: dict[str, str]  # file name -> blake2b digest
-    evaluation: dict[str, object]  # figures measured when built (see README)
-    examples: list[dict[str, object]]  # example PNGs with the labels and predictions made offline
-    build: dict[str, object]  # the offline configuration that made this directory
+    evaluation: dict[str, Any]  # figures measured when built (see README)
+    examples: list[dict[str, Any]]  # example PNGs with the labels and predictions made offline
+    build: dict[str, Any]  # the offline configuration that made this directory
 
 
 def digest(path: Path) -> str:

@@ -12,7 +12,9 @@ import logging
 import struct
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -107,7 +109,7 @@ class RedisCache:
         if not self.available:
             raise CacheUnavailable
         try:
-            return await asyncio.wait_for(self.client.get(key), self.timeout_s)
+            return await asyncio.wait_for(cast(Awaitable[bytes | None], self.client.get(key)), self.timeout_s)
         except (RedisError, OSError, TimeoutError) as e:
             self._failed(e)
             raise CacheUnavailable from e

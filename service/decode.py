@@ -13,6 +13,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 FORMATS = ("PNG", "JPEG", "WEBP")
+MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"RIFF": "WebP"}
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class InputSpec:
     def from_dict(cls, d: dict[str, object]) -> InputSpec:
         mean, std = d["mean"], d["std"]
         assert isinstance(mean, list) and isinstance(std, list)
-        return cls(int(str(d["size"])), bool(d["grey"]), tuple(mean), tuple(std))  # type: ignore[arg-type]
+        return cls(int(str(d["size"])), bool(d["grey"]), tuple(mean), tuple(std))
 
 
 class DecodeError(ValueError):
@@ -56,11 +57,14 @@ def open_image(data: bytes, max_pixels: int, draft_size: int | None = None) -> I
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
+        fmt = next((name for magic, name in MAGIC.items() if data.startswith(magic)), None)
+        if fmt is not None:  # the right signature, then nothing readable: a broken upload, not a wrong type
+            raise DecodeError(400, f"corrupt or truncated {fmt} image: its header cannot be read") from None
         raise DecodeError(415, "not an image this service reads: send PNG, JPEG or WebP") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DecodeError(413, f"image has too many pixels: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise DecodeError(400, f"cannot read image header: {e}") from None
+        raise DecodeError(400, f"corrupt or truncated image header: {e}") from None
     width, height = image.size
     if width * height > max_pixels:  # checked on the header, before decoding (decompression bombs)
         raise DecodeError(413, f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
@@ -83,10 +87,7 @@ def preprocess(image: Image.Image, spec: InputSpec) -> np.ndarray:
         # Centre crop to square, then resize: a no-op crop for square images such as Fashion-MNIST.
         image = ImageOps.fit(image, (spec.size, spec.size), Image.Resampling.BILINEAR)
     pixels = np.asarray(image, dtype=np.float32)  # (S, S) or (S, S, 3), values 0..255
-    if spec.grey:
-        pixels = np.broadcast_to(pixels[None], (3, spec.size, spec.size))
-    else:
-        pixels = pixels.transpose(2, 0, 1)
+    pixels = np.broadcast_to(pixels[None], (3, spec.size, spec.size)) if spec.grey else pixels.transpose(2, 0, 1)
     mean = np.asarray(spec.mean, np.float32)[:, None, None] * 255.0
     scale = 1.0 / (np.asarray(spec.std, np.float32)[:, None, None] * 255.0)
     return np.ascontiguousarray((pixels - mean) * scale, dtype=np.float32)  # (3, S, S)

@@ -47,7 +47,8 @@ class Memory:
         sims, ids = self.index.search(z, k)
         short = (ids < 0).any(1)  # an IVF probe that found fewer than k items pads with -1
         if short.any() and isinstance(self.index, faiss.IndexIVF):
-            exhaustive = faiss.SearchParametersIVF(nprobe=self.index.nlist)
+            exhaustive = faiss.SearchParametersIVF()
+            exhaustive.nprobe = self.index.nlist
             sims[short], ids[short] = self.index.search(z[short], k, params=exhaustive)
         if (ids < 0).any():
             raise RuntimeError(f"the memory holds fewer than k={k} items")

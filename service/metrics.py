@@ -16,10 +16,15 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.stage_seconds = Histogram(
-            "rac_stage_seconds", "Latency of each pipeline stage (batch stages: the batch's time)", ["stage"],
-            buckets=BUCKETS, registry=r,
-        )  # fmt: skip
-        self.requests = Counter("rac_requests_total", "HTTP requests by route and status", ["route", "status"], registry=r)
+            "rac_stage_seconds",
+            "Latency of each pipeline stage (batch stages: the batch's time)",
+            ["stage"],
+            buckets=BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "rac_requests_total", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
         self.images = Counter("rac_images_total", "Images classified or refused, by outcome", ["outcome"], registry=r)
         self.cache = Counter("rac_cache_total", "Neighbour cache lookups: hit, miss or error", ["result"], registry=r)
         self.batch_size = Histogram(

@@ -86,7 +86,9 @@ class Pipeline:
             if not ok:
                 raise A.ArtifactError(f"artifacts in {self.settings.artifacts} do not fit together: {what}")
 
-        require(self.encoder.dim == m.encoder.dim, f"encoder outputs {self.encoder.dim}-d, manifest says {m.encoder.dim}")
+        require(
+            self.encoder.dim == m.encoder.dim, f"encoder outputs {self.encoder.dim}-d, manifest says {m.encoder.dim}"
+        )
         require(mem.dim == self.encoder.dim, f"index is {mem.dim}-d, encoder outputs {self.encoder.dim}-d")
         require(mem.size == m.memory.size, f"index holds {mem.size} items, manifest says {m.memory.size}")
         require(mem.n_items == mem.size, f"item table holds {mem.n_items} rows, index {mem.size}")
@@ -96,7 +98,9 @@ class Pipeline:
         require(0 < self.k <= mem.size, f"k={self.k} with {mem.size} memory items")
         require(self.head.uses_keys == m.head.uses_keys, "head and manifest disagree on whether the head reads keys")
         probs, attn = self.head(*self._dummy(2))
-        require(probs.shape == (2, len(m.classes)), f"head gives {probs.shape[1]} classes, manifest names {len(m.classes)}")
+        require(
+            probs.shape == (2, len(m.classes)), f"head gives {probs.shape[1]} classes, manifest names {len(m.classes)}"
+        )
         require(attn.shape == (2, self.k), f"head attends over {attn.shape[1]} neighbours, manifest says k={self.k}")
 
     def _dummy(self, b: int) -> tuple[np.ndarray, ...]:
@@ -210,6 +214,14 @@ class Pipeline:
         result = []
         for j in order:
             item = out.items[int(ids[j])]
-            result.append({"id": item.id, "text": item.text, "source": item.source, "label": classes[item.label],
-                           "similarity": float(sims[j]), "attention": float(attn[j])})  # fmt: skip
+            result.append(
+                {
+                    "id": item.id,
+                    "text": item.text,
+                    "source": item.source,
+                    "label": classes[item.label],
+                    "similarity": float(sims[j]),
+                    "attention": float(attn[j]),
+                }
+            )
         return result

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import Request
 
 RAW_TYPES = (b"image/png", b"image/jpeg", b"image/webp")
@@ -39,8 +39,11 @@ async def read_images(request: Request, field_name: str, limit: int, max_files: 
         return [bytes(await _read(request, limit, None))]
     if kind != b"multipart/form-data":
         shown = kind.decode("latin-1") or "none"
-        raise UploadError(415, f"content type {shown}: send multipart/form-data with the image in field "
-                               f"'{field_name}', or the raw image as image/png, image/jpeg or image/webp")  # fmt: skip
+        raise UploadError(
+            415,
+            f"content type {shown}: send multipart/form-data with the image in field "
+            f"'{field_name}', or the raw image as image/png, image/jpeg or image/webp",
+        )
     boundary = params.get(b"boundary")
     if not boundary:
         raise UploadError(400, "multipart/form-data without a boundary")
@@ -90,13 +93,19 @@ async def _parse(request: Request, boundary: bytes, limit: int) -> list[Part]:
     def on_part_data(data: bytes, start: int, end: int) -> None:
         parts[-1].data += data[start:end]
 
-    callbacks = {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
-                 "on_header_value": on_header_value, "on_header_end": on_header_end,
-                 "on_part_data": on_part_data}  # fmt: skip
+    callbacks = {
+        "on_part_begin": on_part_begin,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_part_data": on_part_data,
+    }
     parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
     try:
         await _read(request, limit, parser)
         parser.finalize()
     except MultipartParseError as e:
         raise UploadError(400, f"malformed multipart body: {e}") from None
+    if parser.state != MultipartState.END:  # a part cut short must not pass for a whole (smaller) file
+        raise UploadError(400, "malformed multipart body: it ends before its closing boundary")
     return parts

@@ -1,0 +1,64 @@
+# The few commands a newcomer needs. Everything installs itself on a fresh machine (as root for apt).
+SHELL := /bin/bash
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARTIFACTS ?= artifacts/demo
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: demo build evaluate test lint bench load docker-test setup data redis wrk clean
+
+demo: setup data $(ARTIFACTS)/manifest.json  ## build the demo artifacts if missing, then serve on 127.0.0.1:8000
+	$(BIN)/rac serve --artifacts $(ARTIFACTS) --host 127.0.0.1 --port 8000
+
+build: setup data  ## rebuild the demo artifacts
+	$(BIN)/rac build --out $(ARTIFACTS)
+
+$(ARTIFACTS)/manifest.json:
+	$(BIN)/rac build --out $(ARTIFACTS)
+
+evaluate: setup data $(ARTIFACTS)/manifest.json  ## the paper's tables (Table 1, k sweep, memory ablation)
+	$(BIN)/rac evaluate --artifacts $(ARTIFACTS) --json results/evaluation.json
+
+test: setup data redis  ## lint, then every test (a few minutes)
+	$(MAKE) lint
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: setup data wrk $(ARTIFACTS)/manifest.json  ## service vs in-process vs raw encoder; writes results/bench.json
+	$(BIN)/rac bench --artifacts $(ARTIFACTS) --json results/bench.json
+
+load: setup data redis $(ARTIFACTS)/manifest.json  ## locust against the demo service with Redis; see loadtests/
+	$(BIN)/python -m loadtests.run --artifacts $(ARTIFACTS) $(LOAD_ARGS)
+
+docker-test: setup  ## build the image, bring the compose stack up and check it through the containers
+	$(BIN)/python -m deploy.check $(DOCKER_ARGS)
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+	$(BIN)/pip install -q -e '.[build,dev]' 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import torch, onnxruntime, faiss, fastapi, efficientnet_lite_pytorch"
+	touch $@
+
+data:  ## Fashion-MNIST from Debian's package
+	@test -f $(FMNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; }
+	@test -f $(FMNIST)
+
+redis:  ## a Redis on 127.0.0.1:6379 for the cache tests: started if down, installed if absent
+	@if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then \
+	  command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }; \
+	  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no --dir /tmp; \
+	  sleep 1; \
+	fi
+
+wrk:
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+
+clean:
+	rm -rf $(VENV) .cache artifacts results

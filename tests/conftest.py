@@ -1,0 +1,111 @@
+"""Shared fixtures: synthetic and real artifact directories, a real uvicorn process, a real Redis."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.synthetic import make_artifacts
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+
+
+@pytest.fixture(scope="session")
+def synthetic_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic")
+    make_artifacts(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def quick_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`rac build --quick` with the real bundled encoder and text encoder: a few hundred memory items."""
+    out = tmp_path_factory.mktemp("quick") / "artifacts"
+    cache = tmp_path_factory.mktemp("cache")
+    subprocess.run(
+        [sys.executable, "-m", "models.cli", "build", "--quick", "--out", str(out), "--cache", str(cache)],
+        check=True,
+        cwd=ROOT,
+        env=os.environ | {"TQDM_DISABLE": "1"},
+    )
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+@contextmanager
+def uvicorn_server(artifacts: Path, **env: str) -> Iterator[str]:
+    """A real uvicorn process serving `artifacts` on a free port; yields its base URL once ready."""
+    port = free_port()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("RAC_") and k != "REDIS_URL"}
+    environ |= {"RAC_ARTIFACTS": str(artifacts), **env}
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "service.app:factory",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-access-log",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: proc.poll() is not None or httpx.get(f"{url}/readyz").status_code == 200, 60, "readyz")
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read() if proc.stdout else ''}")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def redis_up(host: str = REDIS_HOST, port: int = REDIS_PORT) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The machine's real Redis. CI (RAC_REQUIRE_REDIS=1) fails rather than skips when it is not up."""
+    if not redis_up():
+        if os.environ.get("RAC_REQUIRE_REDIS") == "1":
+            pytest.fail(f"Redis is not answering on {REDIS_HOST}:{REDIS_PORT}")
+        pytest.skip(f"no Redis on {REDIS_HOST}:{REDIS_PORT} (start one, or run make test)")
+    return f"redis://{REDIS_HOST}:{REDIS_PORT}/0"

@@ -1,0 +1,86 @@
+import asyncio
+import threading
+import time
+
+import pytest
+
+from service.batching import Admission, Batcher, Overloaded
+from service.metrics import Metrics
+
+
+def make(max_batch: int, max_wait_s: float, limit: int = 100, fail_on: int | None = None):  # type: ignore[no-untyped-def]
+    m = Metrics()
+    sizes: list[int] = []
+    threads: set[str] = set()
+
+    def run(jobs: list[int]) -> list[int]:
+        sizes.append(len(jobs))
+        threads.add(threading.current_thread().name)
+        time.sleep(0.01)  # a batch takes time: requests pile up meanwhile
+        if fail_on is not None and fail_on in jobs:
+            raise RuntimeError("batch failed")
+        return [j * 10 for j in jobs]
+
+    admission = Admission(limit, m)
+    return Batcher(run, admission, max_batch, max_wait_s, m), admission, sizes, threads, m
+
+
+async def submit_all(batcher: Batcher, admission: Admission, jobs: list[int]) -> list[object]:
+    async def one(j: int) -> object:
+        with admission.admit(1):
+            return await batcher.submit(j)
+
+    return await asyncio.gather(*(one(j) for j in jobs), return_exceptions=True)
+
+
+def test_concurrent_jobs_are_batched_in_order_off_the_loop() -> None:
+    async def run() -> tuple[list[object], list[int], set[str]]:
+        batcher, admission, sizes, threads, _ = make(max_batch=8, max_wait_s=0.05)
+        batcher.start()
+        results = await submit_all(batcher, admission, list(range(30)))
+        await batcher.stop()
+        return results, sizes, threads
+
+    results, sizes, threads = asyncio.run(run())
+    assert results == [j * 10 for j in range(30)]
+    assert sum(sizes) == 30 and max(sizes) == 8 and len(sizes) <= 6
+    assert threads == {"batch_0"}  # one worker thread, never the event loop's
+
+
+def test_a_lone_request_does_not_wait_for_company() -> None:
+    async def run() -> float:
+        batcher, admission, *_ = make(max_batch=8, max_wait_s=0.5)
+        batcher.start()
+        t = time.perf_counter()
+        await submit_all(batcher, admission, [1])
+        elapsed = time.perf_counter() - t
+        await batcher.stop()
+        return elapsed
+
+    assert asyncio.run(run()) < 0.1  # nothing else admitted: it runs at once, not after max_wait
+
+
+def test_a_failed_batch_fails_its_jobs_and_the_loop_goes_on() -> None:
+    async def run() -> tuple[list[object], list[object]]:
+        batcher, admission, *_ = make(max_batch=4, max_wait_s=0.01, fail_on=3)
+        batcher.start()
+        first = await submit_all(batcher, admission, [1, 2, 3, 4])
+        later = await submit_all(batcher, admission, [5, 6])
+        await batcher.stop()
+        return first, later
+
+    first, later = asyncio.run(run())
+    assert all(isinstance(r, RuntimeError) for r in first)
+    assert later == [50, 60]
+
+
+def test_admission_refuses_beyond_its_limit_and_counts_it() -> None:
+    m = Metrics()
+    admission = Admission(3, m)
+    with admission.admit(2):
+        with pytest.raises(Overloaded), admission.admit(2):
+            pass
+        with admission.admit(1):
+            assert admission.pending == 3
+    assert admission.pending == 0
+    assert m.refused._value.get() == 1

@@ -1,0 +1,102 @@
+"""The neighbour cache: the packed entry format, the in-process LRU, and Redis (the real server), including
+Redis that is not there."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from service.cache import Entry, LocalCache, NeighbourCache, RedisCache, cache_key
+from service.metrics import Metrics
+from tests.conftest import free_port
+
+
+def entry(seed: int = 0, d: int = 256, k: int = 100) -> Entry:
+    rng = np.random.default_rng(seed)
+    return Entry(
+        rng.standard_normal(d).astype(np.float32), rng.integers(0, 60_000, k), rng.random(k).astype(np.float32)
+    )
+
+
+def counts(m: Metrics) -> dict[str, float]:
+    return {r: m.cache.labels(r)._value.get() for r in ("hit", "miss", "error")}
+
+
+def test_entries_round_trip_exactly_and_compactly() -> None:
+    e = entry()
+    blob = e.pack()
+    assert len(blob) == 5 + 4 * 256 + 8 * 100
+    back = Entry.unpack(blob)
+    assert np.array_equal(back.z, e.z) and np.array_equal(back.ids, e.ids) and np.array_equal(back.sims, e.sims)
+    with pytest.raises(ValueError):
+        Entry.unpack(blob[:-4])
+
+
+def test_keys_depend_on_the_bytes_and_the_memory_version() -> None:
+    assert cache_key(b"abc", "v1") == cache_key(b"abc", "v1")
+    assert len({cache_key(b"abc", "v1"), cache_key(b"abd", "v1"), cache_key(b"abc", "v2")}) == 3
+
+
+def test_local_cache_evicts_the_least_recently_used() -> None:
+    async def run() -> None:
+        c = LocalCache(entries=2)
+        await c.set("a", b"1", 60)
+        await c.set("b", b"2", 60)
+        assert await c.get("a") == b"1"  # a is now the most recent
+        await c.set("c", b"3", 60)
+        assert await c.get("b") is None and await c.get("a") == b"1" and await c.get("c") == b"3"
+
+    asyncio.run(run())
+
+
+def test_neighbour_cache_counts_hits_and_misses() -> None:
+    async def run() -> Metrics:
+        m = Metrics()
+        cache = NeighbourCache(LocalCache(10), 60, m)
+        assert await cache.get("k") is None
+        cache.put("k", entry())
+        await asyncio.sleep(0)  # the write runs in the background
+        got = await cache.get("k")
+        assert got is not None and np.array_equal(got.ids, entry().ids)
+        await cache.close()
+        return m
+
+    assert counts(asyncio.run(run())) == {"hit": 1, "miss": 1, "error": 0}
+
+
+def test_redis_cache_stores_with_a_ttl(redis_url: str) -> None:
+    async def run() -> None:
+        store = RedisCache(redis_url, timeout_s=0.5, retry_s=1.0)
+        key = f"rac:test:{time.time_ns()}"
+        await store.set(key, entry().pack(), 30)
+        assert Entry.unpack(await store.get(key)).ids[0] == entry().ids[0]  # type: ignore[arg-type]
+        assert 0 < await store.client.ttl(key) <= 30
+        await store.client.delete(key)
+        await store.close()
+
+    asyncio.run(run())
+
+
+def test_unreachable_redis_is_skipped_fast_and_counted() -> None:
+    async def run() -> tuple[Metrics, float, RedisCache]:
+        m = Metrics()
+        store = RedisCache(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.05, retry_s=0.3)
+        cache = NeighbourCache(store, 60, m)
+        assert await cache.get("k") is None  # the failure: counted, and the breaker opens
+        t = time.perf_counter()
+        for _ in range(20):  # while open, no network at all
+            assert await cache.get("k") is None
+        fast = time.perf_counter() - t
+        cache.put("k", entry())
+        await cache.close()
+        return m, fast, store
+
+    m, fast, store = asyncio.run(run())
+    assert counts(m) == {"hit": 0, "miss": 0, "error": 22}
+    assert fast < 0.02
+    assert not store.available
+    time.sleep(0.35)
+    assert store.available  # after retry_s it is tried again
