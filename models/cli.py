@@ -147,7 +147,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
-    from service.bench import main as bench
+    from loadtests.bench import main as bench
 
     bench(a.artifacts, a.json, a.seconds, a.concurrency)
 

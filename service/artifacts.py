@@ -22,7 +22,7 @@ CHECKED_FILES = (ENCODER, INDEX, KEYS, VALUES, ITEMS, HEAD)
 
 class EncoderInfo(BaseModel):
     name: str
-    input: dict[str, object]  # service.decode.InputSpec.to_dict()
+    input: dict[str, Any]  # service.decode.InputSpec.to_dict()
     dim: int  # embedding dimension (after the projection, if any)
     projection: str  # "none" or "pca-<d> of <raw dim>"
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -25,14 +27,12 @@ class InputSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, Any]:
         return {"size": self.size, "grey": self.grey, "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, object]) -> InputSpec:
-        mean, std = d["mean"], d["std"]
-        assert isinstance(mean, list) and isinstance(std, list)
-        return cls(int(str(d["size"])), bool(d["grey"]), tuple(mean), tuple(std))
+    def from_dict(cls, d: dict[str, Any]) -> InputSpec:
+        return cls(int(d["size"]), bool(d["grey"]), tuple(d["mean"]), tuple(d["std"]))
 
 
 class DecodeError(ValueError):
@@ -79,6 +79,14 @@ def open_image(data: bytes, max_pixels: int, draft_size: int | None = None) -> I
     return image
 
 
+@functools.lru_cache(maxsize=8)
+def _affine(spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(v / 255 - mean) / std as v * scale + offset, per channel: two (3, 1, 1) float32 arrays."""
+    std, mean = np.asarray(spec.std, np.float64), np.asarray(spec.mean, np.float64)
+    scale, offset = 1.0 / (255.0 * std), -mean / std
+    return scale.astype(np.float32)[:, None, None], offset.astype(np.float32)[:, None, None]
+
+
 def preprocess(image: Image.Image, spec: InputSpec) -> np.ndarray:
     """PIL image -> (3, size, size) float32: upright, grey or RGB, centre-cropped square, normalised."""
     image = ImageOps.exif_transpose(image) if image.format == "JPEG" else image
@@ -86,11 +94,10 @@ def preprocess(image: Image.Image, spec: InputSpec) -> np.ndarray:
     if image.size != (spec.size, spec.size):
         # Centre crop to square, then resize: a no-op crop for square images such as Fashion-MNIST.
         image = ImageOps.fit(image, (spec.size, spec.size), Image.Resampling.BILINEAR)
-    pixels = np.asarray(image, dtype=np.float32)  # (S, S) or (S, S, 3), values 0..255
-    pixels = np.broadcast_to(pixels[None], (3, spec.size, spec.size)) if spec.grey else pixels.transpose(2, 0, 1)
-    mean = np.asarray(spec.mean, np.float32)[:, None, None] * 255.0
-    scale = 1.0 / (np.asarray(spec.std, np.float32)[:, None, None] * 255.0)
-    return np.ascontiguousarray((pixels - mean) * scale, dtype=np.float32)  # (3, S, S)
+    levels = np.asarray(image)  # (S, S) or (S, S, 3) uint8
+    pixels = (levels[None] if spec.grey else levels.transpose(2, 0, 1)).astype(np.float32)  # (1 or 3, S, S)
+    scale, offset = _affine(spec)
+    return pixels * scale + offset  # (3, S, S) float32: broadcasting repeats a grey channel three times
 
 
 def decode(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:

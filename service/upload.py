@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 RAW_TYPES = (b"image/png", b"image/jpeg", b"image/webp")
 
@@ -58,14 +58,17 @@ async def read_images(request: Request, field_name: str, limit: int, max_files: 
 
 async def _read(request: Request, limit: int, parser: MultipartParser | None) -> bytearray:
     body, size = bytearray(), 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise UploadError(413, f"request body is over the limit of {limit} bytes")
-        if parser is None:
-            body += chunk
-        else:
-            parser.write(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise UploadError(413, f"request body is over the limit of {limit} bytes")
+            if parser is None:
+                body += chunk
+            else:
+                parser.write(chunk)
+    except ClientDisconnect:  # nobody is left to answer; no traceback in the log either
+        raise UploadError(400, "client disconnected before the body was complete") from None
     return body
 
 

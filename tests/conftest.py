@@ -1,4 +1,4 @@
-"""Shared fixtures: synthetic and real artifact directories, a real uvicorn process, a real Redis."""
+"""Shared fixtures: synthetic and real artifact directories, a real Redis."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -41,12 +39,6 @@ def quick_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_until(check, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -57,39 +49,6 @@ def wait_until(check, timeout: float, what: str) -> None:  # type: ignore[no-unt
             pass
         time.sleep(0.1)
     raise TimeoutError(f"timed out waiting for {what}")
-
-
-@contextmanager
-def uvicorn_server(artifacts: Path, **env: str) -> Iterator[str]:
-    """A real uvicorn process serving `artifacts` on a free port; yields its base URL once ready."""
-    port = free_port()
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("RAC_") and k != "REDIS_URL"}
-    environ |= {"RAC_ARTIFACTS": str(artifacts), **env}
-    cmd = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--factory",
-        "service.app:factory",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--no-access-log",
-    ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: proc.poll() is not None or httpx.get(f"{url}/readyz").status_code == 200, 60, "readyz")
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read() if proc.stdout else ''}")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def redis_up(host: str = REDIS_HOST, port: int = REDIS_PORT) -> bool:

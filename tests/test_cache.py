@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
+from loadtests.server import free_port
 from service.cache import Entry, LocalCache, NeighbourCache, RedisCache, cache_key
 from service.metrics import Metrics
-from tests.conftest import free_port
 
 
 def entry(seed: int = 0, d: int = 256, k: int = 100) -> Entry:

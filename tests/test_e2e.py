@@ -20,17 +20,18 @@ import pytest
 import redis
 import torch
 
+from loadtests.server import free_port, serving
 from models.build import config_from_manifest, prepare
 from models.memory import search
 from service import artifacts as A
-from tests.conftest import free_port, uvicorn_server, wait_until
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def server(quick_artifacts: Path) -> Iterator[str]:
-    with uvicorn_server(quick_artifacts) as url:
+    with serving(quick_artifacts) as url:
         yield url
 
 
@@ -100,7 +101,7 @@ def test_the_cache_lives_in_the_real_redis(quick_artifacts: Path, redis_url: str
     for key in client.scan_iter(f"rac:nb:{version}:*"):
         client.delete(key)
     data = (quick_artifacts / "examples" / "00-t-shirt-top.png").read_bytes()
-    with uvicorn_server(quick_artifacts, REDIS_URL=redis_url) as url:
+    with serving(quick_artifacts, REDIS_URL=redis_url) as url:
         assert httpx.get(f"{url}/info").json()["cache"] == "redis"
         first, second = post(url, data, neighbors=3).json(), post(url, data, neighbors=3).json()
         assert (first["cached"], second["cached"]) == (False, True)
@@ -161,7 +162,7 @@ def test_redis_stopped_and_restarted_while_requests_flow(quick_artifacts: Path, 
     statuses: list[int] = []
     hits: list[tuple[float, bool]] = []
     done = threading.Event()
-    with uvicorn_server(quick_artifacts, REDIS_URL=url_redis, RAC_REDIS_RETRY_S="0.5") as url:
+    with serving(quick_artifacts, REDIS_URL=url_redis, RAC_REDIS_RETRY_S="0.5") as url:
 
         def traffic() -> None:
             with httpx.Client(timeout=10) as c:

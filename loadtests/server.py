@@ -1,0 +1,59 @@
+"""A real uvicorn process serving an artifact directory on a local port, for benchmarks, load runs and tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serving(artifacts: Path, timeout: float = 120, **env: str) -> Iterator[str]:
+    """Start `uvicorn --factory service.app:factory` on a free port with RAC_ARTIFACTS=artifacts and `env`
+    (and no RAC_* or REDIS_URL of the caller's); yield its base URL once /readyz answers 200."""
+    port = free_port()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("RAC_") and k != "REDIS_URL"}
+    environ |= {"RAC_ARTIFACTS": str(artifacts), **env}
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "service.app:factory", "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--no-access-log", "--log-level", "warning"]
+    url = f"http://127.0.0.1:{port}"
+    # The log goes to a file, not a pipe: a long run's log would fill a pipe and stall the server.
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None:
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{url} did not become ready in {timeout:.0f} s")
+                time.sleep(0.1)
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"the service exited with {proc.returncode}:\n{log.read()}")
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
