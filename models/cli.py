@@ -28,6 +28,7 @@ def _head_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--head", default="mam", choices=["linear", "mlp", "mean_knn", "mam"])
     g.add_argument("--layers", type=int, default=1, help="MAM layers (the paper uses 8)")
     g.add_argument("--attention", default="similarity", choices=["similarity", "projected", "both"])
+    g.add_argument("--temperature-scale", type=float, default=10.0, help="MAM: the temperature's step scale")
     g.add_argument("--k", type=int, default=100, help="neighbours per query")
     g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--lr", type=float, default=1e-3)
@@ -39,7 +40,7 @@ def _head_config(a: argparse.Namespace) -> tuple[HeadConfig, TrainConfig]:
     from models.mam import HeadConfig
     from models.train import TrainConfig
 
-    head = HeadConfig(kind=a.head, layers=a.layers, attention=a.attention)
+    head = HeadConfig(kind=a.head, layers=a.layers, attention=a.attention, temperature_scale=a.temperature_scale)
     train = TrainConfig(epochs=a.epochs, lr=a.lr, tau=a.tau, label_smoothing=a.label_smoothing)
     return head, train
 

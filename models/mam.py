@@ -30,6 +30,10 @@ class HeadConfig:
     # head starts as mean-kNN); "both" adds the projected term, zero-initialised, to the similarity one.
     attention: str = "similarity"
     attn_dim: int = 256  # h: width of psi_Q / psi_K
+    # AdamW moves every parameter by about lr a step, whatever its gradient's size. The temperature is one
+    # scalar whose useful range is about 0..2 (on standardised similarities): stored divided by this factor,
+    # it gets there within a few hundred steps at lr 1e-3, instead of ending training near 0.2.
+    temperature_scale: float = 10.0
     hidden: int = 1024  # MLP hidden width
     dropout: float = 0.0
 
@@ -44,12 +48,6 @@ def _scaled(x: torch.Tensor) -> torch.Tensor:
     return x * math.sqrt(x.shape[-1])
 
 
-# AdamW moves every parameter by about lr a step, whatever its gradient's size. The temperature is one
-# scalar whose useful range is about 0..2 (on standardised similarities): stored divided by this factor, it
-# gets there within a few hundred steps at lr 1e-3 instead of ending training near 0.2.
-TEMPERATURE_SCALE = 10.0
-
-
 class MemoryAttention(nn.Module):
     """One MAM layer: attention of the current query over the k neighbours; returns chi(mixed values)."""
 
@@ -58,7 +56,7 @@ class MemoryAttention(nn.Module):
         self.use_sims = cfg.attention in ("similarity", "both")
         self.use_proj = cfg.attention in ("projected", "both")
         self.temperature = nn.Parameter(torch.zeros(()))
-        self.temperature_scale = TEMPERATURE_SCALE
+        self.temperature_scale = cfg.temperature_scale
         self.q = nn.Linear(d, cfg.attn_dim)
         # psi_K's bias adds q.b_K to every score of a query alike, which softmax ignores: no bias.
         self.k = nn.Linear(d, cfg.attn_dim, bias=False)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel
 
-from service.batching import Overloaded
 from service.decode import DecodeError
 from service.metrics import Metrics
 from service.pipeline import Classification, Pipeline
@@ -88,7 +87,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
 def get_pipeline(request: Request) -> Pipeline:
     pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
     if pipeline is None:
-        raise Overloaded("not ready")
+        raise HTTPException(503, "not ready: the artifacts are still loading", headers={"Retry-After": "1"})
     return pipeline
 
 

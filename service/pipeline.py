@@ -176,12 +176,13 @@ class Pipeline:
         pixels, decode_s = None, 0.0
         if entry is None:
             loop = asyncio.get_running_loop()
+            t = time.perf_counter()
             try:
                 pixels = await loop.run_in_executor(self.decoder, decode, data, self.spec, self.settings.max_pixels)
             except DecodeError as e:
                 self.metrics.images.labels("bad_input").inc()
                 return e
-            decode_s = time.perf_counter() - t0
+            decode_s = time.perf_counter() - t
             self.metrics.stage_seconds.labels("decode").observe(decode_s)
         queued = time.perf_counter()
         out = await self.batcher.submit(Job(pixels, entry, neighbors))
