@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 ARTIFACTS ?= artifacts/demo
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo build evaluate test lint bench load docker-test setup data redis wrk clean
+.PHONY: demo build evaluate test lint bench load load-quick docker-test setup data redis wrk clean
 
 demo: setup data $(ARTIFACTS)/manifest.json  ## build the demo artifacts if missing, then serve on 127.0.0.1:8000
 	$(BIN)/rac serve --artifacts $(ARTIFACTS) --host 127.0.0.1 --port 8000
@@ -31,8 +31,11 @@ lint: setup
 bench: setup data wrk $(ARTIFACTS)/manifest.json  ## service vs in-process vs raw encoder; writes results/bench.json
 	$(BIN)/rac bench --artifacts $(ARTIFACTS) --json results/bench.json
 
-load: setup data redis $(ARTIFACTS)/manifest.json  ## locust against the demo service with Redis; see loadtests/
+load: setup data redis $(ARTIFACTS)/manifest.json  ## locust against the demo service with Redis; results/load/
 	$(BIN)/python -m loadtests.run --artifacts $(ARTIFACTS) $(LOAD_ARGS)
+
+load-quick: setup data redis  ## a short load run over a quick artifact directory (CI)
+	$(BIN)/python -m loadtests.run --quick --users 8 --duration 20
 
 docker-test: setup  ## build the image, bring the compose stack up and check it through the containers
 	$(BIN)/python -m deploy.check $(DOCKER_ARGS)
