@@ -101,7 +101,7 @@ def raw_encoder(settings: Settings, seconds: float = 2.0) -> dict[str, float]:
 
     manifest = A.read_manifest(settings.artifacts)
     size = int(manifest.encoder.input["size"])
-    encoder = Encoder(settings.artifacts / A.ENCODER, settings.device, settings.encoder_threads)
+    encoder = Encoder(settings.artifacts / A.ENCODER, settings.device, settings.encoder_threads, settings.encoder_spin)
     out = {}
     for b in (1, 2, 4, 8, 16, 32, 64):
         x = np.random.default_rng(0).standard_normal((b, 3, size, size)).astype(np.float32)
@@ -151,18 +151,26 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str) -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk (or `make bench`)")
     levels = [int(c) for c in concurrency.split(",")]
-    settings = Settings(artifacts=artifacts)
+    # The in-process ceiling is one process with every core; the served process count is the server's own.
+    settings = Settings(artifacts=artifacts, workers=1)
     print("preparing images ...", flush=True)
     images = sample_images(60_000)
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
-        "settings": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms},
+        "settings": {
+            "max_batch": settings.max_batch,
+            "max_wait_ms": settings.max_wait_ms,
+            "workers": Settings().processes,  # the served processes: RAC_WORKERS, else one per core
+        },
     }
     print("in-process ceiling ...", flush=True)
     results["in_process"] = in_process(settings, images[:4096])
     print("raw encoder ...", flush=True)
     results["encoder"] = raw_encoder(settings)
-    with serving(artifacts) as url, tempfile.TemporaryDirectory() as tmp:
+    # The caller's RAC_* settings apply to the served process as they do to the in-process run.
+    overrides = {k: v for k, v in os.environ.items() if k.startswith("RAC_") and k != "RAC_ARTIFACTS"}
+    results["settings"] |= {k: v for k, v in overrides.items()}
+    with serving(artifacts, **overrides) as url, tempfile.TemporaryDirectory() as tmp:
         results["http"] = {}
         used = 4096  # the images the in-process run used are never sent: every request is a miss
         for c in levels:

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+STARTUP_S = 120  # loading, checking and warming up the artifacts
 
 
 def free_port() -> int:
@@ -24,20 +25,19 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(artifacts: Path, timeout: float = 120, **env: str) -> Iterator[str]:
-    """Start `uvicorn --factory service.app:factory` on a free port with RAC_ARTIFACTS=artifacts and `env`
-    (and no RAC_* or REDIS_URL of the caller's); yield its base URL once /readyz answers 200."""
+def serving(artifacts: Path, **env: str) -> Iterator[str]:
+    """Start `python -m service` (uvicorn, RAC_WORKERS processes) on a free port with RAC_ARTIFACTS=artifacts
+    and `env` (and no RAC_* or REDIS_URL of the caller's); yield its base URL once /readyz answers 200."""
     port = free_port()
     environ = {k: v for k, v in os.environ.items() if not k.startswith("RAC_") and k != "REDIS_URL"}
-    environ |= {"RAC_ARTIFACTS": str(artifacts), **env}
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "service.app:factory", "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--no-access-log", "--log-level", "warning"]
+    environ |= {"RAC_ARTIFACTS": str(artifacts), "RAC_HOST": "127.0.0.1", "RAC_PORT": str(port), **env}
+    cmd = [sys.executable, "-m", "service"]
     url = f"http://127.0.0.1:{port}"
     # The log goes to a file, not a pipe: a long run's log would fill a pipe and stall the server.
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
-            deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + STARTUP_S
             while proc.poll() is None:
                 try:
                     if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
@@ -45,7 +45,7 @@ def serving(artifacts: Path, timeout: float = 120, **env: str) -> Iterator[str]:
                 except httpx.HTTPError:
                     pass
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{url} did not become ready in {timeout:.0f} s")
+                    raise TimeoutError(f"{url} did not become ready in {STARTUP_S} s")
                 time.sleep(0.1)
             if proc.poll() is not None:
                 log.seek(0)

@@ -133,18 +133,12 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
-    import uvicorn
+    from service.__main__ import main as serve
 
-    os.environ["RAC_ARTIFACTS"] = str(a.artifacts)
-    uvicorn.run(
-        "service.app:factory",
-        factory=True,
-        host=a.host,
-        port=a.port,
-        workers=a.workers,
-        log_level="info",
-        access_log=False,
-    )
+    os.environ |= {"RAC_ARTIFACTS": str(a.artifacts), "RAC_HOST": a.host, "RAC_PORT": str(a.port)}
+    if a.workers is not None:
+        os.environ["RAC_WORKERS"] = str(a.workers)
+    serve()
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
@@ -204,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--artifacts", type=Path, default=Path(os.environ.get("RAC_ARTIFACTS", "artifacts/demo")))
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--workers", type=int, help="server processes (default RAC_WORKERS, else one per core)")
     s.set_defaults(func=cmd_serve)
 
     be = sub.add_parser("bench", help="in-process ceiling, raw encoder, HTTP throughput, cache hits")

@@ -84,14 +84,15 @@ ERRORS: dict[int | str, dict[str, object]] = {
 # ---------------------------------------------------------------- dependencies
 
 
-def get_pipeline(request: Request) -> Pipeline:
+# Dependencies are async: FastAPI runs plain `def` ones in a worker thread, a thread hop per request.
+async def get_pipeline(request: Request) -> Pipeline:
     pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
     if pipeline is None:
         raise HTTPException(503, "not ready: the artifacts are still loading", headers={"Retry-After": "1"})
     return pipeline
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 

@@ -1,6 +1,7 @@
 """create_app(settings) -> FastAPI. The lifespan loads and checks the artifacts once, then warms up.
 
-uvicorn --factory service.app:factory      # settings from RAC_* environment variables
+python -m service                          # settings from RAC_* environment variables, RAC_WORKERS processes
+uvicorn --factory service.app:factory      # the same app in one process
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.ready = False
             warm.cancel()
             await pipeline.stop()
+            metrics.process_exited()
 
     app = FastAPI(
         title="Retrieval-augmented image classification",

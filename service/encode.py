@@ -29,11 +29,14 @@ def providers_for(device: Device) -> list[str]:
 class Encoder:
     """One onnxruntime session over an encoder graph with a dynamic batch axis."""
 
-    def __init__(self, path: Path, device: Device = "auto", intra_threads: int = 0, inter_threads: int = 1):
+    def __init__(self, path: Path, device: Device = "auto", intra_threads: int = 0, spin: bool = True):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_threads  # 0: one per core
-        options.inter_op_num_threads = inter_threads
+        options.inter_op_num_threads = 1
+        # Spinning threads wait for work by burning a core: fastest alone, a loss where the event loop and
+        # the decoders need that core between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=providers_for(device))
         inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]

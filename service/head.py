@@ -19,11 +19,14 @@ class Head:
     def __call__(
         self, z: np.ndarray, sims: np.ndarray, keys: np.ndarray, values: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """z (B, d), sims (B, k), keys (B, k, d|0), values (B, k, dv) -> probabilities (B, C), and the last
-        layer's attention (B, k) (all zeros for heads that do not attend)."""
+        """z (B, d), sims (B, k) float32; keys (B, k, d|0), values (B, k, dv) float16 or float32 ->
+        probabilities (B, C), and the last layer's attention (B, k) (zeros for heads that do not attend)."""
         with torch.inference_mode():
             logits, attn = self.module(
-                torch.from_numpy(z), torch.from_numpy(sims), torch.from_numpy(keys), torch.from_numpy(values)
+                torch.from_numpy(z),
+                torch.from_numpy(sims),
+                torch.from_numpy(keys).float(),
+                torch.from_numpy(values).float(),
             )
             probs = torch.softmax(logits, dim=-1).numpy()
         last = attn[:, -1].numpy() if attn.shape[1] else np.zeros(sims.shape, np.float32)

@@ -1,8 +1,14 @@
-"""Prometheus metrics, all in one place: a latency histogram per stage and counters for what went wrong."""
+"""Prometheus metrics, all in one place: a latency histogram per stage and counters for what went wrong.
+
+Where the server runs several processes (PROMETHEUS_MULTIPROC_DIR set, see service/__main__.py), every
+process writes its values to files there and /metrics, whichever process answers, reports their sum.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 STAGES = ("decode", "queue", "encode", "search", "head", "total")
 # 0.1 ms .. 5 s: the stages of one batch run from tens of microseconds to tens of milliseconds.
@@ -30,7 +36,9 @@ class Metrics:
         self.batch_size = Histogram(
             "rac_batch_size", "Images per encode/search/head batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
         )
-        self.queue_depth = Gauge("rac_queue_depth", "Images admitted and not yet answered", registry=r)
+        self.queue_depth = Gauge(
+            "rac_queue_depth", "Images admitted and not yet answered", multiprocess_mode="livesum", registry=r
+        )
         self.refused = Counter("rac_refused_total", "Requests refused with 503 because the queue was full", registry=r)
         for stage in STAGES:  # export every series from the start, so dashboards never see a gap
             self.stage_seconds.labels(stage)
@@ -38,4 +46,14 @@ class Metrics:
             self.cache.labels(result)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)
+
+    @staticmethod
+    def process_exited() -> None:
+        """Drop this process's live gauges from the sum (its counters stay counted)."""
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            multiprocess.mark_process_dead(os.getpid())

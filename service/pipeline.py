@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,7 +64,8 @@ class Pipeline:
         m = self.manifest
         self.spec = InputSpec.from_dict(m.encoder.input)
         self.k = m.index.k
-        self.encoder = Encoder(directory / A.ENCODER, settings.device, settings.encoder_threads)
+        threads = settings.encoder_threads or max(1, (os.cpu_count() or 1) // settings.processes)
+        self.encoder = Encoder(directory / A.ENCODER, settings.device, threads, settings.encoder_spin)
         self.memory = Memory(directory, m.index.nprobe, settings.search_threads)
         self.head = Head(directory / A.HEAD, settings.head_threads)
         self._check()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -15,9 +16,17 @@ class Settings(BaseSettings):
     artifacts: Path = Path("artifacts/demo")
     verify_checksums: bool = True  # hash every artifact file at start-up against the manifest
 
+    # Serving (`python -m service`)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Server processes, each with its own pipeline; 0: one per core. Processes, not threads, because one
+    # process spends much of its time holding the GIL (HTTP, decoding, batching) while its cores wait.
+    workers: int = 0
+
     # Compute
     device: Literal["auto", "cpu", "cuda"] = "auto"  # encoder: CUDA where a GPU is present, else CPU
-    encoder_threads: int = 0  # onnxruntime intra-op threads; 0: one per core
+    encoder_threads: int = 0  # onnxruntime intra-op threads per process; 0: the cores shared among the workers
+    encoder_spin: bool = False  # let onnxruntime's idle threads spin (see service/encode.py)
     search_threads: int = 1  # FAISS OpenMP threads: small batches gain nothing from more
     head_threads: int = 1  # torch threads for the head
     decode_threads: int = 2
@@ -38,6 +47,10 @@ class Settings(BaseSettings):
     cache_entries: int = 50_000  # in-process LRU size
     redis_timeout_ms: float = 50.0  # per operation: a slow Redis costs at most this, then is skipped
     redis_retry_s: float = 1.0  # after a Redis failure, go without it this long, then try again
+
+    @property
+    def processes(self) -> int:
+        return self.workers or os.cpu_count() or 1
 
     @property
     def max_request_bytes(self) -> int:

@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,22 @@ def test_neighbours_show_the_memory_and_the_attention(server: str, quick_artifac
     assert {n["source"] for n in out["neighbors"]} <= {"downstream", "external"}
     weights = [n["attention"] for n in out["neighbors"]]
     assert weights == sorted(weights, reverse=True) and 0 < sum(weights) <= 1
+
+
+def test_metrics_count_every_process(quick_artifacts: Path) -> None:
+    """Two server processes share the port; whichever answers /metrics reports the sum over both."""
+    examples = sorted((quick_artifacts / "examples").glob("*.png"))
+    with serving(quick_artifacts, RAC_WORKERS="2") as url:
+
+        def send(n: int) -> int:
+            return sum(post(url, examples[(n + i) % 10].read_bytes()).status_code == 200 for i in range(10))
+
+        with ThreadPoolExecutor(8) as pool:
+            assert sum(pool.map(send, range(8))) == 80
+        for _ in range(6):  # scrapes land on either process
+            lines = httpx.get(f"{url}/metrics").text.splitlines()
+            assert 'rac_requests_total{route="/classify",status="200"} 80.0' in lines
+            assert 'rac_stage_seconds_count{stage="total"} 80.0' in lines
 
 
 def test_the_cache_lives_in_the_real_redis(quick_artifacts: Path, redis_url: str) -> None:

@@ -119,9 +119,9 @@ def test_served_memory_reads_the_written_files(tmp_path: Path, factory: str) -> 
     ref_sims, ref_ids = exact_topk(keys, queries, 5)
     assert np.array_equal(ids, ref_ids) and np.allclose(sims, ref_sims, atol=1e-5)
     got_keys, got_values = memory.gather(ids, keys=True, values=True)
-    assert got_values.dtype == np.float32 and got_values.shape == (8, 5, 6)
-    assert np.array_equal(got_values, values[ids].astype(np.float16).astype(np.float32))  # stored as fp16
-    assert np.allclose(got_keys, keys[ids], atol=1e-3)
+    assert got_values.dtype == np.float16 and got_values.shape == (8, 5, 6)
+    assert np.array_equal(got_values, values[ids].astype(np.float16))  # stored as fp16
+    assert np.allclose(got_keys.astype(np.float32), keys[ids], atol=1e-3)
     assert memory.gather(ids, keys=False, values=True)[0].shape == (8, 5, 0)
     items = memory.items([int(i) for i in ids[0]])
     assert items[int(ids[0, 0])].text == f"item {ids[0, 0]}" and items[int(ids[0, 0])].source == "external"
