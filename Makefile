@@ -3,12 +3,14 @@ SHELL := /bin/bash
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARTIFACTS ?= artifacts/demo
+# The demo's neighbour cache, shared by its server processes (make redis starts one if none answers).
+REDIS_URL ?= redis://127.0.0.1:6379/0
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .PHONY: demo build evaluate test lint bench load load-quick docker-test setup data redis wrk clean
 
-demo: setup data $(ARTIFACTS)/manifest.json  ## build the demo artifacts if missing, then serve on 127.0.0.1:8000
-	$(BIN)/rac serve --artifacts $(ARTIFACTS) --host 127.0.0.1 --port 8000
+demo: setup data redis $(ARTIFACTS)/manifest.json  ## build the demo artifacts if missing, then serve on 127.0.0.1:8000
+	REDIS_URL=$(REDIS_URL) $(BIN)/rac serve --artifacts $(ARTIFACTS) --host 127.0.0.1 --port 8000
 
 build: setup data  ## rebuild the demo artifacts
 	$(BIN)/rac build --out $(ARTIFACTS)

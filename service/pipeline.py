@@ -7,6 +7,7 @@ worker thread: encode the images the cache did not know, search the memory, gath
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import time
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 from service import artifacts as A
 from service.batching import Admission, Batcher
@@ -115,8 +117,11 @@ class Pipeline:
     # ------------------------------------------------------------ lifecycle
 
     def warmup(self) -> None:
-        """One full batch through encode, search and head, so the first request pays no first-call costs."""
-        pixels = np.zeros((3, self.spec.size, self.spec.size), np.float32)
+        """One image decoded and one full batch through encode, search and head, so that the first request
+        pays no first-call costs (image plugin loading, onnxruntime's first run)."""
+        png = io.BytesIO()
+        Image.new("L", (28, 28)).save(png, "PNG")
+        pixels = decode(png.getvalue(), self.spec, self.settings.max_pixels)
         self.run_batch([Job(pixels, None, 0)] * min(8, self.settings.max_batch))
 
     async def start(self) -> None:
