@@ -169,7 +169,7 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str) -> None:
     results["encoder"] = raw_encoder(settings)
     # The caller's RAC_* settings apply to the served process as they do to the in-process run.
     overrides = {k: v for k, v in os.environ.items() if k.startswith("RAC_") and k != "RAC_ARTIFACTS"}
-    results["settings"] |= {k: v for k, v in overrides.items()}
+    results["settings"] |= overrides
     with serving(artifacts, **overrides) as url, tempfile.TemporaryDirectory() as tmp:
         results["http"] = {}
         used = 4096  # the images the in-process run used are never sent: every request is a miss

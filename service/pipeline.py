@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from service.encode import Encoder
 from service.head import Head
 from service.memory import Item, Memory
 from service.metrics import Metrics
-from service.settings import Settings
+from service.settings import Settings, cores
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ class Pipeline:
         m = self.manifest
         self.spec = InputSpec.from_dict(m.encoder.input)
         self.k = m.index.k
-        threads = settings.encoder_threads or max(1, (os.cpu_count() or 1) // settings.processes)
+        threads = settings.encoder_threads or max(1, cores() // settings.processes)
         self.encoder = Encoder(directory / A.ENCODER, settings.device, threads, settings.encoder_spin)
         self.memory = Memory(directory, m.index.nprobe, settings.search_threads)
         self.head = Head(directory / A.HEAD, settings.head_threads)

@@ -50,8 +50,15 @@ class Settings(BaseSettings):
 
     @property
     def processes(self) -> int:
-        return self.workers or os.cpu_count() or 1
+        return self.workers or cores()
 
     @property
     def max_request_bytes(self) -> int:
         return self.max_batch_images * self.max_image_bytes + 64 * 1024
+
+
+def cores() -> int:
+    """The CPUs this process may run on (a container's cpuset, not the host's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
