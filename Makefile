@@ -66,4 +66,4 @@ wrk:
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 
 clean:
-	rm -rf $(VENV) .cache artifacts results
+	rm -rf $(VENV) .cache artifacts results/load/stats.csv results/load/locust.json

@@ -168,7 +168,8 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str) -> None:
     print("raw encoder ...", flush=True)
     results["encoder"] = raw_encoder(settings)
     # The caller's RAC_* settings apply to the served process as they do to the in-process run.
-    overrides = {k: v for k, v in os.environ.items() if k.startswith("RAC_") and k != "RAC_ARTIFACTS"}
+    own = ("RAC_ARTIFACTS", "RAC_HOST", "RAC_PORT")  # serving() chooses these
+    overrides = {k: v for k, v in os.environ.items() if k.startswith("RAC_") and k not in own}
     results["settings"] |= overrides
     with serving(artifacts, **overrides) as url, tempfile.TemporaryDirectory() as tmp:
         results["http"] = {}

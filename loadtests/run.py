@@ -1,7 +1,7 @@
 """Headless locust against the service with Redis, checked against the service's own Prometheus counters.
 
     python -m loadtests.run --users 16 --duration 60          # make load
-    python -m loadtests.run --users 8 --duration 15 --quick   # CI: a quick artifact directory, a short run
+    python -m loadtests.run --users 8 --duration 20 --quick   # CI: a quick artifact directory, a short run
 
 Starts the service (REDIS_URL set), runs locust for a bounded time, scrapes /metrics during the run, then
 checks that the requests locust made are the requests the server counted, and writes CSV stats and

@@ -30,6 +30,7 @@ def serving(artifacts: Path, **env: str) -> Iterator[str]:
     and `env` (and no RAC_* or REDIS_URL of the caller's); yield its base URL once /readyz answers 200."""
     port = free_port()
     environ = {k: v for k, v in os.environ.items() if not k.startswith("RAC_") and k != "REDIS_URL"}
+    environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     environ |= {"RAC_ARTIFACTS": str(artifacts), "RAC_HOST": "127.0.0.1", "RAC_PORT": str(port), **env}
     cmd = [sys.executable, "-m", "service"]
     url = f"http://127.0.0.1:{port}"

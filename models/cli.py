@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> None:
 
     s = sub.add_parser("serve", help="serve an artifact directory over HTTP")
     s.add_argument("--artifacts", type=Path, default=Path(os.environ.get("RAC_ARTIFACTS", "artifacts/demo")))
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default=os.environ.get("RAC_HOST", "127.0.0.1"))
+    s.add_argument("--port", type=int, default=int(os.environ.get("RAC_PORT", "8000")))
     s.add_argument("--workers", type=int, help="server processes (default RAC_WORKERS, else one per core)")
     s.set_defaults(func=cmd_serve)
 

@@ -2,8 +2,8 @@
 
 Settings come from RAC_* environment variables (service/settings.py). With several processes, each loads the
 artifacts itself (the index and the value store are memory-mapped, so their pages are shared) and the
-Prometheus metrics are summed across processes through files in PROMETHEUS_MULTIPROC_DIR, a fresh
-directory made here unless the caller set one.
+Prometheus metrics are summed across processes through files in PROMETHEUS_MULTIPROC_DIR: a fresh directory
+made here for each run and removed after it, so that no earlier run's counts are ever added in.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from service.settings import Settings
 def main() -> None:
     settings = Settings()
     workers = settings.processes
+    os.environ["RAC_WORKERS"] = str(workers)  # each process sizes its encoder threads by it
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     made = None
-    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    if workers > 1:
         made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="rac-metrics-")
     try:
         uvicorn.run(

@@ -37,7 +37,7 @@ class Entry:
     sims: np.ndarray  # (k,) float32
 
     def pack(self) -> bytes:
-        """About 5 bytes a dimension and 8 a neighbour: float32 z and sims (answers stay exactly those of an
+        """4 bytes a dimension and 8 a neighbour: float32 z and sims (answers stay exactly those of an
         uncached request), int32 ids."""
         header = _HEADER.pack(_VERSION, len(self.z), len(self.ids))
         parts = (self.z.astype("<f4"), self.ids.astype("<i4"), self.sims.astype("<f4"))

@@ -1,14 +1,19 @@
 """Prometheus metrics, all in one place: a latency histogram per stage and counters for what went wrong.
 
 Where the server runs several processes (PROMETHEUS_MULTIPROC_DIR set, see service/__main__.py), every
-process writes its values to files there and /metrics, whichever process answers, reports their sum.
+process writes its values to files there and /metrics, whichever process answers, reports their sum. In that
+mode a process holds one app (the files are per process, not per registry).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+# prometheus_client chooses file-backed values once, when it is imported: decide alike, once.
+MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
 STAGES = ("decode", "queue", "encode", "search", "head", "total")
 # 0.1 ms .. 5 s: the stages of one batch run from tens of microseconds to tens of milliseconds.
@@ -46,14 +51,27 @@ class Metrics:
             self.cache.labels(result)
 
     def exposition(self) -> bytes:
-        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        if MULTIPROCESS_DIR is None:
             return generate_latest(self.registry)
+        _forget_dead_processes(MULTIPROCESS_DIR)
         merged = CollectorRegistry()
-        multiprocess.MultiProcessCollector(merged)
+        multiprocess.MultiProcessCollector(merged, MULTIPROCESS_DIR)
         return generate_latest(merged)
 
     @staticmethod
     def process_exited() -> None:
         """Drop this process's live gauges from the sum (its counters stay counted)."""
-        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
-            multiprocess.mark_process_dead(os.getpid())
+        if MULTIPROCESS_DIR is not None:
+            multiprocess.mark_process_dead(os.getpid(), MULTIPROCESS_DIR)
+
+
+def _forget_dead_processes(directory: str) -> None:
+    """A worker that was killed (and replaced by uvicorn) never said so: drop its live gauges too."""
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        pid = int(path.stem.rsplit("_", 1)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, directory)
+        except PermissionError:  # alive, another user's
+            pass

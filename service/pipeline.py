@@ -65,7 +65,7 @@ class Pipeline:
         m = self.manifest
         self.spec = InputSpec.from_dict(m.encoder.input)
         self.k = m.index.k
-        threads = settings.encoder_threads or max(1, cores() // settings.processes)
+        threads = settings.encoder_threads or max(1, cores() // (settings.workers or 1))
         self.encoder = Encoder(directory / A.ENCODER, settings.device, threads, settings.encoder_spin)
         self.memory = Memory(directory, m.index.nprobe, settings.search_threads)
         self.head = Head(directory / A.HEAD, settings.head_threads)

@@ -19,8 +19,10 @@ class Settings(BaseSettings):
     # Serving (`python -m service`)
     host: str = "127.0.0.1"
     port: int = 8000
-    # Server processes, each with its own pipeline; 0: one per core. Processes, not threads, because one
-    # process spends much of its time holding the GIL (HTTP, decoding, batching) while its cores wait.
+    # Server processes `python -m service` starts, each with its own pipeline; 0: one per core. Processes, not
+    # threads, because one process spends much of its time holding the GIL (HTTP, decoding, batching) while
+    # its cores wait. The encoder threads of each process share the cores among `workers` (a plain
+    # `uvicorn --factory service.app:factory` is one process: it leaves this 0 and uses every core).
     workers: int = 0
 
     # Compute
@@ -50,6 +52,7 @@ class Settings(BaseSettings):
 
     @property
     def processes(self) -> int:
+        """How many server processes `python -m service` starts."""
         return self.workers or cores()
 
     @property
@@ -58,7 +61,13 @@ class Settings(BaseSettings):
 
 
 def cores() -> int:
-    """The CPUs this process may run on (a container's cpuset, not the host's count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """The CPUs this process may use: its affinity set (a container's cpuset), capped by a cgroup v2 CPU
+    quota (`docker run --cpus`, a Kubernetes limit) where there is one."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            n = min(n, max(1, round(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n

@@ -4,8 +4,10 @@ bad input, overload and artifact checks."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -21,6 +23,7 @@ from service import artifacts as A
 from service.app import create_app
 from service.decode import InputSpec, decode
 from service.encode import Encoder
+from service.metrics import _forget_dead_processes
 from service.settings import Settings
 from tests.conftest import wait_until
 from tests.synthetic import CLASSES, png
@@ -262,3 +265,14 @@ def _same_answer(a: dict, b: dict, exact: bool = False) -> bool:
         and np.allclose([p for _, p in pa], [p for _, p in pb], atol=1e-5)
         and [i for i, _ in na] == [i for i, _ in nb]
     )
+
+
+def test_a_killed_workers_live_gauge_leaves_the_sum(tmp_path: Path) -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for pid in (gone.pid, os.getpid()):
+        (tmp_path / f"gauge_livesum_{pid}.db").write_bytes(b"")
+    (tmp_path / f"counter_{gone.pid}.db").write_bytes(b"")
+    _forget_dead_processes(str(tmp_path))
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([f"counter_{gone.pid}.db", f"gauge_livesum_{os.getpid()}.db"])  # counters stay counted
