@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-import io
+import itertools
 import json
 import os
 import platform
@@ -22,12 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
-from PIL import Image
 
 from loadtests import multipart
-from loadtests.server import serving
+from loadtests.images import pngs
+from loadtests.server import scrape, serving
 from service import artifacts as A
 from service.decode import decode
 from service.metrics import Metrics
@@ -65,23 +64,6 @@ function done(summary, latency, requests)
   f:close()
 end
 """
-
-
-def sample_images(count: int) -> list[bytes]:
-    """Distinct PNGs: Fashion-MNIST test then training images where the package is installed, else noise."""
-    try:
-        from models.data import fashion_mnist
-
-        pools = fashion_mnist().pools
-        arrays = np.concatenate([pools["test"].pixels, pools["train"].pixels])[:count]  # type: ignore[union-attr]
-    except (ImportError, FileNotFoundError):
-        arrays = np.random.default_rng(0).integers(0, 256, (count, 28, 28), dtype=np.uint8)
-    out = []
-    for a in arrays:
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, "PNG")
-        out.append(buf.getvalue())
-    return out
 
 
 def in_process(settings: Settings, images: list[bytes]) -> dict[str, Any]:
@@ -154,7 +136,7 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str) -> None:
     # The in-process ceiling is one process with every core; the served process count is the server's own.
     settings = Settings(artifacts=artifacts, workers=1)
     print("preparing images ...", flush=True)
-    images = sample_images(60_000)
+    images = list(itertools.islice(pngs(), 60_000))
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "settings": {
@@ -182,11 +164,8 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str) -> None:
             results["http"][str(c)] = wrk(url, bodies, c, seconds, Path(tmp))
         print("cache hits ...", flush=True)
         results["cache_hit"] = wrk(url, [multipart.encode([("image", images[0])])], 1, min(seconds, 5.0), Path(tmp))
-        metrics = httpx.get(f"{url}/metrics").text
         results["server_cache"] = {
-            line.split("{")[1].split("}")[0]: float(line.split()[1])
-            for line in metrics.splitlines()
-            if line.startswith("rac_cache_total{")
+            key.split("{")[1].rstrip("}"): v for key, v in scrape(url).items() if key.startswith("rac_cache_total{")
         }
     top = str(max(levels))
     ceiling = results["in_process"]["img_per_s"]

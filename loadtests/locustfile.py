@@ -7,37 +7,14 @@ calls, and a few bad inputs that must be refused with a 4xx.
 
 from __future__ import annotations
 
-import io
-import itertools
 import random
-from collections.abc import Iterator
 
-import numpy as np
 from locust import FastHttpUser, between, task
-from PIL import Image
 
 from loadtests import multipart
-from models.data import fashion_mnist
+from loadtests.images import pngs
 
-
-def _png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _images() -> Iterator[bytes]:
-    """Every image once, in an endless stream: Fashion-MNIST (test, then training images), else noise."""
-    try:
-        pools = fashion_mnist().pools
-        arrays = np.concatenate([pools["test"].pixels, pools["train"].pixels])  # type: ignore[union-attr]
-    except FileNotFoundError:
-        arrays = np.random.default_rng(0).integers(0, 256, (70_000, 28, 28), dtype=np.uint8)
-    for n in itertools.count():
-        yield _png(arrays[n % len(arrays)] if n < len(arrays) else (arrays[n % len(arrays)] ^ (n // len(arrays))))
-
-
-FRESH = _images()  # shared by every user of this process: no two requests send the same new image
+FRESH = pngs()  # shared by every user of this process: no two requests send the same new image
 POPULAR = [next(FRESH) for _ in range(20)]  # the repeated images: a few items everybody asks about
 BAD = {"not an image": b"%PDF-1.4 this is not an image", "truncated": POPULAR[0][: len(POPULAR[0]) // 2], "empty": b""}
 

@@ -22,21 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import psutil
 
-from loadtests.server import ROOT, serving
-
-
-def scrape(url: str) -> dict[str, float]:
-    """rac_* samples from /metrics, keyed by name and labels as written."""
-    out = {}
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        if line.startswith("rac_") and not line.startswith("rac_stage_seconds_bucket"):
-            key, value = line.rsplit(" ", 1)
-            out[key] = float(value)
-    return out
+from loadtests.server import ROOT, scrape, serving
 
 
 def delta(after: dict[str, float], before: dict[str, float], prefix: str) -> dict[str, float]:
@@ -181,10 +170,8 @@ def summarise(
     counted = delta(after, before, "rac_requests_total")
     classify = sum(v for k, v in counted.items() if 'route="/classify' in k)
     refused = sum(v for k, v in counted.items() if 'route="/classify' in k and 'status="503"' in k)
-    cache = {
-        r: after.get(f'rac_cache_total{{result="{r}"}}', 0) - before.get(f'rac_cache_total{{result="{r}"}}', 0)
-        for r in ("hit", "miss", "error")
-    }
+    lookups = delta(after, before, "rac_cache_total")
+    cache = {r: lookups.get(f'rac_cache_total{{result="{r}"}}', 0.0) for r in ("hit", "miss", "error")}
     failures = total["failures"]
     problems = []
     # --stop-timeout lets every request in flight finish, so the two counts must agree exactly.

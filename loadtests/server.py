@@ -24,6 +24,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def scrape(url: str) -> dict[str, float]:
+    """rac_* samples from /metrics, keyed by name and labels as written."""
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith("rac_") and not line.startswith("rac_stage_seconds_bucket"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
 @contextmanager
 def serving(artifacts: Path, **env: str) -> Iterator[str]:
     """Start `python -m service` (uvicorn, RAC_WORKERS processes) on a free port with RAC_ARTIFACTS=artifacts

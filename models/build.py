@@ -156,21 +156,26 @@ def build(cfg: BuildConfig) -> A.Manifest:
     return manifest
 
 
-def _build(cfg: BuildConfig) -> A.Manifest:
-    out = cfg.out
-    prep = prepare(cfg, out / A.ENCODER)
-    memory = make_memory(
+def build_memory(cfg: BuildConfig, prep: Prepared, k: int) -> Memory:
+    """The memory cfg describes, over prep's embeddings, with each training query's k neighbours searched."""
+    return make_memory(
         prep,
         cfg.sources,
         cfg.values,
         cfg.noise,
-        cfg.k,
+        k,
         cfg.index,
         cfg.exact_below,
         cfg.target_recall,
         cfg.data.seed,
         cfg.cache,
     )
+
+
+def _build(cfg: BuildConfig) -> A.Manifest:
+    out = cfg.out
+    prep = prepare(cfg, out / A.ENCODER)
+    memory = build_memory(cfg, prep, cfg.k)
     k = min(cfg.k, len(memory.items) - 1)
     log.info(
         "memory: %d items, index %s (nprobe %d, recall@%d %.3f)",

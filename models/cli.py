@@ -87,26 +87,13 @@ def cmd_build(a: argparse.Namespace) -> None:
 
 def _context(a: argparse.Namespace, k_max: int) -> tuple[BuildConfig, Prepared, Memory]:
     """The data, embeddings and memory an artifact directory was built with, re-created offline."""
-    from models.build import config_from_manifest, prepare
-    from models.memory import make_memory
+    from models.build import build_memory, config_from_manifest, prepare
     from service import artifacts as A
 
     manifest = A.read_manifest(a.artifacts)
     cfg = config_from_manifest(manifest, a.artifacts, a.cache)
     prep = prepare(cfg, a.artifacts / A.ENCODER, exported=manifest.encoder)
-    memory = make_memory(
-        prep,
-        cfg.sources,
-        cfg.values,
-        cfg.noise,
-        max(k_max, cfg.k),
-        cfg.index,
-        cfg.exact_below,
-        cfg.target_recall,
-        cfg.data.seed,
-        cfg.cache,
-    )
-    return cfg, prep, memory
+    return cfg, prep, build_memory(cfg, prep, max(k_max, cfg.k))
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
