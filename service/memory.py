@@ -56,7 +56,7 @@ class Memory:
 
     def gather(self, ids: np.ndarray, keys: bool, values: bool) -> tuple[np.ndarray, np.ndarray]:
         """ids (B, k) -> keys (B, k, d) and values (B, k, dv), float16 as stored; (B, k, 0) for what is not
-        wanted. (The head widens them to float32: torch does that about 15x faster than numpy.)"""
+        wanted. (The head widens them to float32: torch does that about 12x faster than numpy.)"""
 
         def take(store: np.ndarray, wanted: bool) -> np.ndarray:
             if not wanted:
