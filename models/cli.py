@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -120,12 +120,12 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
-    from service.__main__ import main as serve
+    """Settings from RAC_* variables, the options given here taking precedence; a refusal exits non-zero."""
+    from service.serve import serve
+    from service.settings import Settings
 
-    os.environ |= {"RAC_ARTIFACTS": str(a.artifacts), "RAC_HOST": a.host, "RAC_PORT": str(a.port)}
-    if a.workers is not None:
-        os.environ["RAC_WORKERS"] = str(a.workers)
-    serve()
+    given = {"artifacts": a.artifacts, "host": a.host, "port": a.port, "workers": a.workers}
+    sys.exit(serve(Settings(**{k: v for k, v in given.items() if v is not None})))
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
@@ -182,9 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     _head_args(tr)
 
     s = sub.add_parser("serve", help="serve an artifact directory over HTTP")
-    s.add_argument("--artifacts", type=Path, default=Path(os.environ.get("RAC_ARTIFACTS", "artifacts/demo")))
-    s.add_argument("--host", default=os.environ.get("RAC_HOST", "127.0.0.1"))
-    s.add_argument("--port", type=int, default=int(os.environ.get("RAC_PORT", "8000")))
+    s.add_argument("--artifacts", type=Path, help="default RAC_ARTIFACTS, else artifacts/demo")
+    s.add_argument("--host", help="default RAC_HOST, else 127.0.0.1")
+    s.add_argument("--port", type=int, help="default RAC_PORT, else 8000")
     s.add_argument("--workers", type=int, help="server processes (default RAC_WORKERS, else one per core)")
     s.set_defaults(func=cmd_serve)
 

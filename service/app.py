@@ -1,4 +1,5 @@
-"""create_app(settings) -> FastAPI. The lifespan loads and checks the artifacts once, then warms up.
+"""create_app(settings) -> FastAPI. The lifespan loads and checks the artifacts once, then warms up; a
+failure of either stops the server process before it accepts a connection (uvicorn exits with status 3).
 
 python -m service                          # settings from RAC_* environment variables, RAC_WORKERS processes
 uvicorn --factory service.app:factory      # the same app in one process
@@ -8,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -18,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import api
 from service.artifacts import ArtifactError
 from service.batching import Overloaded
+from service.intake import UPLOADS, Intake
 from service.metrics import Metrics
 from service.pipeline import Pipeline
 from service.settings import Settings
@@ -47,12 +52,13 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = scope.get("route")
-            self.metrics.requests.labels(getattr(route, "path", "other"), str(status)).inc()
+            path = scope["path"] if scope["path"] in UPLOADS else "other"  # refused at the door: no route yet
+            self.metrics.requests.labels(getattr(scope.get("route"), "path", path), str(status)).inc()
 
 
-def create_app(settings: Settings) -> FastAPI:
-    metrics = Metrics()
+def create_app(settings: Settings, metrics_dir: str | None = None) -> FastAPI:
+    """metrics_dir: where every server process writes its metrics, when there are several."""
+    metrics = Metrics(metrics_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -62,11 +68,17 @@ def create_app(settings: Settings) -> FastAPI:
             log.error("refusing to start: %s", e)
             raise
         await pipeline.start()
-        app.state.pipeline = pipeline
-        warm = asyncio.create_task(_warm_up(app, pipeline))
+        try:
+            await asyncio.to_thread(pipeline.warmup)
+        except Exception:
+            log.exception("refusing to start: the warm-up batch failed")
+            await pipeline.stop()
+            raise
+        app.state.pipeline, app.state.ready = pipeline, True
+        _drain_on_sigterm(app, settings.drain_s)
         m = pipeline.manifest
         log.info(
-            "serving %s: %d memory items (version %s), index %s, encoder on %s, cache %s",
+            "ready: serving %s: %d memory items (version %s), index %s, encoder on %s, cache %s",
             settings.artifacts,
             m.memory.size,
             m.memory_version,
@@ -78,7 +90,6 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             app.state.ready = False
-            warm.cancel()
             await pipeline.stop()
             metrics.process_exited()
 
@@ -90,7 +101,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
     app.include_router(api.router)
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(Intake, settings=settings, state=app.state)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # added last: outermost, so it counts refusals too
 
     async def upload_error(_: Request, e: Exception) -> Response:
         assert isinstance(e, UploadError)
@@ -104,10 +116,27 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-async def _warm_up(app: FastAPI, pipeline: Pipeline) -> None:
-    await asyncio.to_thread(pipeline.warmup)
-    app.state.ready = True
-    log.info("warmed up: ready")
+def _drain_on_sigterm(app: FastAPI, seconds: float) -> None:
+    """On SIGTERM: /readyz answers 503 at once and requests are still served for `seconds` (a load balancer's
+    time to stop sending), then uvicorn's own SIGTERM handling runs: stop accepting, let the requests in
+    flight finish, shut down. A second SIGTERM skips the wait."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # not under uvicorn's signal handling (an in-process test client)
+    stop = signal.getsignal(signal.SIGTERM)
+    if not callable(stop):
+        return
+
+    def drain(sig: int, frame: FrameType | None) -> None:
+        if not app.state.ready:
+            stop(sig, frame)
+            return
+        app.state.ready = False
+        log.info("SIGTERM: not ready; stopping in %.1f s, once the requests in flight are answered", seconds)
+        timer = threading.Timer(seconds, stop, (sig, frame))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, drain)
 
 
 def factory() -> FastAPI:

@@ -1,9 +1,10 @@
 """Micro-batching with back-pressure.
 
-Admission counts the images a server has accepted and not yet answered; past its limit a request is
-refused at once (503) and counted, so latency stays bounded under overload. The batcher gathers queued
-jobs into one batch (up to max_batch, waiting at most max_wait for images that are still being decoded)
-and runs it in one worker thread, off the event loop, while the loop gathers the next batch.
+Admission counts the images a server has accepted and not yet answered, and the request bodies it holds;
+past its limits a request is refused at once (503), before its body is read, and counted, so latency and
+memory stay bounded under overload. The batcher gathers queued jobs into one batch (up to max_batch,
+waiting at most max_wait for images that are still on their way: in cache lookup or decode) and runs it
+in one worker thread, off the event loop, while the loop gathers the next batch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, NoReturn, TypeVar
 
 from service.metrics import Metrics
 
@@ -26,14 +27,25 @@ class Overloaded(Exception):
 
 
 class Admission:
-    def __init__(self, limit: int, metrics: Metrics):
-        self.limit, self.metrics, self.pending = limit, metrics, 0
+    """What one server process has taken on, each request checked when it arrives, before its body is read:
+    images admitted and not yet answered plus uploads still arriving (each at least one image) against
+    `limit`, and the bytes of the request bodies held in memory against `max_bytes`."""
+
+    def __init__(self, limit: int, metrics: Metrics, max_bytes: int = 1 << 62):
+        self.limit, self.max_bytes, self.metrics = limit, max_bytes, metrics
+        self.pending = 0  # images admitted and not yet answered
+        self.uploading = 0  # requests whose bodies are still arriving
+        self.bytes = 0  # body bytes held by requests in progress
+
+    def _refuse(self, why: str) -> NoReturn:
+        self.metrics.refused.inc()
+        raise Overloaded(why)
 
     @contextlib.contextmanager
     def admit(self, n: int) -> Iterator[None]:
-        if self.pending + n > self.limit:
-            self.metrics.refused.inc()
-            raise Overloaded(f"{self.pending} images pending, limit {self.limit}")
+        """n images whose bodies are in: the upload's own slot was given back when its body arrived."""
+        if self.pending + self.uploading + n > self.limit:
+            self._refuse(f"{self.pending} images pending and {self.uploading} arriving, limit {self.limit}")
         self.pending += n
         self.metrics.queue_depth.set(self.pending)
         try:
@@ -41,6 +53,39 @@ class Admission:
         finally:
             self.pending -= n
             self.metrics.queue_depth.set(self.pending)
+
+    def upload(self, declared: int | None) -> Upload:
+        """A request at the door: it holds one image slot until its body has arrived, and its body's bytes
+        until it is answered (its Content-Length, or counted as they arrive when it has none). Close it."""
+        if self.pending + self.uploading + 1 > self.limit:
+            self._refuse(f"{self.pending} images pending and {self.uploading} arriving, limit {self.limit}")
+        upload = Upload(self)
+        upload.received(declared or 0)
+        self.uploading += 1
+        return upload
+
+
+class Upload:
+    def __init__(self, admission: Admission):
+        self.admission, self.bytes, self.arriving = admission, 0, True
+
+    def received(self, n: int) -> None:
+        a = self.admission
+        if a.bytes + n > a.max_bytes:
+            a._refuse(f"{a.bytes} bytes of request bodies held, limit {a.max_bytes}")
+        a.bytes += n
+        self.bytes += n
+
+    def arrived(self) -> None:
+        """The body is in (or the client left): give the image slot back, to be taken by admit()."""
+        if self.arriving:
+            self.arriving = False
+            self.admission.uploading -= 1
+
+    def close(self) -> None:
+        self.arrived()
+        self.admission.bytes -= self.bytes
+        self.bytes = 0
 
 
 @dataclass
@@ -53,15 +98,14 @@ class Batcher(Generic[J, R]):
     def __init__(
         self,
         run: Callable[[list[J]], list[R]],
-        admission: Admission,
         max_batch: int,
         max_wait_s: float,
         metrics: Metrics,
     ):
-        self.run, self.admission, self.metrics = run, admission, metrics
+        self.run, self.metrics = run, metrics
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
         self.queue: asyncio.Queue[_Queued[J, R]] = asyncio.Queue()
-        self.running = 0  # jobs in the batch the worker is running now
+        self.arriving = 0  # jobs on their way: in cache lookup or decode, not yet submitted
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="batch")
         self._task: asyncio.Task[None] | None = None
 
@@ -80,9 +124,15 @@ class Batcher(Generic[J, R]):
         self.queue.put_nowait(queued)  # unbounded queue: admission already bounds what can be in it
         return await queued.future
 
-    def _arriving(self) -> int:
-        """Admitted images not yet queued (still in cache lookup or decode): worth waiting for."""
-        return self.admission.pending - self.queue.qsize() - self.running
+    @contextlib.contextmanager
+    def coming(self) -> Iterator[None]:
+        """Around a job's preparation (cache lookup, decode): while it is on its way, a batch being
+        gathered may wait for it; once it is submitted, answered or failed, nobody waits for it."""
+        self.arriving += 1
+        try:
+            yield
+        finally:
+            self.arriving -= 1
 
     async def _gather(self) -> list[_Queued[J, R]]:
         batch = [await self.queue.get()]
@@ -93,7 +143,7 @@ class Batcher(Generic[J, R]):
                 batch.append(self.queue.get_nowait())
                 continue
             timeout = deadline - loop.time()
-            if timeout <= 0 or self._arriving() <= len(batch):  # nothing else on its way: go now
+            if timeout <= 0 or self.arriving == 0:  # nothing else on its way: go now
                 break
             try:
                 batch.append(await asyncio.wait_for(self.queue.get(), timeout))
@@ -105,7 +155,6 @@ class Batcher(Generic[J, R]):
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._gather()
-            self.running = len(batch)
             self.metrics.batch_size.observe(len(batch))
             try:
                 results = await loop.run_in_executor(self.worker, self.run, [q.job for q in batch])
@@ -117,5 +166,3 @@ class Batcher(Generic[J, R]):
                 for q, r in zip(batch, results, strict=True):
                     if not q.future.done():  # the client may have gone away
                         q.future.set_result(r)
-            finally:
-                self.running = 0

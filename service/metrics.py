@@ -1,8 +1,9 @@
 """Prometheus metrics, all in one place: a latency histogram per stage and counters for what went wrong.
 
-Where the server runs several processes (PROMETHEUS_MULTIPROC_DIR set, see service/__main__.py), every
-process writes its values to files there and /metrics, whichever process answers, reports their sum. In that
-mode a process holds one app (the files are per process, not per registry).
+Where the server runs several processes (service/__main__.py hands each a metrics directory, and sets
+PROMETHEUS_MULTIPROC_DIR to it for prometheus_client), every process writes its values to files there and
+/metrics, whichever process answers, reports their sum. In that mode a process holds one app (the files are
+per process, not per registry).
 """
 
 from __future__ import annotations
@@ -10,10 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
-
-# prometheus_client chooses file-backed values once, when it is imported: decide alike, once.
-MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 
 STAGES = ("decode", "queue", "encode", "search", "head", "total")
 # 0.1 ms .. 5 s: the stages of one batch run from tens of microseconds to tens of milliseconds.
@@ -23,7 +21,11 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 class Metrics:
     """One registry per app, so that tests can build several apps in one process."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        """multiprocess_dir: where every server process writes its values (None: this process alone)."""
+        if multiprocess_dir is not None and values.ValueClass is values.MutexValue:
+            raise RuntimeError("prometheus_client was imported without PROMETHEUS_MULTIPROC_DIR: no sums possible")
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
         r = self.registry
         self.stage_seconds = Histogram(
@@ -51,18 +53,17 @@ class Metrics:
             self.cache.labels(result)
 
     def exposition(self) -> bytes:
-        if MULTIPROCESS_DIR is None:
+        if self.multiprocess_dir is None:
             return generate_latest(self.registry)
-        _forget_dead_processes(MULTIPROCESS_DIR)
+        _forget_dead_processes(self.multiprocess_dir)
         merged = CollectorRegistry()
-        multiprocess.MultiProcessCollector(merged, MULTIPROCESS_DIR)
+        multiprocess.MultiProcessCollector(merged, self.multiprocess_dir)
         return generate_latest(merged)
 
-    @staticmethod
-    def process_exited() -> None:
+    def process_exited(self) -> None:
         """Drop this process's live gauges from the sum (its counters stay counted)."""
-        if MULTIPROCESS_DIR is not None:
-            multiprocess.mark_process_dead(os.getpid(), MULTIPROCESS_DIR)
+        if self.multiprocess_dir is not None:
+            multiprocess.mark_process_dead(os.getpid(), self.multiprocess_dir)
 
 
 def _forget_dead_processes(directory: str) -> None:

@@ -71,9 +71,9 @@ class Pipeline:
         self.head = Head(directory / A.HEAD, settings.head_threads)
         self._check()
         self.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-        self.admission = Admission(settings.max_pending, metrics)
+        self.admission = Admission(settings.max_pending, metrics, settings.max_body_bytes)
         self.batcher: Batcher[Job, Output] = Batcher(
-            self.run_batch, self.admission, settings.max_batch, settings.max_wait_ms / 1000, metrics
+            self.run_batch, settings.max_batch, settings.max_wait_ms / 1000, metrics
         )
         store = (
             RedisCache(settings.redis_url, settings.redis_timeout_ms / 1000, settings.redis_retry_s)
@@ -178,18 +178,19 @@ class Pipeline:
             self.metrics.images.labels("bad_input").inc()
             return DecodeError(413, f"image is {len(data)} bytes; the limit is {self.settings.max_image_bytes}")
         key = cache_key(data, self.manifest.memory_version)
-        entry = await self.cache.get(key)
-        pixels, decode_s = None, 0.0
-        if entry is None:
-            loop = asyncio.get_running_loop()
-            t = time.perf_counter()
-            try:
-                pixels = await loop.run_in_executor(self.decoder, decode, data, self.spec, self.settings.max_pixels)
-            except DecodeError as e:
-                self.metrics.images.labels("bad_input").inc()
-                return e
-            decode_s = time.perf_counter() - t
-            self.metrics.stage_seconds.labels("decode").observe(decode_s)
+        with self.batcher.coming():
+            entry = await self.cache.get(key)
+            pixels, decode_s = None, 0.0
+            if entry is None:
+                loop = asyncio.get_running_loop()
+                t = time.perf_counter()
+                try:
+                    pixels = await loop.run_in_executor(self.decoder, decode, data, self.spec, self.settings.max_pixels)
+                except DecodeError as e:
+                    self.metrics.images.labels("bad_input").inc()
+                    return e
+                decode_s = time.perf_counter() - t
+                self.metrics.stage_seconds.labels("decode").observe(decode_s)
         queued = time.perf_counter()
         out = await self.batcher.submit(Job(pixels, entry, neighbors))
         if entry is None:

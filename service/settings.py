@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     # its cores wait. The encoder threads of each process share the cores among `workers` (a plain
     # `uvicorn --factory service.app:factory` is one process: it leaves this 0 and uses every core).
     workers: int = 0
+    backlog: int = 2048  # connections the kernel queues for accepting, per listening socket
+    # On SIGTERM: /readyz answers 503 at once and the server keeps serving this long (a load balancer's time
+    # to notice), then stops accepting, finishes the requests in flight (at most shutdown_timeout_s) and exits.
+    drain_s: float = 1.0
+    shutdown_timeout_s: float = 10.0
 
     # Compute
     device: Literal["auto", "cpu", "cuda"] = "auto"  # encoder: CUDA where a GPU is present, else CPU
@@ -37,6 +42,9 @@ class Settings(BaseSettings):
     max_batch: int = 32  # images per encode/search/head batch
     max_wait_ms: float = 2.0  # how long a batch waits to fill once its first image arrived
     max_pending: int = 256  # images admitted (decoding or queued) at once; beyond: 503 at once
+    # Request bodies held in memory at once by one process (being read or waiting for their answer); beyond:
+    # 503 before the body is read. At least one largest batch request fits.
+    max_body_bytes: int = 512 * 1024 * 1024
 
     # Input limits
     max_image_bytes: int = 8 * 1024 * 1024  # per image; the request limit adds multipart overhead
@@ -58,6 +66,10 @@ class Settings(BaseSettings):
     @property
     def max_request_bytes(self) -> int:
         return self.max_batch_images * self.max_image_bytes + 64 * 1024
+
+    def body_limit(self, many: bool) -> int:
+        """The byte limit of one request body: a batch of images, or one image (with multipart overhead)."""
+        return self.max_request_bytes if many else self.max_image_bytes + 64 * 1024
 
 
 def cores() -> int:

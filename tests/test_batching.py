@@ -22,7 +22,7 @@ def make(max_batch: int, max_wait_s: float, limit: int = 100, fail_on: int | Non
         return [j * 10 for j in jobs]
 
     admission = Admission(limit, m)
-    return Batcher(run, admission, max_batch, max_wait_s, m), admission, sizes, threads, m
+    return Batcher(run, max_batch, max_wait_s, m), admission, sizes, threads, m
 
 
 async def submit_all(batcher: Batcher, admission: Admission, jobs: list[int]) -> list[object]:

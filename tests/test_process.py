@@ -1,0 +1,222 @@
+"""The server as a process, over real sockets: refusals exit non-zero, SIGTERM drains, a burst of uploads far
+above the limits is refused before the bodies are read while /readyz stays fast, and a client that sends its
+whole body before reading (urllib) gets the 413."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+
+from loadtests.server import free_port
+from service import artifacts as A
+from tests.synthetic import png
+from tests.test_service import tampered
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+BOUNDARY = "rac-test-boundary"
+
+
+def environ(artifacts: Path, port: int, **env: str) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAC_") and k != "REDIS_URL"}
+    clean.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return clean | {"RAC_ARTIFACTS": str(artifacts), "RAC_PORT": str(port), "TQDM_DISABLE": "1", **env}
+
+
+@contextmanager
+def server(artifacts: Path, **env: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`python -m service` on a free port; yields the process and its URL once /readyz answers 200."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile("w+") as log:
+        cmd = [sys.executable, "-m", "service"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=environ(artifacts, port, **env), stdout=log, stderr=log, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                assert proc.poll() is None, f"exited with {proc.returncode}: {log.seek(0) and log.read()}"
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "not ready in 60 s"
+                time.sleep(0.1)
+            yield proc, url
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+def upload_head(port: int, length: int, path: str = "/classify") -> socket.socket:
+    """A connection that has sent a request's headers (declaring `length` body bytes) and no body yet."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+        f"Content-Length: {length}\r\n\r\n".encode()
+    )
+    return s
+
+
+def multipart(data: bytes, field: str = "image") -> bytes:
+    return (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="x.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + data
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+
+
+def answer(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Read one HTTP response (status, headers, body) from a socket."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed before a response: {buf!r}"
+        buf += chunk
+    head, body = buf.split(b"\r\n\r\n", 1)
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = s.recv(65536)
+        assert chunk
+        body += chunk
+    return int(status_line.split()[1]), headers, body
+
+
+# ---------------------------------------------------------------- refusing to start
+
+
+@pytest.mark.parametrize(
+    ("command", "workers"),
+    [(["-m", "service"], "1"), (["-m", "service"], "2"), (["-m", "models.cli", "serve"], "2")],
+)
+def test_a_refusal_to_start_exits_non_zero(
+    synthetic_artifacts: Path, tmp_path: Path, workers: str, command: list[str]
+) -> None:
+    bad = tampered(synthetic_artifacts, tmp_path / "bad", file=A.VALUES)
+    env = environ(bad, free_port(), RAC_WORKERS=workers)
+    done = subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+    assert done.returncode != 0, done.stderr
+    assert "values.npy does not match the checksum" in done.stderr
+
+
+def test_a_failed_warm_up_exits_non_zero_and_says_so(synthetic_artifacts: Path) -> None:
+    """A pixel limit below the warm-up image's: the warm-up batch fails, so the server must not serve."""
+    env = environ(synthetic_artifacts, free_port(), RAC_WORKERS="2", RAC_MAX_PIXELS="100")
+    cmd = [sys.executable, "-m", "service"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+    assert done.returncode != 0
+    assert "the warm-up batch failed" in done.stderr and "the limit is 100" in done.stderr
+
+
+# ---------------------------------------------------------------- graceful shutdown
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_turns_readyz_503_then_answers_the_requests_in_flight(synthetic_artifacts: Path, workers: str) -> None:
+    with server(synthetic_artifacts, RAC_WORKERS=workers, RAC_DRAIN_S="1.5") as (proc, url):
+        port = int(url.rsplit(":", 1)[1])
+        bodies = [multipart(png(500 + i)) for i in range(8)]
+        conns = [upload_head(port, len(b)) for b in bodies]  # accepted, bodies half sent
+        for s, body in zip(conns, bodies, strict=True):
+            s.sendall(body[: len(body) // 2])
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert httpx.get(f"{url}/readyz", timeout=2).status_code == 503  # still accepting, not ready
+        for s, body in zip(conns, bodies, strict=True):
+            s.sendall(body[len(body) // 2 :])
+        statuses = [answer(s)[0] for s in conns]
+        assert statuses == [200] * 8
+        proc.wait(15)
+        assert proc.returncode in (0, -signal.SIGTERM)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/readyz", timeout=2)
+
+
+# ---------------------------------------------------------------- cheap refusals, bounded memory
+
+
+@pytest.fixture(scope="module")
+def bounded(synthetic_artifacts: Path) -> Iterator[str]:
+    """One process admitting 8 uploads (RAC_MAX_PENDING) and 5 MB of bodies at once."""
+    with server(synthetic_artifacts, RAC_WORKERS="1", RAC_MAX_PENDING="8", RAC_MAX_BODY_BYTES="5000000") as (_, url):
+        yield url
+
+
+def refused(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("rac_refused_total "):
+            return float(line.split()[1])
+    raise AssertionError("no refusal counter")
+
+
+def test_a_burst_far_above_the_limits_is_refused_before_the_bodies_are_read(bounded: str) -> None:
+    port = int(bounded.rsplit(":", 1)[1])
+    before = refused(bounded)
+    readyz: list[float] = []
+    with ThreadPoolExecutor(1) as pool:
+
+        def sample() -> None:
+            with httpx.Client(timeout=5) as c:
+                for _ in range(60):
+                    t = time.perf_counter()
+                    assert c.get(f"{bounded}/readyz").status_code == 200
+                    readyz.append(time.perf_counter() - t)
+                    time.sleep(0.01)
+
+        sampling = pool.submit(sample)
+        for length, admitted, words in ((2_000_000, 2, "bytes of request bodies"), (1000, 8, "images pending")):
+            conns = [upload_head(port, length) for _ in range(64)]  # no body byte sent by any of them
+            t = time.perf_counter()
+            answers: list[tuple[int, dict[str, str], bytes] | None] = []
+            for s in conns:
+                s.settimeout(0.5)
+                try:
+                    answers.append(answer(s))
+                except TimeoutError:
+                    answers.append(None)  # admitted: waiting for its body
+            waited = [a for a in answers if a is None]
+            refusals = [a for a in answers if a is not None]
+            assert len(waited) == admitted and len(refusals) == 64 - admitted
+            assert time.perf_counter() - t < 0.5 * admitted + 5  # the refusals came at once
+            for status, headers, body in refusals:
+                assert status == 503 and headers["retry-after"] == "1" and words in orjson.loads(body)["detail"]
+            for s in conns:
+                s.close()
+            time.sleep(0.2)  # the admitted ones see their clients leave and let go
+        sampling.result()
+    assert refused(bounded) - before == 2 * 64 - 2 - 8
+    assert np.percentile(readyz, 99) < 0.1
+    r = httpx.post(f"{bounded}/classify", files={"image": ("x.png", png(1), "image/png")}, timeout=10)
+    assert r.status_code == 200  # every slot was given back
+
+
+@pytest.mark.parametrize("megabytes", [9, 20])
+def test_urllib_gets_the_413_for_a_body_over_the_limit(bounded: str, megabytes: int) -> None:
+    """urllib sends the whole body before it reads the answer: the server reads and drops it, then answers."""
+    request = urllib.request.Request(
+        f"{bounded}/classify", data=os.urandom(megabytes * 1024 * 1024), headers={"Content-Type": "image/png"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused_:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused_.value.code == 413
+    assert "the limit is" in orjson.loads(refused_.value.read())["detail"]
