@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import PlainTextResponse, RedirectResponse, Response
 from pydantic import BaseModel
 
 from service.decode import DecodeError
@@ -59,7 +59,7 @@ class ErrorResponse(BaseModel):
 
 def _image_body(field: str, many: bool) -> dict[str, object]:
     file = {"type": "string", "format": "binary"}
-    prop = {"type": "array", "items": file} if many else file
+    prop = {"type": "array", "items": file, "minItems": 1} if many else file
     form = {"type": "object", "properties": {field: prop}, "required": [field]}
     return {
         "requestBody": {
@@ -100,7 +100,8 @@ async def get_metrics(request: Request) -> Metrics:
 PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 TopK = Annotated[int, Query(ge=1, le=1000, description="how many classes to return (at most all of them)")]
-Neighbors = Annotated[int, Query(ge=0, le=1000, description="how many retrieved memory items to return")]
+# At most k (the neighbours the service retrieves, in /info): the published schema says so (document()).
+Neighbors = Annotated[int, Query(ge=0, description="how many retrieved memory items to return (at most k)")]
 
 
 def _json(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -112,6 +113,29 @@ def _json(payload: object, status: int = 200, headers: dict[str, str] | None = N
 def error(status: int, detail: str) -> Response:
     headers = {"Retry-After": "1"} if status == 503 else None
     return _json({"detail": detail}, status, headers)
+
+
+def validation_error(detail: list[dict[str, Any]]) -> Response:
+    """FastAPI's list of errors for bad query values, as the one string every other error has."""
+    parts = (f"{'.'.join(str(x) for x in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in detail)
+    return error(422, "; ".join(parts))
+
+
+def document(app: FastAPI) -> None:
+    """Publish the schema with what is known once the artifacts are loaded: the largest `neighbors`, k."""
+    default = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = default()  # built once, then cached by FastAPI
+        pipeline: Pipeline | None = getattr(app.state, "pipeline", None)
+        if pipeline is not None:
+            for path in ("/classify", "/classify/batch"):
+                for p in schema["paths"][path]["post"]["parameters"]:
+                    if p["name"] == "neighbors":
+                        p["schema"]["maximum"] = pipeline.k
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _answer(c: Classification, pipeline: Pipeline) -> dict[str, object]:
@@ -183,13 +207,13 @@ async def readyz(request: Request) -> Response:
     return error(503, "not ready: loading or warming up")
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(m: MetricsDep) -> Response:
     """Prometheus exposition."""
     return Response(m.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@router.get("/info")
+@router.get("/info", responses={503: {"model": ErrorResponse, "description": "not ready"}})
 async def info(pipeline: PipelineDep) -> Response:
     """What is being served: encoder, memory, index, head, classes and the figures it was built with."""
     m = pipeline.manifest

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from types import FrameType
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -101,6 +102,7 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> FastAPI:
     )
     app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
     app.include_router(api.router)
+    api.document(app)
     app.add_middleware(Intake, settings=settings, state=app.state)
     app.add_middleware(RequestMetrics, metrics=metrics)  # added last: outermost, so it counts refusals too
 
@@ -111,6 +113,11 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> FastAPI:
     async def overloaded(_: Request, e: Exception) -> Response:
         return api.error(503, f"overloaded, retry shortly: {e}")
 
+    async def bad_query(_: Request, e: Exception) -> Response:
+        assert isinstance(e, RequestValidationError)
+        return api.validation_error(list(e.errors()))
+
+    app.add_exception_handler(RequestValidationError, bad_query)
     app.add_exception_handler(UploadError, upload_error)
     app.add_exception_handler(Overloaded, overloaded)
     return app

@@ -48,9 +48,12 @@ async def read_images(request: Request, field_name: str, limit: int, max_files: 
     if not boundary:
         raise UploadError(400, "multipart/form-data without a boundary")
     parts = await _parse(request, boundary, limit)
-    images = [bytes(p.data) for p in parts if p.name == field_name]
-    if not images:
+    files = [p for p in parts if p.name == field_name]
+    if not files:
         raise UploadError(422, f"no file in form field '{field_name}'")
+    if any(p.filename is None for p in files):  # a text field, not a file: what a form's File field refuses
+        raise UploadError(422, f"form field '{field_name}' holds text, not a file: send the image as a file part")
+    images = [bytes(p.data) for p in files]
     if len(images) > max_files:
         raise UploadError(413, f"{len(images)} images in one request; the limit is {max_files}")
     return images
