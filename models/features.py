@@ -23,17 +23,24 @@ log = logging.getLogger(__name__)
 
 
 def _batches(images: ImageSet, spec: InputSpec, batch: int) -> Iterator[np.ndarray]:
-    """Preprocess in a background thread (PIL releases the GIL) so it overlaps the encoder."""
-    q: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=4)
+    """Preprocess in a background thread (PIL releases the GIL) so it overlaps the encoder. An error there
+    (a corrupt image file) is raised here, in the consumer, instead of leaving it waiting for a batch."""
+    q: queue.Queue[np.ndarray | BaseException | None] = queue.Queue(maxsize=4)
 
     def produce() -> None:
-        for start in range(0, len(images), batch):
-            stop = min(start + batch, len(images))
-            q.put(np.stack([preprocess(images.image(i), spec) for i in range(start, stop)]))  # (b, 3, S, S)
-        q.put(None)
+        try:
+            for start in range(0, len(images), batch):
+                stop = min(start + batch, len(images))
+                q.put(np.stack([preprocess(images.image(i), spec) for i in range(start, stop)]))  # (b, 3, S, S)
+        except BaseException as e:
+            q.put(e)
+        else:
+            q.put(None)
 
     threading.Thread(target=produce, daemon=True).start()
     while (x := q.get()) is not None:
+        if isinstance(x, BaseException):
+            raise x
         yield x
 
 

@@ -12,9 +12,9 @@ import logging
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -27,6 +27,9 @@ from service.metrics import Metrics
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<BHH")  # format version, d, k
+LAG_TURNS = 3  # further turns a Redis call gets when the event loop was late (see RedisCache._call)
+LAG_S = 0.002  # a timer this late or more means the loop was busy elsewhere
+T = TypeVar("T")
 _VERSION = 1
 
 
@@ -59,22 +62,26 @@ def cache_key(image: bytes, memory_version: str) -> str:
 
 
 class LocalCache:
-    """In-process LRU: the embedded default."""
+    """In-process LRU whose entries expire after their TTL, as Redis's do: the embedded default."""
 
     backend = "memory"
 
-    def __init__(self, entries: int):
-        self.entries = entries
-        self._data: OrderedDict[str, bytes] = OrderedDict()
+    def __init__(self, entries: int, clock: Callable[[], float] = time.monotonic):
+        self.entries, self.clock = entries, clock
+        self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()  # key -> (expiry, blob)
 
     async def get(self, key: str) -> bytes | None:
-        blob = self._data.get(key)
-        if blob is not None:
-            self._data.move_to_end(key)
-        return blob
+        found = self._data.get(key)
+        if found is None:
+            return None
+        if found[0] <= self.clock():
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return found[1]
 
     async def set(self, key: str, blob: bytes, ttl_s: int) -> None:
-        self._data[key] = blob
+        self._data[key] = (self.clock() + ttl_s, blob)
         self._data.move_to_end(key)
         while len(self._data) > self.entries:
             self._data.popitem(last=False)
@@ -90,8 +97,10 @@ class RedisCache:
 
     def __init__(self, url: str, timeout_s: float, retry_s: float):
         # No client-side retries: a failed call is skipped at once, the breaker decides when to try again.
+        # The client's own socket timeouts are only a backstop: _call() is the timeout that counts.
+        backstop = max(1.0, 20 * timeout_s)
         self.client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+            url, socket_timeout=backstop, socket_connect_timeout=backstop, retry=Retry(NoBackoff(), 0)
         )
         self.timeout_s, self.retry_s = timeout_s, retry_s
         self.down_until = 0.0
@@ -109,7 +118,7 @@ class RedisCache:
         if not self.available:
             raise CacheUnavailable
         try:
-            return await asyncio.wait_for(cast(Awaitable[bytes | None], self.client.get(key)), self.timeout_s)
+            return await self._call(cast(Awaitable[bytes | None], self.client.get(key)))
         except (RedisError, OSError, TimeoutError) as e:
             self._failed(e)
             raise CacheUnavailable from e
@@ -118,10 +127,29 @@ class RedisCache:
         if not self.available:
             raise CacheUnavailable
         try:
-            await asyncio.wait_for(self.client.set(key, blob, ex=ttl_s), self.timeout_s)
+            await self._call(self.client.set(key, blob, ex=ttl_s))
         except (RedisError, OSError, TimeoutError) as e:
             self._failed(e)
             raise CacheUnavailable from e
+
+    async def _call(self, operation: Awaitable[T]) -> T:
+        """`operation`, or TimeoutError after timeout_s of the event loop's attention. Under overload the
+        loop may be busy elsewhere when the timer is due, while the reply already waits in the socket: a
+        timer that fires late by that much gives the reply one more turn (as long as the loop was late,
+        LAG_TURNS times at most), so that a busy loop does not pass for a slow Redis."""
+        task = asyncio.ensure_future(operation)
+        loop = asyncio.get_running_loop()
+        budget = self.timeout_s
+        for _ in range(1 + LAG_TURNS):
+            due = loop.time() + budget
+            done, _ = await asyncio.wait({task}, timeout=budget)
+            if done:
+                return task.result()
+            budget = loop.time() - due  # how late the loop woke us: its time busy elsewhere
+            if budget < LAG_S:
+                break
+        task.cancel()
+        raise TimeoutError(f"redis did not answer in {1000 * self.timeout_s:.0f} ms")
 
     async def close(self) -> None:
         await self.client.aclose()
