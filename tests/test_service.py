@@ -88,18 +88,24 @@ def test_answers_match_a_reference_computed_without_the_service(api: TestClient,
     assert {n["id"] for n in got["neighbors"]} == set(ids.tolist())
 
 
-def test_batched_and_unbatched_answers_agree(api: TestClient) -> None:
-    images = [png(100 + i) for i in range(24)]
-    alone = [classify(api, data, top_k=3, neighbors=3) for data in images]  # sequential: batches of one
+def test_batched_and_unbatched_answers_agree(api: TestClient, synthetic_artifacts: Path) -> None:
+    """Cache misses batched together, and batches mixing hits and misses, answer as each image alone does
+    (alone: a server that never batches, with a cache of its own)."""
+    seen, new = [png(100 + i) for i in range(12)], [png(200 + i) for i in range(24)]
+    with client(synthetic_artifacts, max_batch=1, max_wait_ms=0) as solo:
+        alone = [classify(solo, data, top_k=3, neighbors=3) for data in seen + new]
+    for data in seen:
+        classify(api, data)  # into the cache
+    mixed = [image for pair in zip(seen, new[12:], strict=True) for image in pair]
     before = _batches(api)
     with ThreadPoolExecutor(12) as pool:
-        together = list(pool.map(lambda d: classify(api, d, top_k=3, neighbors=3), [png(200 + i) for i in range(24)]))
-        again = list(pool.map(lambda d: classify(api, d, top_k=3, neighbors=3), images))
-    assert _batches(api) - before < 48  # concurrent requests really shared batches
-    assert all(a["cached"] for a in again)  # (second time round: neighbours from the cache)
-    for one, many in zip(alone, again, strict=True):
-        assert _same_answer(one, many)
-    assert len(together) == 24
+        misses = list(pool.map(lambda d: classify(api, d, top_k=3, neighbors=3), new[:12]))
+        both = list(pool.map(lambda d: classify(api, d, top_k=3, neighbors=3), mixed))
+    assert _batches(api) - before < 36  # concurrent requests really shared batches
+    assert [a["cached"] for a in misses + both] == [False] * 12 + [True, False] * 12
+    reference = dict(zip(seen + new, alone, strict=True))
+    for data, answer in zip(new[:12] + mixed, misses + both, strict=True):
+        assert _same_answer(reference[data], answer)
 
 
 def test_batch_endpoint_answers_in_order_and_fails_only_bad_entries(api: TestClient) -> None:
