@@ -30,6 +30,7 @@ _HEADER = struct.Struct("<BHH")  # format version, d, k
 LAG_TURNS = 3  # further turns a Redis call gets when the event loop was late (see RedisCache._call)
 LAG_S = 0.002  # a timer this late or more means the loop was busy elsewhere
 T = TypeVar("T")
+_Op = tuple[str, str, bytes | None, int]  # "get" or "set", key, blob, TTL
 _VERSION = 1
 
 
@@ -86,6 +87,9 @@ class LocalCache:
         while len(self._data) > self.entries:
             self._data.popitem(last=False)
 
+    async def start(self) -> None:
+        pass
+
     async def close(self) -> None:
         self._data.clear()
 
@@ -104,6 +108,8 @@ class RedisCache:
         )
         self.timeout_s, self.retry_s = timeout_s, retry_s
         self.down_until = 0.0
+        self._waiting: list[tuple[_Op, asyncio.Future[bytes | None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     @property
     def available(self) -> bool:
@@ -115,22 +121,54 @@ class RedisCache:
         self.down_until = time.monotonic() + self.retry_s
 
     async def get(self, key: str) -> bytes | None:
-        if not self.available:
-            raise CacheUnavailable
-        try:
-            return await self._call(cast(Awaitable[bytes | None], self.client.get(key)))
-        except (RedisError, OSError, TimeoutError) as e:
-            self._failed(e)
-            raise CacheUnavailable from e
+        return await self._queue(("get", key, None, 0))
 
     async def set(self, key: str, blob: bytes, ttl_s: int) -> None:
-        if not self.available:
-            raise CacheUnavailable
+        await self._queue(("set", key, blob, ttl_s))
+
+    async def start(self) -> None:
+        """Connect before the first request needs it (a failure only trips the breaker)."""
         try:
-            await self._call(self.client.set(key, blob, ex=ttl_s))
+            await self._call(self.client.ping())
         except (RedisError, OSError, TimeoutError) as e:
             self._failed(e)
-            raise CacheUnavailable from e
+
+    async def _queue(self, op: _Op) -> bytes | None:
+        """Every get and set that arrives while a round trip is under way goes in the next one: one round trip
+        (one pipeline: an MGET and the SETs) per turn however many requests wait, not one per image."""
+        if not self.available:
+            raise CacheUnavailable
+        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((op, future))
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                gets = [(op, f) for op, f in batch if op[0] == "get"]
+                sets = [(op, f) for op, f in batch if op[0] == "set"]
+                pipe = self.client.pipeline(transaction=False)
+                if gets:
+                    pipe.mget([op[1] for op, _ in gets])
+                for (_, key, blob, ttl_s), _ in sets:
+                    pipe.set(key, cast(bytes, blob), ex=ttl_s)
+                try:
+                    replies = await self._call(pipe.execute())
+                except (RedisError, OSError, TimeoutError) as e:
+                    self._failed(e)
+                    for _, f in batch:
+                        if not f.done():
+                            f.set_exception(CacheUnavailable())
+                    continue
+                blobs = replies[0] if gets else []
+                for (_, f), blob in zip(gets + sets, [*blobs, *[None] * len(sets)], strict=True):
+                    if not f.done():
+                        f.set_result(blob)
+        finally:
+            self._flusher = None
 
     async def _call(self, operation: Awaitable[T]) -> T:
         """`operation`, or TimeoutError after timeout_s of the event loop's attention. Under overload the
@@ -189,6 +227,9 @@ class NeighbourCache:
             await self.store.set(key, blob, self.ttl_s)
         except CacheUnavailable:
             self.metrics.cache.labels("error").inc()
+
+    async def start(self) -> None:
+        await self.store.start()
 
     async def close(self) -> None:
         if self._pending:

@@ -125,6 +125,7 @@ class Pipeline:
 
     async def start(self) -> None:
         self.batcher.start()
+        await self.cache.start()
 
     async def stop(self) -> None:
         await self.batcher.stop()
