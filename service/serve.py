@@ -82,4 +82,8 @@ def _config(factory: AppFactory, workers: int) -> uvicorn.Config:
         backlog=s.backlog,
         access_log=False,
         timeout_graceful_shutdown=int(s.shutdown_timeout_s),
+        # The launcher kills a process that does not answer its ping in time and starts another: 5 s (the
+        # default) is shorter than a start-up on a busy host (imports and checksums hold the interpreter),
+        # which then never ends.
+        timeout_worker_healthcheck=30,
     )
