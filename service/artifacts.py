@@ -95,6 +95,11 @@ def read_manifest(directory: Path) -> Manifest:
     return manifest
 
 
+def version_id(files: dict[str, str]) -> str:
+    """A memory version: a hash of the memory files' digests (index, keys, values, items)."""
+    return hashlib.blake2b("".join(files[n] for n in (INDEX, KEYS, VALUES, ITEMS)).encode(), digest_size=6).hexdigest()
+
+
 def model_parts(manifest: Manifest) -> dict[str, str]:
     """What a memory must agree with to be served by a model: encoder and head files, classes, input spec,
     embedding and value dimensions, value encoder and k."""
