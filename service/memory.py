@@ -124,8 +124,9 @@ class Memory:
     def items(self, ids: list[int]) -> dict[int, Item]:
         out: dict[int, Item] = {}
         with self._lock:
-            for s in range(0, len(ids), SQL_CHUNK):
-                chunk = ids[s : s + SQL_CHUNK]
+            step = min(SQL_CHUNK, self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
+            for s in range(0, len(ids), step):
+                chunk = ids[s : s + step]
                 marks = ",".join("?" * len(chunk))
                 query = f"SELECT id, source, text, label FROM items WHERE id IN ({marks})"
                 out.update((r[0], Item(*r)) for r in self._db.execute(query, chunk))
