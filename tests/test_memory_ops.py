@@ -21,8 +21,8 @@ from service import artifacts as A
 from service.decode import InputSpec, decode
 from service.encode import Encoder
 from service.memory import Memory
-from service.pipeline import Pipeline
 from service.metrics import Metrics
+from service.pipeline import Pipeline
 from service.settings import Settings
 from service.versions import load_version
 from tests.synthetic import make_artifacts
@@ -158,7 +158,7 @@ def test_publish_switches_current_and_refuses_another_model(
     assert r.returncode == 2 and "another model" in r.stderr
     assert A.resolve(root) == second.resolve()  # unchanged
     # ... and a server refuses it at load too.
-    with pytest.raises(A.ArtifactError, match="another model: encoder .*; head .*; classes"):
+    with pytest.raises(A.ArtifactError, match=r"another model: encoder .*; head .*; classes"):
         load_version(other, Settings(), A.read_manifest(quick_artifacts), 16)
 
 
