@@ -104,3 +104,9 @@ def test_a_cache_entry_of_another_shape_is_ignored_and_counted(synthetic_artifac
         got = classify(c, png(5), neighbors=3)
         assert got["predictions"] == want["predictions"] and got["neighbors"] == want["neighbors"]
         assert metric(c, 'rac_cache_total{result="stale"}') == 1
+
+
+def test_cache_keys_hold_what_decides_an_entry() -> None:
+    keys = {cache_key(b"a", "v1", 100, 256), cache_key(b"a", "v2", 100, 256)}
+    keys |= {cache_key(b"a", "v1", 50, 256), cache_key(b"a", "v1", 100, 128), cache_key(b"b", "v1", 100, 256)}
+    assert len(keys) == 5
