@@ -155,8 +155,8 @@ class Pipeline:
             new.retire()
             raise A.ArtifactError(f"{directory}: warm-up failed: {e}") from e
         old, self.version = self.version, new  # requests admitted from now on take the new version
-        self.metrics.memory_version.labels(new.id).set(1)
         self.metrics.memory_version.labels(old.id).set(0)
+        self.metrics.memory_version.labels(new.id).set(1)  # after: the two may hold the same memory
         old.retire()  # closed when the last request holding it is answered
 
     def _warm_memory(self, version: MemoryVersion) -> None:
