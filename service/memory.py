@@ -48,6 +48,24 @@ def open_array(path: Path) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
+def check_sqlite(path: Path) -> None:
+    """The item table's size against its header (page size x page count): SQLite itself reads a truncated
+    file without complaint and answers with rows missing."""
+    if not path.exists():
+        raise A.ArtifactError(f"{path} is missing")
+    with path.open("rb") as f:
+        head = f.read(100)
+    if len(head) < 100 or not head.startswith(b"SQLite format 3\0"):
+        raise A.ArtifactError(f"{path} is not an SQLite database")
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    pages = int.from_bytes(head[28:32], "big")
+    size = path.stat().st_size
+    header_valid = head[24:28] == head[92:96]  # the page count is trusted only then (SQLite's rule)
+    if size % page or (header_valid and pages and size != page * pages):
+        raise A.ArtifactError(f"{path} is {size} bytes, its header says {pages} pages of {page} bytes (truncated?)")
+
+
 def prefault(path: Path) -> None:
     """Bring a file into the page cache before it serves: a cold page costs a disk read inside a request."""
     with path.open("rb") as f:
@@ -75,6 +93,7 @@ class Memory:
         self.threads = threads
         self.keys = open_array(directory / A.KEYS)  # (N, d) float16
         self.values = open_array(directory / A.VALUES)  # (N, dv) float16
+        check_sqlite(directory / A.ITEMS)
         try:
             self._db = sqlite3.connect(f"file:{directory / A.ITEMS}?mode=ro", uri=True, check_same_thread=False)
             (n_items,) = self._db.execute("SELECT COUNT(*) FROM items").fetchone()

@@ -73,9 +73,15 @@ class Pipeline:
         self.spec = InputSpec.from_dict(m.encoder.input)
         self.k = m.index.k
         threads = settings.encoder_threads or max(1, cores() // (settings.workers or 1))
-        self.encoder = Encoder(directory / A.ENCODER, settings.device, threads, settings.encoder_spin)
+        try:  # onnxruntime and torch raise their own types for a damaged file: name the file
+            self.encoder = Encoder(directory / A.ENCODER, settings.device, threads, settings.encoder_spin)
+        except Exception as e:
+            raise A.ArtifactError(f"{directory / A.ENCODER} cannot be loaded: {e}") from e
         self.version = load_version(directory, settings, None, self.encoder.dim)
-        self.head = Head(directory / A.HEAD, settings.head_threads)
+        try:
+            self.head = Head(directory / A.HEAD, settings.head_threads)
+        except Exception as e:
+            raise A.ArtifactError(f"{directory / A.HEAD} cannot be loaded: {e}") from e
         self._check()
         metrics.memory_version.labels(self.version.id).set(1)
         self.follower = (

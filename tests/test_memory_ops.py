@@ -163,7 +163,7 @@ def test_publish_switches_current_and_refuses_another_model(
 
 
 def test_sizes_are_checked_without_checksums(tmp_path: Path) -> None:
-    for name in (A.VALUES, A.KEYS, A.INDEX):
+    for name in (A.VALUES, A.KEYS, A.INDEX, A.ITEMS, A.ENCODER, A.HEAD):
         d = tmp_path / name
         make_artifacts(d)
         with (d / name).open("r+b") as f:
