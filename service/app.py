@@ -8,6 +8,7 @@ uvicorn --factory service.app:factory      # the same app in one process
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
@@ -76,13 +77,17 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> FastAPI:
             await pipeline.stop()
             raise
         app.state.pipeline, app.state.ready = pipeline, True
+        follower = pipeline.follower
+        if follower is not None:  # SIGHUP: look at the serving root's `current` link now
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, follower.wake.set)
         _drain_on_sigterm(app, settings.drain_s)
         m = pipeline.manifest
         log.info(
             "ready: serving %s: %d memory items (version %s), index %s, encoder on %s, cache %s",
             settings.artifacts,
             m.memory.size,
-            m.memory_version,
+            pipeline.memory_version,
             m.index.type,
             pipeline.encoder.providers[0],
             pipeline.cache.store.backend,
