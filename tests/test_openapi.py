@@ -20,6 +20,8 @@ from service.settings import Settings
 from tests.conftest import wait_until
 from tests.synthetic import png
 
+pytestmark = pytest.mark.slow  # a uvicorn server, and a few hundred generated requests
+
 
 @pytest.fixture(scope="module")
 def base_url(synthetic_artifacts: Path) -> Iterator[str]:
