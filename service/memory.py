@@ -12,6 +12,7 @@ import faiss
 import numpy as np
 
 from service import artifacts as A
+from service import prefault, rerank
 
 
 @dataclass(frozen=True)
@@ -26,9 +27,13 @@ class Memory:
     def __init__(self, directory: Path, nprobe: int, threads: int = 1):
         # IO_FLAG_MMAP_IFC maps flat and IVF codes straight from the file: pages load on demand and are
         # shared between processes serving the same artifacts.
+        self.directory = directory
         self.index = faiss.read_index(str(directory / A.INDEX), faiss.IO_FLAG_MMAP_IFC)
-        if isinstance(self.index, faiss.IndexIVF):
-            self.index.nprobe = nprobe
+        self.ivf = faiss.try_extract_index_ivf(self.index)  # also inside an OPQ pre-transform
+        if self.ivf is not None:
+            self.ivf.nprobe = nprobe
+        # A quantized index searches FACTOR x k candidates and re-ranks them against the stored keys.
+        self.rerank = rerank.FACTOR if rerank.quantized(self.index) else 0
         faiss.omp_set_num_threads(threads)
         self.keys = np.load(directory / A.KEYS, mmap_mode="r")  # (N, d) float16
         self.values = np.load(directory / A.VALUES, mmap_mode="r")  # (N, dv) float16
@@ -44,15 +49,21 @@ class Memory:
     def search(self, z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """z (B, d) float32 -> sims (B, k) float32, ids (B, k) int64, best first."""
         z = np.ascontiguousarray(z, dtype=np.float32)
-        sims, ids = self.index.search(z, k)
-        short = (ids < 0).any(1)  # an IVF probe that found fewer than k items pads with -1
-        if short.any() and isinstance(self.index, faiss.IndexIVF):
-            exhaustive = faiss.SearchParametersIVF()
-            exhaustive.nprobe = self.index.nlist
-            sims[short], ids[short] = self.index.search(z[short], k, params=exhaustive)
-        if (ids < 0).any():
+        wanted = min(k * self.rerank, self.size) if self.rerank else k
+        sims, ids = self.index.search(z, wanted)
+        short = (ids >= 0).sum(1) < k  # an IVF probe that found fewer than k items pads with -1
+        if short.any() and self.ivf is not None:
+            sims[short], ids[short] = self.index.search(z[short], wanted, params=rerank.exhaustive(self.index))
+        if ((ids >= 0).sum(1) < k).any():
             raise RuntimeError(f"the memory holds fewer than k={k} items")
+        if self.rerank:
+            return rerank.rerank(z, ids, self.keys, k)
         return sims, ids
+
+    def prefault(self) -> None:
+        """Read the index, keys and values into the page cache and this process's page tables."""
+        prefault.arrays(self.keys, self.values)
+        prefault.files(self.directory / A.INDEX)
 
     def gather(self, ids: np.ndarray, keys: bool, values: bool) -> tuple[np.ndarray, np.ndarray]:
         """ids (B, k) -> keys (B, k, d) and values (B, k, dv), float16 as stored; (B, k, 0) for what is not

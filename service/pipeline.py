@@ -61,7 +61,7 @@ class Pipeline:
         directory = settings.artifacts
         self.manifest = A.read_manifest(directory)
         if settings.verify_checksums:
-            A.verify_files(directory, self.manifest)
+            A.verify_files(directory, self.manifest, full=self.settings.verify_full)
         m = self.manifest
         self.spec = InputSpec.from_dict(m.encoder.input)
         self.k = m.index.k
@@ -117,7 +117,9 @@ class Pipeline:
 
     def warmup(self) -> None:
         """One image decoded and one full batch through encode, search and head, so that the first request
-        pays no first-call costs (image plugin loading, onnxruntime's first run)."""
+        pays no first-call costs (image plugin loading, onnxruntime's first run, cold memory pages)."""
+        if self.settings.prefault:
+            self.memory.prefault()
         png = io.BytesIO()
         Image.new("L", (28, 28)).save(png, "PNG")
         pixels = decode(png.getvalue(), self.spec, self.settings.max_pixels)

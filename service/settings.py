@@ -14,7 +14,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RAC_", frozen=True)
 
     artifacts: Path = Path("artifacts/demo")
-    verify_checksums: bool = True  # hash every artifact file at start-up against the manifest
+    verify_checksums: bool = True  # check artifact files at start-up against the manifest
+    # Hash every byte even of files with chunk digests (a 10M-item memory: minutes); else sizes + sampled chunks.
+    verify_full: bool = False
+    prefault: bool = True  # read the index, keys and values into memory before turning ready
 
     # Serving (`python -m service`)
     host: str = "127.0.0.1"
