@@ -13,6 +13,7 @@ timed from its first call). Writes the JSON and an SVG plot beside it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -148,6 +149,7 @@ def disk_mb(directory: Path) -> dict[str, float]:
 
 
 def main(source: Path, sizes: list[int], cache: Path, out: Path, requests: int) -> None:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     images = [b for b, _ in zip(pngs(), range(2 * (requests + 32 * max(10, requests // 8))), strict=False)]
     results: dict[str, Any] = {"source": str(source), "cpus": os.cpu_count(), "sizes": {}}
     for size in sizes:

@@ -4,6 +4,7 @@ rac build --out artifacts/demo            rac evaluate --artifacts artifacts/dem
 rac train --artifacts artifacts/demo      rac serve --artifacts artifacts/demo
 rac bench --artifacts artifacts/demo
 rac memory synth --from artifacts/demo --size 1000000 --out .cache/scale/1m
+rac memory shard --from .cache/scale/1m --shards 2 --out .cache/scale/1m-shards
 """
 
 from __future__ import annotations
@@ -167,6 +168,13 @@ def cmd_memory_synth(a: argparse.Namespace) -> None:
     print(f"wrote {a.out}: {m.memory.size} items, index {m.index.type}, recall@{m.index.k} {m.index.recall_at_k}")
 
 
+def cmd_memory_shard(a: argparse.Namespace) -> None:
+    from models.shards import shard
+
+    dirs = shard(a.src, a.out, a.shards)
+    print(f"wrote {len(dirs)} shards of {a.src} to {a.out}")
+
+
 def _memory_args(sub: argparse._SubParsersAction) -> None:
     mem = sub.add_parser("memory", help="memory operations").add_subparsers(dest="memory_verb", required=True)
     sy = mem.add_parser("synth", help="a scale memory for benchmarks: the real items plus synthetic ones")
@@ -180,6 +188,11 @@ def _memory_args(sub: argparse._SubParsersAction) -> None:
     sy.add_argument("--nlist", type=int, default=0, help="IVF lists (0: about sqrt(size))")
     sy.add_argument("--nprobe", type=int, default=0, help="0: the source's")
     sy.set_defaults(func=cmd_memory_synth)
+    sh = mem.add_parser("shard", help="split a memory into shards sharing its trained IVF index")
+    sh.add_argument("--from", dest="src", type=Path, required=True, help="an artifact directory with an IVF index")
+    sh.add_argument("--shards", type=int, required=True)
+    sh.add_argument("--out", type=Path, required=True)
+    sh.set_defaults(func=cmd_memory_shard)
 
 
 def main(argv: list[str] | None = None) -> None:
