@@ -157,7 +157,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
         return
     from loadtests.bench import main as bench
 
-    bench(a.artifacts, a.json or Path("results/bench.json"), a.seconds, a.concurrency)
+    bench(a.artifacts, a.json or Path("results/bench.json"), a.seconds, a.concurrency, a.overload)
 
 
 def cmd_memory_synth(a: argparse.Namespace) -> None:
@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     be.add_argument("--json", type=Path, help="default results/bench.json (--memory: results/memory_scale.json)")
     be.add_argument("--seconds", type=float, default=10.0, help="per HTTP measurement")
     be.add_argument("--concurrency", default="1,4,16")
+    be.add_argument("--overload", default="64,256,1024", help="connections for the overload runs ('' for none)")
     sc = be.add_argument_group("scale memories (--memory): the demo memory grown with synthetic items")
     sc.add_argument("--memory", action="store_true", help="latency, start-up and sizes by memory size")
     sc.add_argument("--sizes", default="100000,1000000,10000000")
