@@ -169,3 +169,26 @@ def test_checksums_sampled_at_start_full_on_request(scale_dir: Path, tmp_path: P
         f.write(b"\0")
     with pytest.raises(A.ArtifactError, match="bytes"):
         A.verify_files(copy, m, full=False)
+
+
+@pytest.mark.slow
+def test_memory_bench_runs_end_to_end(synthetic_artifacts: Path, tmp_path: Path) -> None:
+    """`rac bench --memory` at a tiny size: builds, serves over HTTP, measures, writes the JSON and the plot;
+    a second run reuses the cached memory."""
+    import json
+
+    from loadtests.memory_bench import main
+
+    out = tmp_path / "memory_scale.json"
+    main(synthetic_artifacts, [3000], tmp_path / "cache", out, requests=8)
+    r = json.loads(out.read_text())["sizes"]["3000"]
+    assert r["index"].startswith("IVF") and set(r["disk_mb"]) == {A.INDEX, A.KEYS, A.VALUES, A.ITEMS}
+    assert r["http"]["startup_s"] > 0 and 0 < r["http"]["pss_anon_mb"] < 4000
+    for where, key in (("http", "wall"), ("in_process", "search_gather")):
+        for batch in ("batch1", "batch32"):
+            lat = r[where][batch][key]
+            assert 0 < lat["p50_ms"] <= lat["p99_ms"]
+    assert out.with_suffix(".svg").read_text().startswith("<svg")
+    built = (tmp_path / "cache" / "3000" / A.MANIFEST).stat().st_mtime
+    main(synthetic_artifacts, [3000], tmp_path / "cache", out, requests=2)
+    assert (tmp_path / "cache" / "3000" / A.MANIFEST).stat().st_mtime == built
