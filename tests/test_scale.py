@@ -58,12 +58,12 @@ def test_rerank_ignores_missing_candidates_and_refuses_too_few() -> None:
 
 
 def test_out_of_core_build_equals_one_shot_build(tmp_path: Path) -> None:
-    keys = np.lib.format.open_memmap(tmp_path / "keys.npy", "w+", np.float16, (12_000, 32))
-    keys[:] = unit_keys(12_000, 32, 3)
+    keys = np.lib.format.open_memmap(tmp_path / "keys.npy", "w+", np.float16, (6000, 32))
+    keys[:] = unit_keys(6000, 32, 3)
     keys.flush()
     mapped = np.load(tmp_path / "keys.npy", mmap_mode="r")
-    chunked = build_ivf(mapped, "IVF64,PQ8", chunk=1000)
-    whole = build_ivf(mapped, "IVF64,PQ8", chunk=len(mapped))
+    chunked = build_ivf(mapped, "IVF32,PQ8x4", chunk=1000)
+    whole = build_ivf(mapped, "IVF32,PQ8x4", chunk=len(mapped))
     assert chunked.ntotal == whole.ntotal == len(mapped)
     q = unit_keys(20, 32, 4)
     for index in (chunked, whole):
@@ -192,3 +192,20 @@ def test_memory_bench_runs_end_to_end(synthetic_artifacts: Path, tmp_path: Path)
     built = (tmp_path / "cache" / "3000" / A.MANIFEST).stat().st_mtime
     main(synthetic_artifacts, [3000], tmp_path / "cache", out, requests=2)
     assert (tmp_path / "cache" / "3000" / A.MANIFEST).stat().st_mtime == built
+
+
+def test_opq_memory_searches_and_falls_back_when_probes_find_too_few(synthetic_artifacts: Path, tmp_path: Path) -> None:
+    """An OPQ rotation wraps the IVF index (IndexPreTransform): nprobe still applies, re-ranking still gives
+    exact similarities, and a probe that finds fewer than k items falls back to every list."""
+    out = tmp_path / "opq"
+    synth(synthetic_artifacts, out, SynthConfig(size=6000, pq_above=1, pq_m=8, opq=True, recall_queries=0))
+    assert A.read_manifest(out).index.type.startswith("OPQ8,IVF")
+    memory = Memory(out, nprobe=1)  # one list of about 90 items: fewer than k = 200
+    assert memory.rerank and memory.ivf is not None and memory.ivf.nprobe == 1
+    z = unit_keys(16, memory.dim, 9)
+    sims, ids = memory.search(z, 200)
+    assert (ids >= 0).all() and all(len(set(row)) == 200 for row in ids.tolist())
+    np.testing.assert_allclose(sims, np.einsum("qkd,qd->qk", memory.keys[ids].astype(np.float32), z), atol=1e-6)
+    want_sims, _ = exact_search(memory.keys, z, 1)
+    assert (sims[:, 0] >= want_sims[:, 0] - 1e-6).mean() >= 0.9  # every list probed: the best is found
+    memory.close()
