@@ -127,7 +127,7 @@ def in_process(directory: Path, images: list[bytes], requests: int) -> dict[str,
     out: dict[str, Any] = {"startup_s": round(time.perf_counter() - t, 2)}
     pixels = np.stack([decode(b, pipeline.spec, 10**7) for b in images[: requests + 32 * max(10, requests // 8)]])
     z = pipeline.encoder(pixels)  # (n, d)
-    mem, used = pipeline.memory, 0
+    mem, used = pipeline.version.memory, 0
     for batch in (1, 32):
         search, total = [], []
         for _ in range(requests if batch == 1 else max(10, requests // 8)):
@@ -140,7 +140,7 @@ def in_process(directory: Path, images: list[bytes], requests: int) -> dict[str,
             search.append(1000 * (s - t))
             total.append(1000 * (time.perf_counter() - t))
         out[f"batch{batch}"] = {"search": percentiles(search), "search_gather": percentiles(total)}
-    pipeline.memory.close()
+    pipeline.version.memory.close()
     return out
 
 

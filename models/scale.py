@@ -11,7 +11,6 @@ it came from, and source `synthetic` in the item table.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import logging
 import math
 import shutil
@@ -197,7 +196,7 @@ def synth(src: Path, out: Path, cfg: SynthConfig) -> A.Manifest:
     for name in MEMORY_FILES:
         files[name], chunks[name] = digest_chunks(partial / name)
     seconds["checksums"] = time.perf_counter() - t
-    version = hashlib.blake2b("".join(files[n] for n in MEMORY_FILES).encode(), digest_size=6).hexdigest()
+    version = A.version_id(files)
     sources = dict(source.memory.sources)
     sources["synthetic"] = len(origins)
     build: dict[str, Any] = {
@@ -206,6 +205,7 @@ def synth(src: Path, out: Path, cfg: SynthConfig) -> A.Manifest:
     manifest = source.model_copy(
         update={
             "memory_version": version,
+            "parent_version": source.memory_version,
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "memory": source.memory.model_copy(update={"size": cfg.size, "sources": sources}),
             "index": A.IndexInfo(type=factory, metric="cosine", nprobe=nprobe, recall_at_k=round(recall, 4), k=k),

@@ -18,6 +18,10 @@ class Settings(BaseSettings):
     # Hash every byte even of files with chunk digests (a 10M-item memory: minutes); else sizes + sampled chunks.
     verify_full: bool = False
     prefault: bool = True  # read the index, keys and values into memory before turning ready
+    # A serving root (a `current` link to a version directory): how often each process looks at the link.
+    memory_poll_s: float = 1.0
+    # Bearer token for POST /admin/reload; unset: the admin routes are off (404).
+    admin_token: str | None = None
 
     # Serving (`python -m service`)
     host: str = "127.0.0.1"

@@ -130,10 +130,10 @@ def test_served_search_is_exact_after_reranking(scale_dir: Path) -> None:
 
 def test_scale_memory_serves_and_prefaults(scale_dir: Path) -> None:
     pipeline = Pipeline(Settings(artifacts=scale_dir, max_batch=4), Metrics())
-    pipeline.warmup()  # pre-faults: every page of the values is now mapped in this process
+    pipeline.warmup()  # loading pre-faulted: every page of the values is mapped in this process
     resident = _rss_of(scale_dir / A.VALUES)
     assert resident >= (scale_dir / A.VALUES).stat().st_size // 1024 - 8  # kB
-    assert pipeline.memory.values.shape[0] == SIZE
+    assert pipeline.version.memory.values.shape[0] == SIZE
 
 
 def _rss_of(path: Path) -> int:

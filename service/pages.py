@@ -27,7 +27,7 @@ def ram_bytes() -> int:
     return 0
 
 
-def arrays(*stores: np.ndarray) -> None:
+def touch(*stores: np.ndarray) -> None:
     """Memory-mapped arrays: madvise(MADV_WILLNEED) so the kernel reads ahead, then touch one byte of every
     page so that each page is in the page cache *and* mapped in this process (no fault on the first request).
     A memory bigger than half the machine's RAM only gets the advice: touching it all would evict itself."""
@@ -47,13 +47,3 @@ def arrays(*stores: np.ndarray) -> None:
             int(flat[s : s + BLOCK : PAGE].sum())  # reads one byte a page
         total += flat.nbytes
     log.info("pre-faulted %.1f MB of keys and values in %.1f s", total / 1e6, time.perf_counter() - t)
-
-
-def files(*paths: Path) -> None:
-    """Files another library maps (the FAISS index): read them once, sequentially, into the page cache; its
-    own mapping then takes only minor faults."""
-    buf = bytearray(BLOCK)
-    for path in paths:
-        with path.open("rb", buffering=0) as f:
-            while f.readinto(buf):
-                pass
