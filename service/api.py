@@ -203,6 +203,8 @@ async def info(pipeline: PipelineDep) -> Response:
             "evaluation": m.evaluation,
             "cache": pipeline.cache.store.backend,
             "created": m.created,
+            "supports": {"closed_set": True, "zero_shot": pipeline.zero_shot is not None},
+            "zero_shot": m.zero_shot.model_dump(exclude={"files"}) if m.zero_shot is not None else None,
         }
     )
 

@@ -25,6 +25,7 @@ from service.head import Head
 from service.memory import Item, Memory
 from service.metrics import Metrics
 from service.settings import Settings, cores
+from service.zeroshot import ZeroShot
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class Pipeline:
             else LocalCache(settings.cache_entries)
         )
         self.cache = NeighbourCache(store, settings.cache_ttl_s, metrics)
+        self.zero_shot = ZeroShot.load(self)  # None where the artifacts were built without --zero-shot
 
     def _check(self) -> None:
         m, mem = self.manifest, self.memory
@@ -122,12 +124,18 @@ class Pipeline:
         Image.new("L", (28, 28)).save(png, "PNG")
         pixels = decode(png.getvalue(), self.spec, self.settings.max_pixels)
         self.run_batch([Job(pixels, None, 0)] * min(8, self.settings.max_batch))
+        if self.zero_shot is not None:
+            self.zero_shot.warmup(pixels)
 
     async def start(self) -> None:
         self.batcher.start()
+        if self.zero_shot is not None:
+            await self.zero_shot.start()
 
     async def stop(self) -> None:
         await self.batcher.stop()
+        if self.zero_shot is not None:
+            await self.zero_shot.stop()
         await self.cache.close()
         self.decoder.shutdown(wait=False)
         self.memory.close()
