@@ -31,7 +31,7 @@ class FusionConfig:
     width: int = 64
     heads: int = 4
     ffn: int = 128
-    epochs: int = 3
+    epochs: int = 4
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-4

@@ -57,7 +57,7 @@ class ZeroShotConfig:
     align_lrs: tuple[float, ...] = (1e-3, 1e-2)  # chosen on validation (seen classes), seed 0
     fusion: FusionConfig = field(default_factory=FusionConfig)
     k_sweep: tuple[int, ...] = (1, 10, 30)
-    fusion_pairs: int = 4_000  # training pairs for the fusion modules (a seeded subsample)
+    fusion_pairs: int = 8_000  # training pairs for the fusion modules (a seeded subsample)
     template: str = PROMPT
 
 
@@ -296,6 +296,9 @@ def from_artifacts(artifacts: Path, cache: Path, cfg: ZeroShotConfig) -> ZeroSho
 
 
 def cli_evaluate(artifacts: Path, cache: Path, seeds: str, out: Path) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # small batches: a second thread is slower where the cores are shared
     cfg = ZeroShotConfig(seeds=tuple(int(s) for s in seeds.split(",")))
     result = run(from_artifacts(artifacts, cache, cfg), cfg)
     result["artifacts"] = str(artifacts)

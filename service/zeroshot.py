@@ -125,8 +125,10 @@ class ZeroShot:
         return None if info is None else cls(pipeline, info)
 
     def warmup(self, pixels: np.ndarray) -> None:
-        self.run_batch([ZsJob(pixels, None)] * 2)
-        self.embed_labels(["warm-up"])
+        """TorchScript optimises a module on its first runs: pay that here, not in the first requests."""
+        for n in (1, 2, 1, 2):
+            self.run_batch([ZsJob(pixels, None)] * n)
+            self.embed_labels(["warm-up"] * n)
 
     async def start(self) -> None:
         self.batcher.start()

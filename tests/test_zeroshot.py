@@ -27,7 +27,9 @@ from service.zeroshot import LabelError, check_labels, load_tokenizer
 from tests.conftest import ROOT
 
 
-def synthetic_pairs(seed: int = 0, classes: int = 4, per_class: int = 150, d: int = 16, dt: int = 12):
+def synthetic_pairs(
+    seed: int = 0, classes: int = 4, per_class: int = 150, d: int = 16, dt: int = 12
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Images around a centroid per class; texts: 3 templates per class, each a random frozen embedding
     near its class's; 20% of texts name a wrong class (noisy alt-text)."""
     rng = np.random.default_rng(seed)
@@ -209,7 +211,8 @@ def test_zero_shot_refuses_bad_input_with_4xx(zs_server: str) -> None:
         r = ask(zs_server, image, labels, **data)
         assert r.status_code == status, (labels[:2], r.text)
         assert r.json()["detail"]
-    assert ask(zs_server, b"not an image", ["cat"]).status_code == 400
+    assert ask(zs_server, b"not an image", ["cat"]).status_code == 415
+    assert ask(zs_server, image[: len(image) // 2], ["cat"]).status_code == 400  # truncated PNG
     r = httpx.post(f"{zs_server}/classify/zero-shot", files=[("labels", (None, b"cat"))])
     assert r.status_code == 422 and "image" in r.json()["detail"]
     r = httpx.post(f"{zs_server}/classify/zero-shot", content=png(), headers={"content-type": "image/png"})
