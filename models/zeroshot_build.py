@@ -122,8 +122,13 @@ def build_zero_shot(prep: Prepared, memory: Memory, out: Path, cfg: ZeroShotConf
     val, test = ((prep.emb[p.pool][p.index], prep.dataset.labels(p)) for p in (s.val, s.test))
     classes = prep.dataset.classes
     data = prepare_data(classes, memory.items, memory.keys, memory.index, val, test, TextEncoder(), cfg)
-    proj = align(data, cfg.align)
-    reco = fit_reco(data, proj, cfg.fusion)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small batches: a second thread is slower where the cores are shared
+    try:
+        proj = align(data, cfg.align)
+        reco = fit_reco(data, proj, cfg.fusion)
+    finally:
+        torch.set_num_threads(threads)
     evaluation = {"dual encoder": score(data, proj, None, 0), "reco": score(data, proj, reco, k)}
     log.info("zero-shot test top-1: %s", evaluation)
     assert reco.image is not None and reco.text is not None

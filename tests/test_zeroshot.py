@@ -27,6 +27,15 @@ from service.zeroshot import LabelError, check_labels, load_tokenizer
 from tests.conftest import ROOT
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny batches: a second thread only spins where the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def synthetic_pairs(
     seed: int = 0, classes: int = 4, per_class: int = 150, d: int = 16, dt: int = 12
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
