@@ -3,6 +3,7 @@
 rac build --out artifacts/demo            rac evaluate --artifacts artifacts/demo
 rac train --artifacts artifacts/demo      rac serve --artifacts artifacts/demo
 rac bench --artifacts artifacts/demo
+rac memory add|remove|publish|list        (memory versions: see models/memory_ops.py)
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from service.artifacts import ArtifactError
 
 if TYPE_CHECKING:  # light at import: the CLI loads each verb's modules only when it runs
     from models.build import BuildConfig
@@ -34,6 +37,10 @@ def _head_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--tau", type=float, default=1.0, help="logit adjustment strength")
     g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--balanced", action="store_true", help="class-balanced query sampling")
+    g.add_argument(
+        "--attn-supervision", type=float, default=0.0, help="weight of the attention-supervision loss (0: off)"
+    )
 
 
 def _head_config(a: argparse.Namespace) -> tuple[HeadConfig, TrainConfig]:
@@ -41,7 +48,14 @@ def _head_config(a: argparse.Namespace) -> tuple[HeadConfig, TrainConfig]:
     from models.train import TrainConfig
 
     head = HeadConfig(kind=a.head, layers=a.layers, attention=a.attention, temperature_scale=a.temperature_scale)
-    train = TrainConfig(epochs=a.epochs, lr=a.lr, tau=a.tau, label_smoothing=a.label_smoothing)
+    train = TrainConfig(
+        epochs=a.epochs,
+        lr=a.lr,
+        tau=a.tau,
+        label_smoothing=a.label_smoothing,
+        balanced=a.balanced,
+        attn_supervision=a.attn_supervision,
+    )
     return head, train
 
 
@@ -93,6 +107,13 @@ def _context(a: argparse.Namespace, k_max: int) -> tuple[BuildConfig, Prepared, 
 
     manifest = A.read_manifest(a.artifacts)
     cfg = config_from_manifest(manifest, a.artifacts, a.cache)
+    # Another long-tail draw of the same data (a second split guards against choices fitted to one).
+    data = replace(
+        cfg.data,
+        seed=cfg.data.seed if a.data_seed is None else a.data_seed,
+        ratio=cfg.data.ratio if a.ratio is None else a.ratio,
+    )
+    cfg = replace(cfg, data=data)
     prep = prepare(cfg, a.artifacts / A.ENCODER, exported=manifest.encoder)
     return cfg, prep, build_memory(cfg, prep, max(k_max, cfg.k))
 
@@ -106,8 +127,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     from models.evaluate import EvalConfig, markdown, run_all
 
     a.json = a.json or Path("results/evaluation.json")
-
-    cfg = EvalConfig(seeds=tuple(int(s) for s in a.seeds.split(",")))
+    cfg = EvalConfig(seeds=tuple(int(s) for s in a.seeds.split(",")), heads=a.heads)
     _, prep, memory = _context(a, max(cfg.k_sweep))
     results = run_all(prep, memory, cfg, a.only, a.cache, a.json)
     print(markdown(results))
@@ -139,7 +159,56 @@ def cmd_serve(a: argparse.Namespace) -> None:
 def cmd_bench(a: argparse.Namespace) -> None:
     from loadtests.bench import main as bench
 
-    bench(a.artifacts, a.json, a.seconds, a.concurrency)
+    bench(a.artifacts, a.json, a.seconds, a.concurrency, a.overload)
+
+
+def cmd_memory(a: argparse.Namespace) -> None:
+    """rac memory add|remove|publish|list: memory versions (models/memory_ops.py)."""
+    from models import memory_ops as ops
+
+    if a.op == "add":
+        m = ops.add(a.source_dir, a.list, a.out, a.root, a.item_source, a.retrain_index)
+    elif a.op == "remove":
+        m = ops.remove(a.source_dir, a.ids, a.out)
+    elif a.op == "publish":
+        target = ops.publish(a.version_dir, a.root)
+        print(f"published {target} as {a.root / 'current'}")
+        return
+    else:
+        rows = ops.list_versions(a.root)
+        if a.json:
+            print(json.dumps(rows, indent=1))
+        for r in rows:
+            mark = "*" if r["current"] else " "
+            print(
+                f"{mark} {r['name']:<24} {r['memory_version']}  parent {r['parent_version'] or '-':<12}  "
+                f"{r['items']:>9} items  {r['memory_mb']:>8} MB  {r['created']}  {r['sources']}"
+            )
+        return
+    print(f"wrote {a.out}: memory version {m.memory_version} (parent {m.parent_version}), {m.memory.size} items")
+
+
+def _memory_args(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    mem = sub.add_parser("memory", help="memory versions: add, remove, publish, list")
+    ops = mem.add_subparsers(dest="op", required=True)
+    ad = ops.add_parser("add", help="a new version with the items of a list file added")
+    ad.add_argument("--from", dest="source_dir", type=Path, required=True, help="the version to add to")
+    ad.add_argument("--list", type=Path, required=True, help="'relative/path.png label[<TAB>text]' per line")
+    ad.add_argument("--root", type=Path, help="the folder the list's paths are relative to (default: the list's)")
+    ad.add_argument("--out", type=Path, required=True, help="the new version directory")
+    ad.add_argument("--source", dest="item_source", default="external", help="the items' source column")
+    ad.add_argument("--retrain-index", action="store_true", help="re-cluster the IVF lists over every key")
+    rm = ops.add_parser("remove", help="a new version without the listed item ids")
+    rm.add_argument("--from", dest="source_dir", type=Path, required=True)
+    rm.add_argument("--ids", type=Path, required=True, help="item ids of the --from version, whitespace-separated")
+    rm.add_argument("--out", type=Path, required=True)
+    pb = ops.add_parser("publish", help="check a version and switch ROOT/current to it atomically")
+    pb.add_argument("version_dir", type=Path)
+    pb.add_argument("--root", type=Path, required=True)
+    ls = ops.add_parser("list", help="a root's versions, sizes, and which is current")
+    ls.add_argument("--root", type=Path, required=True)
+    ls.add_argument("--json", action="store_true")
+    mem.set_defaults(func=cmd_memory)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,9 +251,12 @@ def main(argv: list[str] | None = None) -> None:
         e.add_argument("--artifacts", type=Path, required=True)
         e.add_argument("--cache", type=Path, default=Path(".cache/rac"))
         e.add_argument("--seeds", default="0,1,2" if name == "evaluate" else "0")
+        e.add_argument("--data-seed", type=int, help="another long-tail draw than the build's (its seed)")
+        e.add_argument("--ratio", type=float, help="another imbalance ratio than the build's")
         e.set_defaults(func=func)
     ev = sub.choices["evaluate"]
     ev.add_argument("--only", default="all", choices=["all", "table", "k", "memory"])
+    ev.add_argument("--heads", default="", help="a regular expression: only the Table 1 rows it matches")
     ev.add_argument("--json", type=Path, help="default results/evaluation.json (zero-shot: results/zero_shot.json)")
     ev.add_argument("--zero-shot", action="store_true", help="the zero-shot table (RECO) instead")
     tr = sub.choices["train"]
@@ -203,10 +275,18 @@ def main(argv: list[str] | None = None) -> None:
     be.add_argument("--json", type=Path, default=Path("results/bench.json"))
     be.add_argument("--seconds", type=float, default=10.0, help="per HTTP measurement")
     be.add_argument("--concurrency", default="1,4,16")
+    be.add_argument("--overload", default="64,256,1024", help="connections for the overload runs ('' for none)")
     be.set_defaults(func=cmd_bench)
 
+    _memory_args(sub)
+
     a = p.parse_args(argv)
-    a.func(a)
+    try:
+        a.func(a)
+    except (ArtifactError, FileExistsError, FileNotFoundError, ValueError) as e:
+        if a.verb != "memory":
+            raise
+        p.exit(2, f"rac memory {a.op}: {e}\n")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ template and memory version (the same store as the neighbour cache: in-process L
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from service import artifacts as A
 from service.batching import Batcher
 from service.cache import CacheUnavailable, Entry, cache_key
 from service.decode import DecodeError, decode
+from service.memory import Memory
 
 if TYPE_CHECKING:
     from service.pipeline import Pipeline
@@ -93,7 +96,9 @@ class ZeroShot:
 
     def __init__(self, pipeline: Pipeline, info: A.ZeroShotInfo):
         self.pipeline, self.info = pipeline, info
-        directory, s = pipeline.settings.artifacts, pipeline.settings
+        # The zero-shot parts index one memory version's items: they serve that version only.
+        self.built_for = pipeline.version
+        directory, s = pipeline.version.directory, pipeline.settings
         if s.verify_checksums:
             for name in A.ZS_FILES:
                 if A.digest(directory / name) != info.files.get(name):
@@ -107,21 +112,25 @@ class ZeroShot:
         self.text_aligned = np.load(directory / A.ZS_TEXT_ALIGNED, mmap_mode="r")  # (N, d) float16
         self.fuse_image = torch.jit.load(str(directory / A.ZS_FUSION_IMAGE), map_location="cpu").eval()
         self.fuse_text = torch.jit.load(str(directory / A.ZS_FUSION_TEXT), map_location="cpu").eval()
-        n = pipeline.memory.size
+        n = self.memory.size
         for what, size in (("text index", self.text_index.ntotal), ("aligned texts", len(self.text_aligned))):
             if size != n:
                 raise A.ArtifactError(f"zero-shot {what} holds {size} items, the memory {n}: rebuild")
-        if info.dim != pipeline.memory.dim or info.k > pipeline.k:
+        if info.dim != self.memory.dim or info.k > pipeline.k:
             raise A.ArtifactError(f"zero-shot parts are {info.dim}-d with k={info.k}: they do not fit this memory")
-        self.version = hashlib.blake2b("".join(sorted(info.files.values())).encode(), digest_size=6).hexdigest()
+        self.parts_id = hashlib.blake2b("".join(sorted(info.files.values())).encode(), digest_size=6).hexdigest()
         self.text_worker = ThreadPoolExecutor(1, thread_name_prefix="zs-text")
         self.batcher: Batcher[ZsJob, ZsOutput] = Batcher(
             self.run_batch, pipeline.admission, s.max_batch, s.max_wait_ms / 1000, pipeline.metrics
         )
 
+    @property
+    def memory(self) -> Memory:
+        return self.built_for.memory
+
     @classmethod
     def load(cls, pipeline: Pipeline) -> ZeroShot | None:
-        info = pipeline.manifest.zero_shot
+        info = pipeline.version.manifest.zero_shot
         return None if info is None else cls(pipeline, info)
 
     def warmup(self, pixels: np.ndarray) -> None:
@@ -142,7 +151,7 @@ class ZeroShot:
     def run_batch(self, jobs: list[ZsJob]) -> list[ZsOutput]:
         started = time.perf_counter()
         p, k = self.pipeline, self.pipeline.k
-        memory = p.memory
+        memory = self.memory
         seconds = {"encode": 0.0, "search": 0.0}
         z = np.empty((len(jobs), memory.dim), np.float32)
         sims = np.empty((len(jobs), k), np.float32)
@@ -183,14 +192,14 @@ class ZeroShot:
         }
         aligned, search = self.tower.run(None, feeds)
         _, pos = self.text_index.search(np.ascontiguousarray(search, dtype=np.float32), self.info.k)
-        images = self.pipeline.memory.gather(self.text_order[pos], True, False)[0]  # (n, k, d) float16
+        images = self.memory.gather(self.text_order[pos], True, False)[0]  # (n, k, d) float16
         with torch.inference_mode():
             refined = self.fuse_text(torch.from_numpy(aligned), torch.from_numpy(images).float())
         return np.asarray(refined.numpy(), np.float32)
 
     def _label_key(self, label: str, template: str) -> str:
         h = hashlib.blake2b(f"{template}\0{label}".encode(), digest_size=16).hexdigest()
-        return f"rac:zs:{self.pipeline.manifest.memory_version}:{self.version}:{h}"
+        return f"rac:zs:{self.built_for.id}:{self.parts_id}:{h}"
 
     async def labels(self, labels: list[str], template: str) -> tuple[np.ndarray, int]:
         """(n, d) refined label embeddings and how many came from the cache."""
@@ -225,9 +234,15 @@ class ZeroShot:
         """The answer's fields; raises DecodeError for a bad image, Overloaded when the server is full."""
         p = self.pipeline
         t0 = time.perf_counter()
+        if p.version is not self.built_for:
+            raise LabelError(
+                404,
+                f"the memory was swapped to version {p.memory_version}, which has no zero-shot parts (they index "
+                f"version {self.built_for.id}): build them for it with `rac build --zero-shot`",
+            )
         if len(data) > p.settings.max_image_bytes:
             raise DecodeError(413, f"image is {len(data)} bytes; the limit is {p.settings.max_image_bytes}")
-        with p.admission.admit(1):
+        with p.admission.admit(1), self._holding():
             label_task = asyncio.ensure_future(self._timed_labels(labels, template))
             try:
                 image, timings = await self._image(data)
@@ -253,6 +268,15 @@ class ZeroShot:
             "timings_ms": {name: round(1000 * s, 3) for name, s in timings.items() if s is not None},
         }
 
+    @contextlib.contextmanager
+    def _holding(self) -> Iterator[None]:
+        """Hold the memory version for the request, so that a swap never closes it under a batch."""
+        self.built_for.acquire()
+        try:
+            yield
+        finally:
+            self.built_for.release()
+
     async def _timed_labels(self, labels: list[str], template: str) -> tuple[tuple[np.ndarray, int], float]:
         t = time.perf_counter()
         result = await self.labels(labels, template)
@@ -260,7 +284,7 @@ class ZeroShot:
 
     async def _image(self, data: bytes) -> tuple[ZsOutput, dict[str, float | None]]:
         p = self.pipeline
-        key = cache_key(data, p.manifest.memory_version)
+        key = cache_key(data, self.built_for.id)
         entry = await p.cache.get(key)
         pixels, decode_s = None, None
         if entry is None:
@@ -285,5 +309,5 @@ class ZeroShot:
 
     def _neighbors(self, entry: Entry, count: int) -> list[dict[str, object]]:
         ids = [int(i) for i in entry.ids[: min(count, self.info.k)]]
-        items = self.pipeline.memory.items(ids)
+        items = self.memory.items(ids)
         return [{"id": i, "text": items[i].text, "similarity": float(s)} for i, s in zip(ids, entry.sims, strict=False)]
