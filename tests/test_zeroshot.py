@@ -242,3 +242,29 @@ def test_artifacts_without_zero_shot_parts_answer_404(zs_artifacts: Path, tmp_pa
         assert r.status_code == 404 and "rac build --zero-shot" in r.json()["detail"]
         assert httpx.get(f"{url}/info").json()["supports"] == {"closed_set": True, "zero_shot": False}
         assert httpx.post(f"{url}/classify", files={"image": ("x.png", png(), "image/png")}).status_code == 200
+
+
+@pytest.mark.slow
+def test_a_swap_to_a_version_without_zero_shot_parts_answers_404(zs_artifacts: Path, tmp_path: Path) -> None:
+    """The zero-shot parts index one memory version's items: a derived version (`rac memory remove`) drops
+    them, and once it is served zero-shot answers 404 while /classify goes on."""
+    from models import memory_ops as ops
+    from tests.conftest import wait_until
+    from tests.test_service import client
+
+    root = tmp_path / "root"
+    ops.publish(zs_artifacts, root)
+    (tmp_path / "ids.txt").write_text("0\n1\n2\n")
+    ops.remove(zs_artifacts, tmp_path / "ids.txt", root / "v2")
+    assert A.read_manifest(root / "v2").zero_shot is None
+    form: list[tuple[str, tuple[str | None, bytes] | tuple[str | None, bytes, str]]] = [
+        ("image", ("x.png", png(), "image/png")),
+        ("labels", (None, b"cat")),
+    ]
+    with client(root, memory_poll_s=0.05, max_wait_ms=20) as c:
+        assert c.post("/classify/zero-shot", files=form).status_code == 200
+        ops.publish(root / "v2", root)
+        wait_until(lambda: c.get("/info").json()["supports"]["zero_shot"] is False, 20, "the swap")
+        r = c.post("/classify/zero-shot", files=form)
+        assert r.status_code == 404 and "swapped" in r.json()["detail"]
+        assert c.post("/classify", files={"image": ("x.png", png(), "image/png")}).status_code == 200
