@@ -182,6 +182,8 @@ def build_zero_shot(cfg: BuildConfig, prep: Prepared, memory: Memory) -> A.ZeroS
     from models.zeroshot_eval import ZeroShotConfig
 
     zcfg = ZeroShotConfig()
+    # k = 30: the best of the k sweep on validation (results/zero_shot.json)
+    zcfg = replace(zcfg, fusion=replace(zcfg.fusion, k=30))
     if cfg.data.quick:  # a few hundred pairs: more passes, still seconds
         zcfg = replace(zcfg, align=replace(zcfg.align, epochs=40, batch_size=128))
         zcfg = replace(zcfg, fusion=replace(zcfg.fusion, epochs=10, batch_size=64))
