@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 
 from service import artifacts as A
-from service import pages, rerank
+from service import paging, rerank
 
 # Ids per `IN (...)` query: under SQLite's smallest default bound on parameters (999), whatever B * k is.
 SQL_CHUNK = 900
@@ -137,7 +137,7 @@ class Memory:
 
     def prefault(self) -> None:
         """Keys and values into the page cache and this process's page tables; the index into the page cache."""
-        pages.touch(self.keys, self.values)
+        paging.touch(self.keys, self.values)
         prefault(self.directory / A.INDEX)
 
     def gather(self, ids: np.ndarray, keys: bool, values: bool) -> tuple[np.ndarray, np.ndarray]:
