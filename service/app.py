@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import api
+from service import api, zeroshot_api
 from service.artifacts import ArtifactError
 from service.batching import Overloaded
 from service.intake import UPLOADS, Intake
@@ -107,6 +107,7 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> FastAPI:
     )
     app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
     app.include_router(api.router)
+    app.include_router(zeroshot_api.router)
     api.document(app)
     app.add_middleware(Intake, settings=settings, state=app.state)
     app.add_middleware(RequestMetrics, metrics=metrics)  # added last: outermost, so it counts refusals too
