@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import api
+from service import api, v2_grpc, v2_rest
 from service.artifacts import ArtifactError
 from service.batching import Overloaded
 from service.metrics import Metrics
@@ -63,6 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise
         await pipeline.start()
         app.state.pipeline = pipeline
+        grpc_server = await v2_grpc.start(app.state, settings, metrics)
         warm = asyncio.create_task(_warm_up(app, pipeline))
         m = pipeline.manifest
         log.info(
@@ -79,6 +80,8 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             app.state.ready = False
             warm.cancel()
+            if grpc_server is not None:
+                await grpc_server.stop(grace=5)
             await pipeline.stop()
             metrics.process_exited()
 
@@ -90,6 +93,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
     app.include_router(api.router)
+    app.include_router(v2_rest.router)
     app.add_middleware(RequestMetrics, metrics=metrics)
 
     async def upload_error(_: Request, e: Exception) -> Response:
