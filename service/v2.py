@@ -99,7 +99,7 @@ def serialize_bytes(elements: list[bytes]) -> bytes:
 
 def parse_bytes(raw: bytes | memoryview, what: str) -> list[bytes]:
     """A BYTES tensor's binary form -> its elements; V2Error (400) when the lengths do not add up."""
-    view, out, pos = memoryview(raw), [], 0
+    view, out, pos = memoryview(raw), list[bytes](), 0
     while pos < len(view):
         if pos + 4 > len(view):
             raise V2Error(400, f"{what}: binary BYTES data ends inside an element's 4-byte length")

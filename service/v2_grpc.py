@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import json_format
+from grpc.aio import ServicerContext as Context
 from starlette.datastructures import State
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
@@ -39,10 +41,9 @@ CODES = {
     503: grpc.StatusCode.UNAVAILABLE,
 }
 R = TypeVar("R")
-Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
 
 
-class Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class Servicer(pb_grpc.GRPCInferenceServiceServicer):
     """Reads the pipeline and readiness from the app's state at every call, as the HTTP routes do."""
 
     def __init__(self, state: State, metrics: Metrics) -> None:
@@ -75,43 +76,39 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     def _ready(self) -> bool:
         return bool(getattr(self.state, "ready", False))
 
-    async def ServerLive(self, request: Any, context: Context) -> Any:  # noqa: N802 (the protocol's names)
+    async def ServerLive(self, request: Any, context: Context) -> Any:
         async def call() -> Any:
             return pb.ServerLiveResponse(live=True)
 
         return await self._answer("ServerLive", context, call)
 
-    async def ServerReady(self, request: Any, context: Context) -> Any:  # noqa: N802
+    async def ServerReady(self, request: Any, context: Context) -> Any:
         async def call() -> Any:
             return pb.ServerReadyResponse(ready=self._ready())
 
         return await self._answer("ServerReady", context, call)
 
-    async def ModelReady(self, request: Any, context: Context) -> Any:  # noqa: N802
+    async def ModelReady(self, request: Any, context: Context) -> Any:
         async def call() -> Any:
             v2.check_model(request.name, request.version)
             return pb.ModelReadyResponse(ready=self._ready())
 
         return await self._answer("ModelReady", context, call)
 
-    async def ServerMetadata(self, request: Any, context: Context) -> Any:  # noqa: N802
+    async def ServerMetadata(self, request: Any, context: Context) -> Any:
         async def call() -> Any:
-            return pb.ServerMetadataResponse(**v2.server_metadata())
+            return json_format.ParseDict(v2.server_metadata(), pb.ServerMetadataResponse())
 
         return await self._answer("ServerMetadata", context, call)
 
-    async def ModelMetadata(self, request: Any, context: Context) -> Any:  # noqa: N802
+    async def ModelMetadata(self, request: Any, context: Context) -> Any:
         async def call() -> Any:
             v2.check_model(request.name, request.version)
-            meta = v2.model_metadata(self._pipeline())
-            tensors = {k: [pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta[k]] for k in ("inputs", "outputs")}  # type: ignore[attr-defined]
-            return pb.ModelMetadataResponse(
-                name=meta["name"], versions=meta["versions"], platform=meta["platform"], **tensors
-            )
+            return json_format.ParseDict(v2.model_metadata(self._pipeline()), pb.ModelMetadataResponse())
 
         return await self._answer("ModelMetadata", context, call)
 
-    async def ModelInfer(self, request: Any, context: Context) -> Any:  # noqa: N802
+    async def ModelInfer(self, request: Any, context: Context) -> Any:
         async def call() -> Any:
             v2.check_model(request.model_name, request.model_version)
             pipeline = self._pipeline()
@@ -138,7 +135,9 @@ def parse(request: Any) -> v2.InferRequest:
         if t.datatype == "BYTES":
             elements = v2.parse_bytes(raw[i], f"input '{t.name}'") if raw else list(t.contents.bytes_contents)
         inputs.append(v2.InputTensor(t.name, t.datatype, list(t.shape), elements))
-    parameters = {k: getattr(p, p.WhichOneof("parameter_choice") or "string_param") for k, p in request.parameters.items()}
+    parameters = {
+        k: getattr(p, p.WhichOneof("parameter_choice") or "string_param") for k, p in request.parameters.items()
+    }
     outputs = [o.name for o in request.outputs]
     return v2.InferRequest(request.model_name, request.model_version, inputs, parameters, outputs, request.id)
 

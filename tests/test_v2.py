@@ -24,6 +24,7 @@ from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow
 OUTPUTS = ["PROBABILITIES", "LABELS", "NEIGHBOR_IDS", "NEIGHBOR_SIMILARITIES", "NEIGHBOR_ATTENTION"]
+NEIGHBOR_FIELDS = {"NEIGHBOR_IDS": "id", "NEIGHBOR_SIMILARITIES": "similarity", "NEIGHBOR_ATTENTION": "attention"}
 TOP_K, NEIGHBORS = 3, 5
 
 
@@ -61,12 +62,16 @@ def reference(server: Server) -> dict[str, np.ndarray]:
         )
         assert r.status_code == 200, r.text
         answer = r.json()
-        probs = [0.0] * len(server.classes)
+        probs: list[object] = [0.0] * len(server.classes)
         for p in answer["predictions"]:
             probs[p["index"]] = p["probability"]
         want["PROBABILITIES"].append(probs)
         want["LABELS"].append([p["label"] for p in answer["predictions"][:TOP_K]])
-        for name, key in (("NEIGHBOR_IDS", "id"), ("NEIGHBOR_SIMILARITIES", "similarity"), ("NEIGHBOR_ATTENTION", "attention")):
+        for name, key in (
+            ("NEIGHBOR_IDS", "id"),
+            ("NEIGHBOR_SIMILARITIES", "similarity"),
+            ("NEIGHBOR_ATTENTION", "attention"),
+        ):
             want[name].append([n[key] for n in answer["neighbors"]])
     return {name: np.array(rows) for name, rows in want.items()}
 
@@ -144,7 +149,9 @@ def test_grpc_bytes_contents_and_chosen_outputs(server: Server, reference: dict[
 def test_http_answers_only_the_outputs_asked_for(server: Server, reference: dict[str, np.ndarray]) -> None:
     body = {
         "id": "x1",
-        "inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(server.images[0]).decode()]}],
+        "inputs": [
+            {"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(server.images[0]).decode()]}
+        ],
         "outputs": [{"name": "NEIGHBOR_IDS"}],
         "parameters": {"neighbors": NEIGHBORS},
     }
@@ -201,8 +208,12 @@ def test_an_unknown_model_is_404_in_the_protocols_error_shape(server: Server) ->
     assert e.value.status() == "StatusCode.NOT_FOUND"
 
 
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
 def _image_json(shape: list[int], datatype: str = "BYTES", name: str = "IMAGE", n: int = 2) -> dict[str, object]:
-    data: list[object] = [base64.b64encode(b"x").decode()] * n if datatype == "BYTES" else [0.5] * n
+    data: list[object] = [b64(b"x")] * n if datatype == "BYTES" else [0.5] * n
     return {"inputs": [{"name": name, "datatype": datatype, "shape": shape, "data": data}]}
 
 
@@ -219,7 +230,7 @@ def _image_json(shape: list[int], datatype: str = "BYTES", name: str = "IMAGE", 
         ({"inputs": "IMAGE"}, "list of 'inputs'"),
     ],
 )
-def test_wrong_requests_get_400_in_the_protocols_error_shape(server: Server, body: dict, words: str) -> None:  # type: ignore[type-arg]
+def test_wrong_requests_get_400_in_the_error_shape(server: Server, body: dict[str, object], words: str) -> None:
     r = httpx.post(f"{server.url}/v2/models/rac/infer", json=body, timeout=30)
     assert r.status_code == 400 and words in r.json()["error"], r.text
 
@@ -277,5 +288,8 @@ def test_grpc_reaches_every_process_and_counts_in_the_same_metrics(server: Serve
 
     route = 'rac_requests_total{route="/inference.GRPCInferenceService/ModelInfer",status="200"}'
     assert value(after, route) - value(before, route) == 1
-    images = sum(value(after, f'rac_images_total{{outcome="{o}"}}') - value(before, f'rac_images_total{{outcome="{o}"}}') for o in ("hit", "miss"))
+    images = sum(
+        value(after, f'rac_images_total{{outcome="{o}"}}') - value(before, f'rac_images_total{{outcome="{o}"}}')
+        for o in ("hit", "miss")
+    )
     assert images == 4
