@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,3 +294,16 @@ def test_grpc_reaches_every_process_and_counts_in_the_same_metrics(server: Serve
         for o in ("hit", "miss")
     )
     assert images == 4
+
+
+def test_one_process_does_not_share_a_taken_grpc_port(quick_artifacts: Path) -> None:
+    """Only several processes of one server share the gRPC port; a lone process whose port another program
+    holds (even one that allows sharing) stops at start-up, naming the setting."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        env = {"RAC_GRPC_PORT": str(port), "RAC_WORKERS": "1"}
+        with pytest.raises(RuntimeError, match="RAC_GRPC_PORT"), serving(quick_artifacts, **env):
+            pass
