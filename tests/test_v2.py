@@ -4,6 +4,7 @@ directory, spoken to by the unmodified tritonclient (HTTP and gRPC) and by hand,
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import socket
 from collections.abc import Iterator
@@ -17,11 +18,15 @@ import psutil
 import pytest
 import tritonclient.grpc as tg
 import tritonclient.http as th
+from fastapi.testclient import TestClient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from loadtests.server import free_port, serving
+from service.app import create_app
+from service.settings import Settings
 from tests.conftest import wait_until
+from tests.synthetic import CLASSES, png
 
 pytestmark = pytest.mark.slow
 OUTPUTS = ["PROBABILITIES", "LABELS", "NEIGHBOR_IDS", "NEIGHBOR_SIMILARITIES", "NEIGHBOR_ATTENTION"]
@@ -307,3 +312,35 @@ def test_one_process_does_not_share_a_taken_grpc_port(quick_artifacts: Path) -> 
         env = {"RAC_GRPC_PORT": str(port), "RAC_WORKERS": "1"}
         with pytest.raises(RuntimeError, match="RAC_GRPC_PORT"), serving(quick_artifacts, **env):
             pass
+
+
+def test_overload_and_byte_limits_in_the_protocols_shape(synthetic_artifacts: Path) -> None:
+    """In-process over a synthetic artifact directory: more images than the server admits get 503 /
+    UNAVAILABLE at once, and bodies over the byte limit 413, compressed or not."""
+    port = free_port()
+    limits = {"max_pending": 2, "max_image_bytes": 4000, "max_batch_images": 4}
+    settings = Settings(artifacts=synthetic_artifacts, grpc_port=port, **limits)  # type: ignore[arg-type]
+    with TestClient(create_app(settings)) as c:
+        wait_until(lambda: c.get("/v2/health/ready").status_code == 200, 10, "ready")
+        r = c.post("/v2/models/rac/infer", json=_image_json([3], n=3))
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "overloaded" in r.json()["error"]
+        client = tg.InferenceServerClient(f"127.0.0.1:{port}")
+        tensor = tg.InferInput("IMAGE", [3], "BYTES")
+        tensor.set_data_from_numpy(np.array([png(i) for i in range(3)], dtype=object))
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("rac", [tensor])
+        assert e.value.status() == "StatusCode.UNAVAILABLE" and "overloaded" in e.value.message()
+        assert client.infer("rac", [tensor_of(png(1))]).as_numpy("PROBABILITIES").shape == (1, len(CLASSES))
+        big = json.dumps(_image_json([1], n=1)).encode() + b" " * 100_000
+        r = c.post("/v2/models/rac/infer", content=big)
+        assert r.status_code == 413 and "limit" in r.json()["error"]
+        r = c.post("/v2/models/rac/infer", content=gzip.compress(big), headers={"Content-Encoding": "gzip"})
+        assert r.status_code == 413 and "decompressed" in r.json()["error"]
+        r = c.post("/v2/models/rac/infer", content=big[:100], headers={"Content-Encoding": "br"})
+        assert r.status_code == 415
+
+
+def tensor_of(data: bytes) -> tg.InferInput:
+    tensor = tg.InferInput("IMAGE", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([data], dtype=object))
+    return tensor
