@@ -102,7 +102,7 @@ async def drive(target: str, requests: list[bytes], concurrency: int, seconds: f
         "non_ok": sum(errors.values()),
         **{f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 99)},
         "max_ms": float(ms.max()),
-        "client_cpu_cores": (used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime) / elapsed,
+        "client_cores": (used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime) / elapsed,
     }
 
 
