@@ -14,6 +14,7 @@ A gRPC channel is one connection: a client that wants every process busy opens s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -51,7 +52,8 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _answer(self, method: str, context: Context, call: Callable[[], Awaitable[R]]) -> R:
         """Runs one call, counted in rac_requests_total{route="/inference.GRPCInferenceService/<method>"} with
-        the HTTP status the outcome would have had; a V2Error or overload becomes the protocol's status."""
+        the HTTP status the outcome would have had (499: the client went away); a V2Error or overload becomes
+        the protocol's status."""
         status = 500
         try:
             result = await call()
@@ -63,6 +65,9 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         except Overloaded as e:
             status = 503
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"overloaded, retry shortly: {e}")
+        except asyncio.CancelledError:
+            status = 499  # the client went away (cancelled, or its deadline passed): no server error
+            raise
         finally:
             self.metrics.requests.labels(SERVICE + method, str(status)).inc()
         raise AssertionError("context.abort returned")  # it always raises

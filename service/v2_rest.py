@@ -111,8 +111,26 @@ async def model_ready(request: Request, model_name: str, model_version: str = ""
 # ---------------------------------------------------------------- inference
 
 
-@router.post("/v2/models/{model_name}/infer")
-@router.post("/v2/models/{model_name}/versions/{model_version}/infer")
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "An inference request: JSON, or a JSON header of Inference-Header-Content-Length bytes "
+        "followed by the tensors' binary data",
+        "content": {
+            "application/json": {
+                "example": {
+                    "inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": ["<base64 of a PNG>"]}],
+                    "parameters": {"top_k": 3, "neighbors": 3},
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.post("/v2/models/{model_name}/infer", openapi_extra=INFER_BODY)
+@router.post("/v2/models/{model_name}/versions/{model_version}/infer", openapi_extra=INFER_BODY)
 @protocol_errors
 async def model_infer(request: Request, model_name: str, model_version: str = "") -> Response:
     """Classify the images of input IMAGE (BYTES [B]); JSON or the binary tensor data extension."""
