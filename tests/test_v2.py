@@ -7,6 +7,8 @@ import base64
 import gzip
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,3 +346,19 @@ def tensor_of(data: bytes) -> tg.InferInput:
     tensor = tg.InferInput("IMAGE", [1], "BYTES")
     tensor.set_data_from_numpy(np.array([data], dtype=object))
     return tensor
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_the_readme_client_example_runs(server: Server, quick_artifacts: Path, protocol: str) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Open Inference Protocol", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) == 5
+    code = code.replace("artifacts/demo", str(quick_artifacts))
+    if protocol == "grpc":  # what the example's first comment says to change
+        code = code.replace("tritonclient.http", "tritonclient.grpc").replace("127.0.0.1:8000", server.grpc)
+    code = code.replace("127.0.0.1:8000", server.http)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    labels = (quick_artifacts / "manifest.json").read_text()
+    assert done.stdout.startswith("[[b'") and done.stdout.split("'")[1] in labels
