@@ -97,10 +97,13 @@ def serialize_bytes(elements: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
-def parse_bytes(raw: bytes | memoryview, what: str) -> list[bytes]:
-    """A BYTES tensor's binary form -> its elements; V2Error (400) when the lengths do not add up."""
+def parse_bytes(raw: bytes | memoryview, what: str, limit: int) -> list[bytes]:
+    """A BYTES tensor's binary form -> its elements; V2Error (400) when the lengths do not add up, or past
+    `limit` elements (before the loop spends long on a body of empty elements)."""
     view, out, pos = memoryview(raw), list[bytes](), 0
     while pos < len(view):
+        if len(out) == limit:
+            raise V2Error(400, f"{what}: more than {limit} elements; the limit is {limit} images")
         if pos + 4 > len(view):
             raise V2Error(400, f"{what}: binary BYTES data ends inside an element's 4-byte length")
         (n,) = struct.unpack_from("<I", view, pos)

@@ -117,7 +117,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         async def call() -> Any:
             v2.check_model(request.model_name, request.model_version)
             pipeline = self._pipeline()
-            outputs = await v2.infer(pipeline, parse(request))
+            outputs = await v2.infer(pipeline, parse(request, pipeline.settings.max_batch_images))
             response = pb.ModelInferResponse(model_name=v2.MODEL, model_version=v2.VERSION, id=request.id)
             response.parameters["memory_version"].string_param = pipeline.manifest.memory_version
             for out in outputs:
@@ -128,9 +128,9 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self._answer("ModelInfer", context, call)
 
 
-def parse(request: Any) -> v2.InferRequest:
+def parse(request: Any, limit: int) -> v2.InferRequest:
     """A ModelInferRequest -> the request. An input's data is in raw_input_contents (the same index as the
-    input; what tritonclient sends) or in contents.bytes_contents."""
+    input; what tritonclient sends) or in contents.bytes_contents. At most `limit` elements are read."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise V2Error(400, f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: give one per input")
@@ -138,7 +138,8 @@ def parse(request: Any) -> v2.InferRequest:
     for i, t in enumerate(request.inputs):
         elements: list[bytes] = []
         if t.datatype == "BYTES":
-            elements = v2.parse_bytes(raw[i], f"input '{t.name}'") if raw else list(t.contents.bytes_contents)
+            what = f"input '{t.name}'"
+            elements = v2.parse_bytes(raw[i], what, limit) if raw else list(t.contents.bytes_contents)
         inputs.append(v2.InputTensor(t.name, t.datatype, list(t.shape), elements))
     parameters = {
         k: getattr(p, p.WhichOneof("parameter_choice") or "string_param") for k, p in request.parameters.items()

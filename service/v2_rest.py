@@ -137,7 +137,8 @@ async def model_infer(request: Request, model_name: str, model_version: str = ""
     v2.check_model(model_name, model_version)
     pipeline = _pipeline(request)
     body = await _body(request, pipeline.settings.max_request_bytes)
-    req, binary = parse(body, request.headers.get(HEADER_LENGTH), model_name, model_version)
+    limit = pipeline.settings.max_batch_images
+    req, binary = parse(body, request.headers.get(HEADER_LENGTH), model_name, model_version, limit)
     outputs = await v2.infer(pipeline, req)
     doc: dict[str, object] = {"model_name": v2.MODEL, "model_version": v2.VERSION}
     if req.id:
@@ -195,9 +196,10 @@ async def _body(request: Request, limit: int) -> bytes:
 
 
 def parse(
-    body: bytes, header_length: str | None, model: str, version: str
+    body: bytes, header_length: str | None, model: str, version: str, limit: int
 ) -> tuple[v2.InferRequest, Callable[[str], bool]]:
-    """A request body -> the request, and which outputs to answer in binary."""
+    """A request body -> the request, and which outputs to answer in binary. A BYTES input holding more than
+    `limit` elements is refused before they are all read."""
     view = memoryview(body)
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) > len(body):
@@ -216,14 +218,16 @@ def parse(
     for tensor in doc["inputs"]:
         if not isinstance(tensor, dict):
             raise V2Error(400, "each input must be a JSON object with name, datatype, shape and data")
-        t, used = _input(tensor, binary, used)
+        t, used = _input(tensor, binary, used, limit)
         inputs.append(t)
     if used != len(binary):
         raise V2Error(400, f"{len(binary) - used} bytes of binary data follow the header that no input claims")
     outputs = doc.get("outputs") or []
     parameters = doc.get("parameters") or {}
-    if not isinstance(outputs, list) or not all(isinstance(o, dict) and "name" in o for o in outputs):
-        raise V2Error(400, "'outputs' must be a list of objects with a name")
+    if not isinstance(outputs, list) or not all(
+        isinstance(o, dict) and "name" in o and isinstance(o.get("parameters") or {}, dict) for o in outputs
+    ):
+        raise V2Error(400, "'outputs' must be a list of objects with a name (and parameters an object)")
     if not isinstance(parameters, dict):
         raise V2Error(400, "'parameters' must be a JSON object")
     default = parameters.get("binary_data_output") is True
@@ -232,7 +236,7 @@ def parse(
     return req, lambda name: wanted.get(name, default)
 
 
-def _input(tensor: dict[str, object], binary: memoryview, used: int) -> tuple[v2.InputTensor, int]:
+def _input(tensor: dict[str, object], binary: memoryview, used: int, limit: int) -> tuple[v2.InputTensor, int]:
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
     if not isinstance(name, str) or not isinstance(datatype, str):
         raise V2Error(400, "each input needs a string 'name' and 'datatype'")
@@ -244,27 +248,22 @@ def _input(tensor: dict[str, object], binary: memoryview, used: int) -> tuple[v2
         if isinstance(size, bool) or not isinstance(size, int) or size < 0 or used + size > len(binary):
             raise V2Error(400, f"input '{name}': binary_data_size {size!r}; {len(binary) - used} bytes remain")
         raw = binary[used : used + size]
-        elements = v2.parse_bytes(raw, f"input '{name}'") if datatype == "BYTES" else []
+        elements = v2.parse_bytes(raw, f"input '{name}'", limit) if datatype == "BYTES" else []
         return v2.InputTensor(name, datatype, shape, elements), used + size
     if "data" not in tensor:
         raise V2Error(400, f"input '{name}' has neither 'data' nor a binary_data_size parameter")
-    elements = _base64_elements(name, tensor["data"]) if datatype == "BYTES" else []
+    elements = _base64_elements(name, tensor["data"], limit) if datatype == "BYTES" else []
     return v2.InputTensor(name, datatype, shape, elements), used
 
 
-def _base64_elements(name: str, data: object) -> list[bytes]:
-    flat: list[object] = []
-
-    def walk(x: object) -> None:  # the data may be flat or nested like the shape
-        if isinstance(x, list):
-            for y in x:
-                walk(y)
-        else:
-            flat.append(x)
-
-    walk(data)
+def _base64_elements(name: str, data: object, limit: int) -> list[bytes]:
+    """JSON data of a BYTES input of shape [B]: a flat list of base64 strings."""
+    if not isinstance(data, list):
+        raise V2Error(400, f"input '{name}': 'data' must be a list of base64 strings")
+    if len(data) > limit:
+        raise V2Error(400, f"input '{name}' holds {len(data)} elements; the limit is {limit} images")
     out = []
-    for i, element in enumerate(flat):
+    for i, element in enumerate(data):
         if not isinstance(element, str):
             raise V2Error(400, f"{name}[{i}]: a BYTES element in JSON must be a base64 string")
         try:

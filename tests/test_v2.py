@@ -236,6 +236,9 @@ def _image_json(shape: list[int], datatype: str = "BYTES", name: str = "IMAGE", 
         (_image_json([1], n=1) | {"outputs": [{"name": "LOGITS"}]}, "unknown outputs"),
         ({"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]}, "not base64"),
         ({"inputs": "IMAGE"}, "list of 'inputs'"),
+        ({"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": [["eA=="]]}]}, "base64 string"),
+        (_image_json([1], n=1) | {"outputs": [{"name": "LABELS", "parameters": [1]}]}, "parameters an object"),
+        (_image_json([40], n=40), "holds 40 elements; the limit is 32"),
     ],
 )
 def test_wrong_requests_get_400_in_the_error_shape(server: Server, body: dict[str, object], words: str) -> None:
@@ -255,15 +258,20 @@ def test_wrong_datatype_and_shape_over_grpc(server: Server) -> None:
         assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and words in e.value.message()
 
 
-def test_binary_header_that_does_not_add_up_is_400(server: Server) -> None:
-    head = json.dumps(
-        {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 50}}]}
-    ).encode()
-    body = head + (10).to_bytes(4, "little") + b"short"  # claims 50 bytes, holds 9; and an element cut short
-    r = httpx.post(
-        f"{server.url}/v2/models/rac/infer", content=body, headers={"Inference-Header-Content-Length": str(len(head))}
-    )
+def test_binary_data_that_does_not_add_up_is_400(server: Server) -> None:
+    def post(size: int, data: bytes) -> httpx.Response:
+        tensor = {"name": "IMAGE", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": size}}
+        head = json.dumps({"inputs": [tensor]}).encode()
+        length = {"Inference-Header-Content-Length": str(len(head))}
+        return httpx.post(f"{server.url}/v2/models/rac/infer", content=head + data, headers=length)
+
+    r = post(50, (10).to_bytes(4, "little") + b"short")  # claims 50 bytes, holds 9
     assert r.status_code == 400 and "binary_data_size 50" in r.json()["error"]
+    r = post(9, (10).to_bytes(4, "little") + b"short")  # an element that claims 10 bytes, holds 5
+    assert r.status_code == 400 and "claims 10 bytes" in r.json()["error"]
+    empty = (0).to_bytes(4, "little") * 10_000  # ten thousand empty elements: refused after the 32nd
+    r = post(len(empty), empty)
+    assert r.status_code == 400 and "more than 32 elements" in r.json()["error"]
 
 
 # ---------------------------------------------------------------- the pipeline behind both
