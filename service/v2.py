@@ -186,7 +186,7 @@ async def infer(pipeline: Pipeline, req: InferRequest) -> list[Output]:
     neighbors = _int_parameter(req.parameters, "neighbors", DEFAULT_NEIGHBORS, 0, pipeline.k)
     names = _outputs(req)
     # Every class's probability comes back as a prediction when top_k is the number of classes.
-    results = await pipeline.classify(images, len(classes), neighbors)
+    results = await pipeline.classify(images, len(classes) if "PROBABILITIES" in names else top_k, neighbors)
     bad = [f"{IMAGE}[{i}]: {r.message}" for i, r in enumerate(results) if isinstance(r, DecodeError)]
     if bad:
         raise V2Error(400, "; ".join(bad))
