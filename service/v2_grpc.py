@@ -162,7 +162,10 @@ async def start(state: State, settings: Settings, metrics: Metrics) -> grpc.aio.
     try:
         server.add_insecure_port(address)
     except RuntimeError as e:
-        raise RuntimeError(f"gRPC cannot listen on {address} (RAC_GRPC_PORT; 0 turns gRPC off): {e}") from None
+        raise RuntimeError(
+            f"gRPC cannot listen on {address} (RAC_GRPC_PORT; 0 turns gRPC off; processes of one server share it "
+            f"where RAC_WORKERS gives their number, as `python -m service` sets it): {e}"
+        ) from None
     await server.start()
     log.info("Open Inference Protocol over gRPC on %s", address)
     return server
