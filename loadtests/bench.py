@@ -112,7 +112,7 @@ def wrk(
     header: tuple[str, list[str]] | None = None,  # a header's name, and its value for each body
 ) -> dict[str, Any]:
     data = workdir / f"bodies-{connections}.bin"
-    v2load.write_records(data, bodies, header[1] if header else None)
+    write_bodies(data, bodies, header[1] if header else None)
     script, result = workdir / "bench.lua", workdir / f"wrk-{connections}.json"
     script.write_text(LUA)
     cmd = [
@@ -151,7 +151,7 @@ def v2_grpc(target: str, images: list[bytes], concurrency: int, seconds: float, 
     """ModelInfer, one image a request, from a separate process (loadtests/v2load.py; it reports the CPU it
     used while measuring as client_cores)."""
     requests, out = workdir / f"grpc-{concurrency}.bin", workdir / f"grpc-{concurrency}.json"
-    v2load.write_records(requests, [v2load.grpc_request(png) for png in images])
+    write_bodies(requests, [v2load.grpc_request(png) for png in images])
     cmd = [sys.executable, "-m", "loadtests.v2load", "--target", target, "--requests", str(requests)]
     cmd += ["--concurrency", str(concurrency), "--seconds", str(seconds), "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

@@ -5,7 +5,7 @@
 The driver is its own process (so its CPU is its own, as wrk's is): grpc.aio, `concurrency` callers, each on
 its own connection (a channel with a local subchannel pool: the kernel spreads connections over the server
 processes), sending prepared, already serialised ModelInferRequests in turn (no per-call serialisation), timing
-each call. FILE holds the requests as `<length>\\n<bytes>` records, the format bench.py gives wrk.
+each call. FILE holds the requests as `<length>\\n<bytes>` records (loadtests/overload.py writes and reads them).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import tritonclient.http as th
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import serialize_byte_tensor
 
+from loadtests.overload import read_bodies
+
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -44,24 +46,6 @@ def grpc_request(png: bytes) -> bytes:
     request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1])
     request.raw_input_contents.append(serialize_byte_tensor(np.array([png], dtype=object)).item())
     return bytes(request.SerializeToString())
-
-
-def write_records(path: Path, records: list[bytes], extras: list[str] | None = None) -> None:
-    """`<length>[ <extra>]\\n<bytes>` per record: what bench.py's Lua script and this driver read."""
-    with path.open("wb") as f:
-        for i, record in enumerate(records):
-            extra = f" {extras[i]}" if extras else ""
-            f.write(f"{len(record)}{extra}\n".encode() + record)
-
-
-def read_records(path: Path) -> list[bytes]:
-    data, out, pos = path.read_bytes(), [], 0
-    while pos < len(data):
-        newline = data.index(b"\n", pos)
-        length = int(data[pos:newline].split(b" ")[0])
-        out.append(data[newline + 1 : newline + 1 + length])
-        pos = newline + 1 + length
-    return out
 
 
 async def drive(target: str, requests: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
@@ -114,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
-    stats = asyncio.run(drive(a.target, read_records(a.requests), a.concurrency, a.seconds))
+    stats = asyncio.run(drive(a.target, read_bodies(a.requests), a.concurrency, a.seconds))
     a.out.write_text(json.dumps(stats))
 
 
