@@ -174,8 +174,10 @@ def _outputs(req: InferRequest) -> list[str]:
     return list(dict.fromkeys(req.outputs)) or list(OUTPUTS)
 
 
-async def infer(pipeline: Pipeline, req: InferRequest) -> list[Output]:
-    """Check `req`, classify its images in one pipeline call, and return the outputs it asked for.
+async def infer(pipeline: Pipeline, req: InferRequest) -> tuple[list[Output], str]:
+    """Check `req`, classify its images in one pipeline call, and return the outputs it asked for and the
+    memory version that answered (each image holds one version throughout; a batch that straddles a swap names
+    both, in the order of its images, comma-separated).
 
     Raises V2Error for anything the request got wrong (a bad image fails the whole request, naming the item),
     and lets the pipeline's Overloaded through (the front-ends answer 503 / UNAVAILABLE)."""
@@ -190,7 +192,9 @@ async def infer(pipeline: Pipeline, req: InferRequest) -> list[Output]:
     bad = [f"{IMAGE}[{i}]: {r.message}" for i, r in enumerate(results) if isinstance(r, DecodeError)]
     if bad:
         raise V2Error(400, "; ".join(bad))
-    return [_tensor(name, cast(list[Classification], results), len(classes), top_k) for name in names]
+    answers = cast(list[Classification], results)
+    versions = ",".join(dict.fromkeys(a.memory_version for a in answers))
+    return [_tensor(name, answers, len(classes), top_k) for name in names], versions
 
 
 def _tensor(name: str, results: list[Classification], classes: int, top_k: int) -> Output:

@@ -117,9 +117,9 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         async def call() -> Any:
             v2.check_model(request.model_name, request.model_version)
             pipeline = self._pipeline()
-            outputs = await v2.infer(pipeline, parse(request, pipeline.settings.max_batch_images))
+            outputs, memory_version = await v2.infer(pipeline, parse(request, pipeline.settings.max_batch_images))
             response = pb.ModelInferResponse(model_name=v2.MODEL, model_version=v2.VERSION, id=request.id)
-            response.parameters["memory_version"].string_param = pipeline.manifest.memory_version
+            response.parameters["memory_version"].string_param = memory_version
             for out in outputs:
                 response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
                 response.raw_output_contents.append(out.raw())

@@ -139,11 +139,11 @@ async def model_infer(request: Request, model_name: str, model_version: str = ""
     body = await _body(request, pipeline.settings.max_request_bytes)
     limit = pipeline.settings.max_batch_images
     req, binary = parse(body, request.headers.get(HEADER_LENGTH), model_name, model_version, limit)
-    outputs = await v2.infer(pipeline, req)
+    outputs, memory_version = await v2.infer(pipeline, req)
     doc: dict[str, object] = {"model_name": v2.MODEL, "model_version": v2.VERSION}
     if req.id:
         doc["id"] = req.id
-    doc["parameters"] = {"memory_version": pipeline.manifest.memory_version}
+    doc["parameters"] = {"memory_version": memory_version}
     entries, blobs = [], []
     for out in outputs:
         entry: dict[str, object] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
