@@ -4,6 +4,8 @@ rac build --out artifacts/demo            rac evaluate --artifacts artifacts/dem
 rac train --artifacts artifacts/demo      rac serve --artifacts artifacts/demo
 rac bench --artifacts artifacts/demo
 rac memory add|remove|publish|list        (memory versions: see models/memory_ops.py)
+rac memory synth --from artifacts/demo --size 1000000 --out .cache/scale/1m
+rac memory shard --from .cache/scale/1m --shards 2 --out .cache/scale/1m-shards
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ def cmd_build(a: argparse.Namespace) -> None:
         k=a.k,
         head=head,
         train=replace(train, seed=a.seed),
+        zero_shot=a.zero_shot,
     )
     manifest = build(cfg)
     acc = manifest.evaluation["test"]["accuracy"]
@@ -118,8 +121,14 @@ def _context(a: argparse.Namespace, k_max: int) -> tuple[BuildConfig, Prepared, 
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
+    if a.zero_shot:
+        from models.zeroshot_eval import cli_evaluate
+
+        cli_evaluate(a.artifacts, a.cache, a.seeds, a.json or Path("results/zero_shot.json"))
+        return
     from models.evaluate import EvalConfig, markdown, run_all
 
+    a.json = a.json or Path("results/evaluation.json")
     cfg = EvalConfig(seeds=tuple(int(s) for s in a.seeds.split(",")), heads=a.heads)
     _, prep, memory = _context(a, max(cfg.k_sweep))
     results = run_all(prep, memory, cfg, a.only, a.cache, a.json)
@@ -150,9 +159,50 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
+    if a.memory:
+        from loadtests.memory_bench import main as memory_bench
+
+        sizes = [int(n) for n in a.sizes.split(",")]
+        memory_bench(a.artifacts, sizes, a.scale_cache, a.json or Path("results/memory_scale.json"), a.requests)
+        return
     from loadtests.bench import main as bench
 
-    bench(a.artifacts, a.json, a.seconds, a.concurrency, a.overload)
+    bench(a.artifacts, a.json or Path("results/bench.json"), a.seconds, a.concurrency, a.overload)
+
+
+def cmd_memory_synth(a: argparse.Namespace) -> None:
+    from models.scale import SynthConfig, synth
+
+    cfg = SynthConfig(size=a.size, noise=a.noise, index=a.index, pq_m=a.pq_m, opq=a.opq, nlist=a.nlist, nprobe=a.nprobe)
+    m = synth(a.src, a.out, cfg)
+    print(f"wrote {a.out}: {m.memory.size} items, index {m.index.type}, recall@{m.index.k} {m.index.recall_at_k}")
+
+
+def cmd_memory_shard(a: argparse.Namespace) -> None:
+    from models.shards import shard
+
+    dirs = shard(a.src, a.out, a.shards)
+    print(f"wrote {len(dirs)} shards of {a.src} to {a.out}")
+
+
+def _scale_args(mem: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """rac memory synth | shard: scale memories for benchmarks, and shards (models/scale.py, models/shards.py)."""
+    sy = mem.add_parser("synth", help="a scale memory for benchmarks: the real items plus synthetic ones")
+    sy.add_argument("--from", dest="src", type=Path, required=True, help="an artifact directory")
+    sy.add_argument("--size", type=int, required=True, help="items in all, the real ones included")
+    sy.add_argument("--out", type=Path, required=True)
+    sy.add_argument("--noise", type=float, default=0.5, help="perturbation of the real keys")
+    sy.add_argument("--index", default="auto", help="auto (IVF-Flat below 500k items, IVF-PQ above) or a factory")
+    sy.add_argument("--pq-m", type=int, default=64, help="PQ bytes per item")
+    sy.add_argument("--opq", action="store_true", help="an OPQ rotation before PQ")
+    sy.add_argument("--nlist", type=int, default=0, help="IVF lists (0: about sqrt(size))")
+    sy.add_argument("--nprobe", type=int, default=0, help="0: the source's")
+    sy.set_defaults(func=cmd_memory_synth)
+    sh = mem.add_parser("shard", help="split a memory into shards sharing its trained IVF index")
+    sh.add_argument("--from", dest="src", type=Path, required=True, help="an artifact directory with an IVF index")
+    sh.add_argument("--shards", type=int, required=True)
+    sh.add_argument("--out", type=Path, required=True)
+    sh.set_defaults(func=cmd_memory_shard)
 
 
 def cmd_memory(a: argparse.Namespace) -> None:
@@ -202,6 +252,7 @@ def _memory_args(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     ls.add_argument("--root", type=Path, required=True)
     ls.add_argument("--json", action="store_true")
     mem.set_defaults(func=cmd_memory)
+    _scale_args(ops)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -229,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--values", default="text", choices=["text", "visual"])
     b.add_argument("--noise", type=float, default=0.4)
     b.add_argument("--index", default="auto", help="auto, or a FAISS factory string such as IVF256,Flat")
+    b.add_argument("--zero-shot", action="store_true", help="add the zero-shot parts (aligned text tower, RECO)")
     d = b.add_argument_group("a list-file dataset instead of Fashion-MNIST")
     for name in ("root", "train-list", "val-list", "test-list", "external-list", "classes"):
         d.add_argument(f"--{name}", type=Path)
@@ -249,7 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     ev = sub.choices["evaluate"]
     ev.add_argument("--only", default="all", choices=["all", "table", "k", "memory"])
     ev.add_argument("--heads", default="", help="a regular expression: only the Table 1 rows it matches")
-    ev.add_argument("--json", type=Path, default=Path("results/evaluation.json"))
+    ev.add_argument("--json", type=Path, help="default results/evaluation.json (zero-shot: results/zero_shot.json)")
+    ev.add_argument("--zero-shot", action="store_true", help="the zero-shot table (RECO) instead")
     tr = sub.choices["train"]
     tr.add_argument("--test", action="store_true", help="also print test figures (not for choosing)")
     _head_args(tr)
@@ -263,10 +316,15 @@ def main(argv: list[str] | None = None) -> None:
 
     be = sub.add_parser("bench", help="in-process ceiling, raw encoder, HTTP throughput, cache hits")
     be.add_argument("--artifacts", type=Path, default=Path("artifacts/demo"))
-    be.add_argument("--json", type=Path, default=Path("results/bench.json"))
+    be.add_argument("--json", type=Path, help="default results/bench.json (--memory: results/memory_scale.json)")
     be.add_argument("--seconds", type=float, default=10.0, help="per HTTP measurement")
     be.add_argument("--concurrency", default="1,4,16")
     be.add_argument("--overload", default="64,256,1024", help="connections for the overload runs ('' for none)")
+    sc = be.add_argument_group("scale memories (--memory): the demo memory grown with synthetic items")
+    sc.add_argument("--memory", action="store_true", help="latency, start-up and sizes by memory size")
+    sc.add_argument("--sizes", default="100000,1000000,10000000")
+    sc.add_argument("--scale-cache", type=Path, default=Path(".cache/scale"), help="where scale memories are kept")
+    sc.add_argument("--requests", type=int, default=200, help="batch-1 requests per size (batch 32: an eighth)")
     be.set_defaults(func=cmd_bench)
 
     _memory_args(sub)

@@ -14,7 +14,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RAC_", frozen=True)
 
     artifacts: Path = Path("artifacts/demo")
-    verify_checksums: bool = True  # hash every artifact file at start-up against the manifest
+    verify_checksums: bool = True  # check artifact files at start-up against the manifest
+    # Hash every byte even of files with chunk digests (a 10M-item memory: minutes); else sizes + sampled chunks.
+    verify_full: bool = False
+    prefault: bool = True  # read the index, keys and values into memory before turning ready
     # A serving root (a `current` link to a version directory): how often each process looks at the link.
     memory_poll_s: float = 1.0
     # Bearer token for POST /admin/reload; unset: the admin routes are off (404).
@@ -48,6 +51,11 @@ class Settings(BaseSettings):
     max_image_bytes: int = 8 * 1024 * 1024  # per image; the request limit adds multipart overhead
     max_pixels: int = 40_000_000  # width x height, checked before decoding (decompression bombs)
     max_batch_images: int = 32  # images in one /classify/batch request
+
+    # Zero-shot classification (POST /classify/zero-shot, where the artifacts have zero-shot parts)
+    zero_shot_template: str = "a photo of a {}."  # default prompt; a request may send its own `template`
+    zero_shot_max_labels: int = 64  # candidate labels in one request
+    zero_shot_max_label_chars: int = 100
 
     # Neighbour cache: Redis when a URL is set (REDIS_URL or RAC_REDIS_URL), else in-process LRU
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("RAC_REDIS_URL", "REDIS_URL"))
