@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import api, zeroshot_api
+from service import api, v2_grpc, v2_rest, zeroshot_api
 from service.artifacts import ArtifactError
 from service.batching import Overloaded
 from service.intake import UPLOADS, Intake
@@ -77,6 +77,7 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> FastAPI:
             await pipeline.stop()
             raise
         app.state.pipeline, app.state.ready = pipeline, True
+        grpc_server = await v2_grpc.start(app.state, settings, metrics)
         follower = pipeline.follower
         if follower is not None:  # SIGHUP: look at the serving root's `current` link now
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -96,6 +97,8 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> FastAPI:
             yield
         finally:
             app.state.ready = False
+            if grpc_server is not None:
+                await grpc_server.stop(grace=5)
             await pipeline.stop()
             metrics.process_exited()
 
@@ -108,6 +111,7 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> FastAPI:
     app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
     app.include_router(api.router)
     app.include_router(zeroshot_api.router)
+    app.include_router(v2_rest.router)
     api.document(app)
     app.add_middleware(Intake, settings=settings, state=app.state)
     app.add_middleware(RequestMetrics, metrics=metrics)  # added last: outermost, so it counts refusals too

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     # Serving (`python -m service`)
     host: str = "127.0.0.1"
     port: int = 8000
+    # The Open Inference Protocol's gRPC service (service/v2_grpc.py), in every server process; 0: off.
+    grpc_port: int = 8001
     # Server processes `python -m service` starts, each with its own pipeline; 0: one per core. Processes, not
     # threads, because one process spends much of its time holding the GIL (HTTP, decoding, batching) while
     # its cores wait. The encoder threads of each process share the cores among `workers` (a plain
