@@ -6,7 +6,7 @@ from typing import Annotated
 
 import orjson
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from service.decode import DecodeError
@@ -205,8 +205,3 @@ async def info(pipeline: PipelineDep) -> Response:
             "created": m.created,
         }
     )
-
-
-@router.get("/", include_in_schema=False)
-async def root() -> RedirectResponse:
-    return RedirectResponse("/docs")
