@@ -133,6 +133,7 @@ async function pickExample(ex) {
 // ------------------------------------------------------------------ classify
 
 function useImage(blob, name) {
+  clearTimeout(state.timer); // a pending re-classify of the previous image is superseded
   state.image = blob;
   state.name = name || "image";
   $("again").disabled = false;
@@ -239,8 +240,10 @@ function card(n, top, version, most) {
       n.label ? el("div", { class: "meta names" }, [
         "names ", el("b", { text: n.label }), differs ? el("span", { class: "differs", text: `≠ ${top}` }) : null,
       ]) : null,
-      el("div", { class: "meta", text: `#${n.id} · ${n.source || "memory"}` }),
-      el("div", { class: "num", text: `similarity ${Number(n.similarity).toFixed(3)}` }),
+    ]),
+    el("div", { class: "meta foot" }, [
+      el("span", { text: `#${n.id} · ${n.source || "memory"}` }),
+      el("span", { class: "num", text: `similarity ${Number(n.similarity).toFixed(3)}` }),
     ]),
     attention == null ? null : el("div", { class: "attn", title: `attention weight ${attention}` }, [
       bar(attention / most),
