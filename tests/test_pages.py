@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from models.build import config_from_manifest, load_data
 from models.memory import thumbnail_bytes
 from service import artifacts as A
 from tests.synthetic import CLASSES, item_image, make_artifacts, png
@@ -159,3 +160,16 @@ def test_thumbnail_bytes_keeps_small_images_and_shrinks_big_ones() -> None:
         with Image.open(io.BytesIO(data)) as im:
             assert im.format == "PNG" and im.size == size and im.mode == mode
     assert len(thumbnail_bytes(Image.new("L", (28, 28), 128))) < 200
+
+
+@pytest.mark.slow
+def test_a_build_stores_each_items_thumbnail(quick_artifacts: Path, tmp_path: Path) -> None:
+    """`rac build` writes a thumbnail for every memory item: the item's own image, from its origin."""
+    cfg = config_from_manifest(A.read_manifest(quick_artifacts), quick_artifacts, tmp_path)
+    dataset, _ = load_data(cfg.data)
+    with sqlite3.connect(quick_artifacts / A.ITEMS) as db:
+        stored = db.execute("SELECT id, origin, thumbnail FROM items ORDER BY id").fetchall()
+    assert stored and all(t is not None for _, _, t in stored)
+    for _, origin, thumb in stored[:: max(1, len(stored) // 25)]:
+        pool, index = origin.split("/")
+        assert thumb == thumbnail_bytes(dataset.pools[pool].image(int(index)))
