@@ -72,11 +72,22 @@ def server(quick_artifacts: Path) -> Iterator[str]:
         yield url
 
 
-def open_page(browser: Any, url: str, **context: Any) -> tuple[Any, list[str]]:
-    """A fresh page on `url`, once it shows what is served; with the script errors it raises, if any."""
+def open_page(browser: Any, url: str, starting: int = 0, **context: Any) -> tuple[Any, list[str]]:
+    """A fresh page on `url`, once it shows what is served; with the script errors it raises, if any.
+    starting: answer the page's first `starting` /info requests with the 503 of a service still loading."""
     page = browser.new_context(**context).new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    refused: list[int] = []
+
+    def info(route: Any) -> None:
+        if len(refused) < starting:
+            refused.append(1)
+            route.fulfill(status=503, headers={"Retry-After": "1"}, body='{"detail": "not ready"}')
+        else:
+            route.continue_()
+
+    page.route("**/info", info)
     page.goto(f"{url}/")
     page.wait_for_function("document.querySelectorAll('#examples button').length > 0", timeout=WAIT_MS)
     return page, errors
@@ -185,9 +196,15 @@ def test_errors_are_messages_on_the_page_and_the_keyboard_works(
     assert "503" in error.inner_text() and "busy" in error.inner_text()
     page.unroute("**/classify?*")
 
-    # A memory without thumbnails (the routes answer 404): the neighbours show their text alone.
+    assert errors == []
+    page.context.close()
+
+    # A memory without thumbnails (the routes answer 404): the neighbours show their text alone. A fresh
+    # browser context: the thumbnails seen above are cached for good (immutable) and would never be asked again.
+    page, errors = open_page(browser, server, viewport={"width": 1024, "height": 800})
     page.route("**/items/*/thumbnail*", lambda r: r.fulfill(status=404, body='{"detail": "no thumbnail"}'))
-    page.fill("#neighbors", "4")  # a new request, after a short debounce
+    page.fill("#neighbors", "4")
+    page.click("#examples li:nth-child(1) button")
     page.wait_for_function("document.querySelectorAll('#neighbor-grid .no-thumb').length === 4", timeout=WAIT_MS)
     assert page.locator("#neighbor-grid .card .text").count() == 4 and page.is_hidden("#error")
     assert errors == []
@@ -196,7 +213,8 @@ def test_errors_are_messages_on_the_page_and_the_keyboard_works(
 
 def test_a_phone_sized_screen_has_no_horizontal_overflow(browser: Any, server: str, quick_artifacts: Path) -> None:
     phone = {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 2, "is_mobile": True, "has_touch": True}
-    page, errors = open_page(browser, server, **phone)
+    page, errors = open_page(browser, server, starting=2, **phone)  # opened while the service was starting
+    assert A.read_manifest(quick_artifacts).memory_version in page.inner_text("#served")
     ex = example(quick_artifacts, EXAMPLE)
     page.click(f"#examples li:nth-child({EXAMPLE + 1}) button")
     page.wait_for_function(THUMBS_LOADED, arg=12, timeout=WAIT_MS)  # the page's default neighbour count

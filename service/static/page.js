@@ -69,9 +69,15 @@ async function refusal(response) {
 
 // ------------------------------------------------------------------ what is served
 
-async function loadInfo() {
+async function loadInfo(tries = 60) {
   try {
     const response = await fetch("/info");
+    if (response.status === 503 && tries > 0) {
+      // Still loading the artifacts: the page is up before the pipeline is; ask again shortly.
+      $("served").textContent = "the service is starting…";
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      return loadInfo(tries - 1);
+    }
     if (!response.ok) throw new Error(await refusal(response));
     const info = await response.json();
     state.info = info;
