@@ -191,7 +191,7 @@ def _build(cfg: BuildConfig) -> A.Manifest:
     classes = prep.dataset.classes
     # A quick build has about a hundred training queries: small batches, more epochs, still seconds.
     tcfg = replace(cfg.train, batch_size=16, epochs=max(cfg.train.epochs, 30)) if cfg.data.quick else cfg.train
-    head = train_head(cfg.head, tcfg, train, tensors, k, len(classes))
+    head = train_head(cfg.head, tcfg, train, tensors, k, len(classes), item_labels=memory.items.label)
     counts = np.bincount(train.labels, minlength=len(classes))
     buckets = class_buckets(counts)
     evaluation = {

@@ -34,6 +34,10 @@ def _head_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--tau", type=float, default=1.0, help="logit adjustment strength")
     g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--balanced", action="store_true", help="class-balanced query sampling")
+    g.add_argument(
+        "--attn-supervision", type=float, default=0.0, help="weight of the attention-supervision loss (0: off)"
+    )
 
 
 def _head_config(a: argparse.Namespace) -> tuple[HeadConfig, TrainConfig]:
@@ -41,7 +45,14 @@ def _head_config(a: argparse.Namespace) -> tuple[HeadConfig, TrainConfig]:
     from models.train import TrainConfig
 
     head = HeadConfig(kind=a.head, layers=a.layers, attention=a.attention, temperature_scale=a.temperature_scale)
-    train = TrainConfig(epochs=a.epochs, lr=a.lr, tau=a.tau, label_smoothing=a.label_smoothing)
+    train = TrainConfig(
+        epochs=a.epochs,
+        lr=a.lr,
+        tau=a.tau,
+        label_smoothing=a.label_smoothing,
+        balanced=a.balanced,
+        attn_supervision=a.attn_supervision,
+    )
     return head, train
 
 
@@ -92,6 +103,13 @@ def _context(a: argparse.Namespace, k_max: int) -> tuple[BuildConfig, Prepared, 
 
     manifest = A.read_manifest(a.artifacts)
     cfg = config_from_manifest(manifest, a.artifacts, a.cache)
+    # Another long-tail draw of the same data (a second split guards against choices fitted to one).
+    data = replace(
+        cfg.data,
+        seed=cfg.data.seed if a.data_seed is None else a.data_seed,
+        ratio=cfg.data.ratio if a.ratio is None else a.ratio,
+    )
+    cfg = replace(cfg, data=data)
     prep = prepare(cfg, a.artifacts / A.ENCODER, exported=manifest.encoder)
     return cfg, prep, build_memory(cfg, prep, max(k_max, cfg.k))
 
@@ -99,7 +117,7 @@ def _context(a: argparse.Namespace, k_max: int) -> tuple[BuildConfig, Prepared, 
 def cmd_evaluate(a: argparse.Namespace) -> None:
     from models.evaluate import EvalConfig, markdown, run_all
 
-    cfg = EvalConfig(seeds=tuple(int(s) for s in a.seeds.split(",")))
+    cfg = EvalConfig(seeds=tuple(int(s) for s in a.seeds.split(",")), heads=a.heads)
     _, prep, memory = _context(a, max(cfg.k_sweep))
     results = run_all(prep, memory, cfg, a.only, a.cache, a.json)
     print(markdown(results))
@@ -173,9 +191,12 @@ def main(argv: list[str] | None = None) -> None:
         e.add_argument("--artifacts", type=Path, required=True)
         e.add_argument("--cache", type=Path, default=Path(".cache/rac"))
         e.add_argument("--seeds", default="0,1,2" if name == "evaluate" else "0")
+        e.add_argument("--data-seed", type=int, help="another long-tail draw than the build's (its seed)")
+        e.add_argument("--ratio", type=float, help="another imbalance ratio than the build's")
         e.set_defaults(func=func)
     ev = sub.choices["evaluate"]
     ev.add_argument("--only", default="all", choices=["all", "table", "k", "memory"])
+    ev.add_argument("--heads", default="", help="a regular expression: only the Table 1 rows it matches")
     ev.add_argument("--json", type=Path, default=Path("results/evaluation.json"))
     tr = sub.choices["train"]
     tr.add_argument("--test", action="store_true", help="also print test figures (not for choosing)")

@@ -25,6 +25,12 @@ class TrainConfig:
     # 0 by default: with 10 classes, smoothing 0.1 caps the margin a head can reach (about 4.5 nats) below
     # the prior gap it must overcome at ratio 1000 (log 1000 = 6.9 nats), collapsing many-shot accuracy.
     label_smoothing: float = 0.0
+    # Class-balanced query sampling: each epoch draws as many queries as there are, each with probability
+    # proportional to 1 / (its class's count), with replacement, so every class is seen about equally often.
+    balanced: bool = False
+    # Attention supervision (training only): weight of a cross-entropy between each layer's attention and
+    # the normalised indicator of the neighbours whose text names the query's class. 0 turns it off.
+    attn_supervision: float = 0.0
     seed: int = 0
 
     def to_dict(self) -> dict[str, object]:
@@ -52,6 +58,35 @@ class MemoryTensors:
         return z, sims, torch.from_numpy(keys), torch.from_numpy(values)  # (b, k, d), (b, k, dv)
 
 
+def balanced_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One epoch of query rows drawn with probability 1 / count of their class (with replacement): every
+    class is drawn about len(labels) / C times, whatever the long tail."""
+    counts = np.bincount(labels)
+    p = 1.0 / counts[labels]
+    return rng.choice(len(labels), size=len(labels), replace=True, p=p / p.sum())
+
+
+def attention_target(ids: np.ndarray, item_labels: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What attention supervision pulls each query's attention towards: ids (b, k) neighbour ids,
+    item_labels (M,) the class each memory item's text names, labels (b,) the query's class.
+
+    Returns target (b, k) float32, the indicator of same-class neighbours normalised to sum 1, and valid (b,)
+    bool: queries with no such neighbour have no target and are skipped."""
+    same = (item_labels[ids] == labels[:, None]).astype(np.float32)  # (b, k)
+    n = same.sum(1)
+    valid = n > 0
+    return same / np.maximum(n, 1)[:, None], valid
+
+
+def supervision_loss(attn: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy between each layer's attention (b, L, k) and the target (b, k), over valid queries,
+    averaged over layers and queries."""
+    if attn.shape[1] == 0 or not bool(valid.any()):
+        return attn.sum() * 0.0
+    log_a = torch.log(attn[valid].clamp_min(1e-8))  # (v, L, k)
+    return -(target[valid][:, None, :] * log_a).sum(-1).mean()
+
+
 def train_head(
     cfg: HeadConfig,
     tcfg: TrainConfig,
@@ -60,7 +95,11 @@ def train_head(
     k: int,
     num_classes: int,
     progress: bool = True,
+    item_labels: np.ndarray | None = None,
 ) -> Head:
+    """item_labels (M,): the class each memory item's text names; needed for attention supervision."""
+    if tcfg.attn_supervision > 0 and item_labels is None:
+        raise ValueError("attention supervision needs the memory items' labels")
     torch.manual_seed(tcfg.seed)
     rng = np.random.default_rng(tcfg.seed)
     head = Head(cfg, train.z.shape[1], memory.values.shape[1], num_classes)
@@ -82,11 +121,15 @@ def train_head(
     head.train()
     bar = tqdm(total=total, desc=f"train {cfg.kind}", unit="step", leave=False, disable=None if progress else True)
     for _ in range(tcfg.epochs):
-        order = rng.permutation(len(train.labels))
+        order = balanced_order(train.labels, rng) if tcfg.balanced else rng.permutation(len(train.labels))
         for s in range(0, len(order), tcfg.batch_size):
             rows = order[s : s + tcfg.batch_size]
-            logits, _ = head(*memory.batch(train, rows, k, head))
+            logits, attn = head(*memory.batch(train, rows, k, head))  # (b, C), (b, L, k)
             loss = loss_fn(logits + tcfg.tau * log_prior, labels[rows])
+            if tcfg.attn_supervision > 0 and item_labels is not None:
+                target, valid = attention_target(train.ids[rows, :k], item_labels, train.labels[rows])
+                sup = supervision_loss(attn, torch.from_numpy(target), torch.from_numpy(valid))
+                loss = loss + tcfg.attn_supervision * sup
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
