@@ -148,5 +148,5 @@ async def thumbnail(
         return error(404, f"no memory item {parsed} (memory version {version})")
     data = memory.thumbnail(parsed)
     if data is None:
-        return error(404, f"memory item {parsed} has no thumbnail: this memory was built without them")
+        return error(404, f"memory item {parsed} has no thumbnail: its memory was built or extended without one")
     return _cached(request, data, "image/png", f'"{version}-{parsed}"', IMMUTABLE if v else REVALIDATE)

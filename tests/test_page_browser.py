@@ -205,8 +205,9 @@ def test_errors_are_messages_on_the_page_and_the_keyboard_works(
     page.route("**/items/*/thumbnail*", lambda r: r.fulfill(status=404, body='{"detail": "no thumbnail"}'))
     page.fill("#neighbors", "4")
     page.click("#examples li:nth-child(1) button")
-    page.wait_for_function("document.querySelectorAll('#neighbor-grid .no-thumb').length === 4", timeout=WAIT_MS)
-    assert page.locator("#neighbor-grid .card .text").count() == 4 and page.is_hidden("#error")
+    page.wait_for_function("document.querySelectorAll('#neighbor-grid .text-only').length === 4", timeout=WAIT_MS)
+    assert page.locator("#neighbor-grid .card .text").count() == 4 and page.locator("#neighbor-grid img").count() == 0
+    assert page.is_hidden("#error")
     assert errors == []
     page.context.close()
 

@@ -236,10 +236,8 @@ function card(n, top, version, most) {
     width: "64",
     height: "64",
   });
-  // A memory built without thumbnails answers 404: show the text alone.
-  img.addEventListener("error", () => img.replaceWith(el("div", { class: "no-thumb", text: "no image" })));
   const attention = n.attention;
-  return el("li", { class: differs ? "card other" : "card", "data-id": String(n.id) }, [
+  const item = el("li", { class: differs ? "card other" : "card", "data-id": String(n.id) }, [
     img,
     el("div", {}, [
       el("div", { class: "text", text: `“${n.text}”` }),
@@ -256,6 +254,12 @@ function card(n, top, version, most) {
       el("span", { class: "num", text: `attention ${attention.toFixed(3)}` }),
     ]),
   ]);
+  // A memory built without thumbnails answers 404: the card shows the text alone.
+  img.addEventListener("error", () => {
+    img.remove();
+    item.classList.add("text-only");
+  });
+  return item;
 }
 
 // ------------------------------------------------------------------ input: file, drop, controls
