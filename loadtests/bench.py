@@ -2,11 +2,15 @@
 
     rac bench --artifacts artifacts/demo --json results/bench.json
 
-1. in-process ceiling: decode + encode + search + head over distinct images, in batches of max_batch, no HTTP
+1. in-process ceiling: decode + encode + search + head over distinct images, in batches of max_batch, no HTTP,
+   in the server's own layout (its processes and encoder threads per process: loadtests/ceiling.py), and
+   the older one-process figure beside it
 2. the raw encoder alone in onnxruntime, batch 1 to 64
 3. HTTP throughput and p50/p99 latency at several concurrencies, every request a new image (cache misses),
-   driven by wrk (one thread, a Lua script cycling through prepared multipart bodies)
+   driven by wrk (one thread, a Lua script cycling through prepared multipart bodies), with the CPU wrk used
 4. cache-hit latency: one image, over and over, one connection
+5. overload: 64 to 1024 connections of distinct images (loadtests/overload.py): successful and refused
+   requests per second, latency of each kind apart, /readyz latency meanwhile, cache errors, server memory
 """
 
 from __future__ import annotations
@@ -15,22 +19,23 @@ import itertools
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
-from loadtests import multipart
+from loadtests import ceiling, multipart
 from loadtests.images import pngs
+from loadtests.overload import write_bodies
 from loadtests.server import scrape, serving
 from service import artifacts as A
-from service.decode import decode
-from service.metrics import Metrics
-from service.pipeline import Job, Pipeline
 from service.settings import Settings
 
 LUA = r"""
@@ -66,16 +71,10 @@ end
 """
 
 
-def in_process(settings: Settings, images: list[bytes]) -> dict[str, Any]:
-    pipeline = Pipeline(settings, Metrics())
-    pipeline.warmup()
-    b = settings.max_batch
-    t = time.perf_counter()
-    for s in range(0, len(images), b):
-        jobs = [Job(decode(data, pipeline.spec, settings.max_pixels), None, 0) for data in images[s : s + b]]
-        pipeline.run_batch(jobs)
-    seconds = time.perf_counter() - t
-    return {"images": len(images), "batch": b, "img_per_s": len(images) / seconds}
+def children_cpu() -> float:
+    """CPU seconds used by this process's finished children (the load generators)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def raw_encoder(settings: Settings, seconds: float = 2.0) -> dict[str, float]:
@@ -98,9 +97,7 @@ def raw_encoder(settings: Settings, seconds: float = 2.0) -> dict[str, float]:
 
 def wrk(url: str, bodies: list[bytes], connections: int, seconds: float, workdir: Path) -> dict[str, Any]:
     data = workdir / f"bodies-{connections}.bin"
-    with data.open("wb") as f:
-        for body in bodies:
-            f.write(f"{len(body)}\n".encode() + body)
+    write_bodies(data, bodies)
     script, result = workdir / "bench.lua", workdir / f"wrk-{connections}.json"
     script.write_text(LUA)
     cmd = [
@@ -116,6 +113,7 @@ def wrk(url: str, bodies: list[bytes], connections: int, seconds: float, workdir
         "--",
         str(data),
     ]
+    cpu = children_cpu()
     done = subprocess.run(
         cmd,
         capture_output=True,
@@ -126,17 +124,43 @@ def wrk(url: str, bodies: list[bytes], connections: int, seconds: float, workdir
         raise RuntimeError(f"wrk failed: {done.stdout}{done.stderr}")
     stats: dict[str, Any] = json.loads(result.read_text())
     stats["req_per_s"] = stats["requests"] / stats["seconds"]
+    stats["client_cores"] = (children_cpu() - cpu) / stats["seconds"]  # what wrk itself kept busy
     return stats
 
 
-def main(artifacts: Path, out: Path, seconds: float, concurrency: str) -> None:
+def server_processes(url: str) -> list[psutil.Process]:
+    """The processes listening on the server's port (uvicorn's supervisor and its workers)."""
+    port = int(url.rsplit(":", 1)[1])
+    pids = {c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port and c.pid}
+    return [psutil.Process(p) for p in sorted(pids)]
+
+
+def overload(url: str, bodies: list[bytes], connections: int, seconds: float, workdir: Path) -> dict[str, Any]:
+    """One overload level through loadtests/overload.py in its own process; adds the server's cache errors,
+    its resident memory at the end (all its processes) and the generator's own CPU."""
+    data = workdir / f"overload-{connections}.bin"
+    write_bodies(data, bodies)
+    errors = scrape(url).get('rac_cache_total{result="error"}', 0.0)
+    cpu = children_cpu()
+    cmd = [sys.executable, "-m", "loadtests.overload", "--url", url, "--connections", str(connections)]
+    done = subprocess.run([*cmd, "--seconds", str(seconds), "--bodies", str(data)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"overload run failed: {done.stderr}")
+    stats: dict[str, Any] = json.loads(done.stdout)
+    stats["client_cores"] = (children_cpu() - cpu) / stats["seconds"]
+    stats["cache_errors"] = scrape(url).get('rac_cache_total{result="error"}', 0.0) - errors
+    stats["server_rss_mb"] = sum(p.memory_info().rss for p in server_processes(url)) / 2**20
+    return stats
+
+
+def main(artifacts: Path, out: Path, seconds: float, concurrency: str, flood: str = "64,256,1024") -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk (or `make bench`)")
     levels = [int(c) for c in concurrency.split(",")]
-    # The in-process ceiling is one process with every core; the served process count is the server's own.
-    settings = Settings(artifacts=artifacts, workers=1)
+    floods = [int(c) for c in flood.split(",") if c]
+    settings = Settings(artifacts=artifacts)  # the caller's RAC_* settings, as the served process gets them
     print("preparing images ...", flush=True)
-    images = list(itertools.islice(pngs(), 60_000))
+    images = list(itertools.islice(pngs(), 60_000 + 40_000 * len(floods)))
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "settings": {
@@ -145,8 +169,10 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str) -> None:
             "workers": Settings().processes,  # the served processes: RAC_WORKERS, else one per core
         },
     }
-    print("in-process ceiling ...", flush=True)
-    results["in_process"] = in_process(settings, images[:4096])
+    print("in-process ceiling, served layout ...", flush=True)
+    results["ceiling"] = {"served_layout": ceiling.served_layout(settings, images[:4096])}
+    print("in-process ceiling, one process ...", flush=True)
+    results["ceiling"]["single_process"] = ceiling.single_process(settings, images[:4096])
     print("raw encoder ...", flush=True)
     results["encoder"] = raw_encoder(settings)
     # The caller's RAC_* settings apply to the served process as they do to the in-process run.
@@ -158,7 +184,7 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str) -> None:
         used = 4096  # the images the in-process run used are never sent: every request is a miss
         for c in levels:
             print(f"HTTP, {c} connections ...", flush=True)
-            share = (len(images) - used) // len(levels)
+            share = (60_000 - used) // len(levels)
             bodies = [multipart.encode([("image", p)]) for p in images[used : used + share]]
             used += share
             results["http"][str(c)] = wrk(url, bodies, c, seconds, Path(tmp))
@@ -167,13 +193,25 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str) -> None:
         results["server_cache"] = {
             key.split("{")[1].rstrip("}"): v for key, v in scrape(url).items() if key.startswith("rac_cache_total{")
         }
+        results["overload"] = {}
+        used = 60_000
+        for c in floods:
+            print(f"overload, {c} connections ...", flush=True)
+            bodies = [multipart.encode([("image", p)]) for p in images[used : used + 40_000]]
+            results["overload"][str(c)] = overload(url, bodies, c, seconds, Path(tmp))
+            used += 40_000
     top = str(max(levels))
-    ceiling = results["in_process"]["img_per_s"]
+    served = results["ceiling"]["served_layout"]["img_per_s"]
+    single = results["ceiling"]["single_process"]["img_per_s"]
     results["ratios"] = {
-        f"http_c{top}_over_in_process": results["http"][top]["req_per_s"] / ceiling,
+        f"http_c{top}_over_served_ceiling": results["http"][top]["req_per_s"] / served,
+        f"http_c{top}_over_single_process_ceiling": results["http"][top]["req_per_s"] / single,
         f"http_c{top}_p99_over_p50": results["http"][top]["p99_ms"] / results["http"][top]["p50_ms"],
-        "in_process_over_encoder_b32": ceiling / results["encoder"]["32"],
+        "served_ceiling_over_encoder_b32": served / results["encoder"]["32"],
     }
+    if len(floods) > 1:
+        low, high = results["overload"][str(min(floods))], results["overload"][str(max(floods))]
+        results["ratios"][f"overload_ok_c{max(floods)}_over_c{min(floods)}"] = high["ok_per_s"] / low["ok_per_s"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(table(results))
@@ -181,19 +219,44 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str) -> None:
 
 
 def table(r: dict[str, Any]) -> str:
+    served, single = r["ceiling"]["served_layout"], r["ceiling"]["single_process"]
     lines = [
-        f"in-process ceiling (decode+encode+search+head, batch {r['in_process']['batch']}): "
-        f"{r['in_process']['img_per_s']:.0f} img/s",
+        f"in-process ceiling (decode+encode+search+head, batch {served['batch']}), served layout "
+        f"({served['processes']} processes x {served['encoder_threads']} encoder threads): "
+        f"{served['img_per_s']:.0f} img/s, {served['cores_busy']:.2f} cores busy; "
+        f"one process: {single['img_per_s']:.0f} img/s, {single['cores_busy']:.2f} cores busy",
         "raw encoder: " + ", ".join(f"b{b} {v:.0f}" for b, v in r["encoder"].items()) + " img/s",
         "",
-        "| concurrency | req/s | p50 ms | p99 ms | non-2xx | vs in-process |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| concurrency | req/s | p50 ms | p99 ms | non-2xx | vs served ceiling | wrk CPU (cores) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c, s in r["http"].items():
-        ratio = s["req_per_s"] / r["in_process"]["img_per_s"]
+        ratio = s["req_per_s"] / served["img_per_s"]
         lines.append(
-            f"| {c} | {s['req_per_s']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['non_2xx']} | {ratio:.2f} |"
+            f"| {c} | {s['req_per_s']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['non_2xx']} | {ratio:.2f} "
+            f"| {s['client_cores']:.2f} |"
         )
     h = r["cache_hit"]
-    lines.append(f"| 1 (cache hit) | {h['req_per_s']:.0f} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} | {h['non_2xx']} | |")
+    lines.append(
+        f"| 1 (cache hit) | {h['req_per_s']:.0f} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} | {h['non_2xx']} | "
+        f"| {h['client_cores']:.2f} |"
+    )
+    if r.get("overload"):
+        lines += [
+            "",
+            "| connections | ok/s | refused/s | ok p50 ms | ok p99 ms | refused p99 ms | /readyz p99 ms "
+            "| other errors | cache errors | server RSS MB | generator CPU |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for c, o in r["overload"].items():
+            other = sum(n for s, n in o["statuses"].items() if s not in ("200", "503"))
+            lines.append(
+                f"| {c} | {o['ok_per_s']:.0f} | {o['refused_per_s']:.0f} | {_ms(o['ok_p50_ms'])} "
+                f"| {_ms(o['ok_p99_ms'])} | {_ms(o['refused_p99_ms'])} | {_ms(o['readyz_p99_ms'])} | {other} "
+                f"| {o['cache_errors']:.0f} | {o['server_rss_mb']:.0f} | {o['client_cores']:.2f} |"
+            )
     return "\n".join(lines)
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"

@@ -11,9 +11,11 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 
@@ -60,6 +62,9 @@ class BuildConfig:
     index: str = "auto"  # or a FAISS factory string
     exact_below: int = 20_000
     target_recall: float = 0.95
+    # Serving nprobe: the smallest power of two up to the recall-chosen one whose validation top-1 (with the
+    # trained head) is within this many points of the recall-chosen one's (README, "Choices").
+    nprobe_tolerance: float = 0.2
     k: int = 100
     head: HeadConfig = field(default_factory=HeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -172,6 +177,41 @@ def build_memory(cfg: BuildConfig, prep: Prepared, k: int) -> Memory:
     )
 
 
+def choose_nprobe(
+    prep: Prepared, memory: Memory, head: Head, tensors: MemoryTensors, k: int, buckets: np.ndarray, tolerance: float
+) -> JSON:
+    """The serving nprobe, chosen on validation with accuracy in view: recall@k against exact search is a
+    proxy; what matters is the head's answer. Every power of two up to the recall-chosen nprobe is measured
+    (recall, validation top-1, search time a query at batch 32 on one thread); the smallest whose top-1 is
+    within `tolerance` points of the recall-chosen one's is kept. Leaves memory.index at that nprobe."""
+    index = memory.index
+    if not isinstance(index, faiss.IndexIVF):
+        return {}
+    val = prep.splits.val
+    z = np.ascontiguousarray(prep.emb[val.pool][val.index])  # (n, d)
+    exact = faiss.IndexFlatIP(memory.keys.shape[1])
+    exact.add(memory.keys)
+    _, truth = exact.search(z, k)
+    top, threads, rows = index.nprobe, faiss.omp_get_max_threads(), {}
+    faiss.omp_set_num_threads(1)
+    try:
+        for nprobe in (2**e for e in range(int(np.log2(top)) + 1)):
+            index.nprobe = nprobe
+            t = time.perf_counter()
+            found = np.concatenate([index.search(z[s : s + 32], k)[1] for s in range(0, len(z), 32)])
+            ms = 1000 * (time.perf_counter() - t) / len(z)
+            recall = float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(found, truth, strict=True)]))
+            acc = evaluate_head(head, retrieve(prep, memory, val, k), tensors, k, buckets, memory.items.true_label)
+            rows[str(nprobe)] = {"recall": recall, "val_top1": acc["accuracy"]["all"], "search_ms": ms}
+    finally:
+        faiss.omp_set_num_threads(threads)
+    best = rows[str(top)]["val_top1"]
+    chosen = min(int(n) for n, r in rows.items() if r["val_top1"] >= best - tolerance)
+    index.nprobe = chosen
+    log.info("nprobe %d (recall-chosen %d): %s", chosen, top, rows)
+    return {"chosen": chosen, "recall_chosen": top, "tolerance": tolerance, "sweep": rows}
+
+
 def _build(cfg: BuildConfig) -> A.Manifest:
     out = cfg.out
     prep = prepare(cfg, out / A.ENCODER)
@@ -194,10 +234,15 @@ def _build(cfg: BuildConfig) -> A.Manifest:
     head = train_head(cfg.head, tcfg, train, tensors, k, len(classes), item_labels=memory.items.label)
     counts = np.bincount(train.labels, minlength=len(classes))
     buckets = class_buckets(counts)
+    sweep = choose_nprobe(prep, memory, head, tensors, k, buckets, cfg.nprobe_tolerance)
+    if sweep:  # the served nprobe changed the neighbours: evaluate what will be served
+        val, test = (retrieve(prep, memory, p, k) for p in (s.val, s.test))
+        memory.recall = sweep["sweep"][str(sweep["chosen"])]["recall"]
     evaluation = {
         split: evaluate_head(head, data, tensors, k, buckets, memory.items.true_label)
         for split, data in (("val", val), ("test", test))
     }
+    evaluation["nprobe"] = sweep
     evaluation["train_counts"] = {c: int(n) for c, n in zip(classes, counts, strict=True)}
     evaluation["buckets"] = {c: str(b) for c, b in zip(classes, buckets, strict=True)}
     log.info("test accuracy: %s", evaluation["test"]["accuracy"])

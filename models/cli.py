@@ -149,7 +149,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
 def cmd_bench(a: argparse.Namespace) -> None:
     from loadtests.bench import main as bench
 
-    bench(a.artifacts, a.json, a.seconds, a.concurrency)
+    bench(a.artifacts, a.json, a.seconds, a.concurrency, a.overload)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     be.add_argument("--json", type=Path, default=Path("results/bench.json"))
     be.add_argument("--seconds", type=float, default=10.0, help="per HTTP measurement")
     be.add_argument("--concurrency", default="1,4,16")
+    be.add_argument("--overload", default="64,256,1024", help="connections for the overload runs ('' for none)")
     be.set_defaults(func=cmd_bench)
 
     a = p.parse_args(argv)

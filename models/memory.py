@@ -149,7 +149,13 @@ def search(
     sims = np.empty((len(queries), k), np.float32)
     ids = np.empty((len(queries), k), np.int64)
     for s in range(0, len(queries), batch):
-        d, i = index.search(np.ascontiguousarray(queries[s : s + batch]), k + extra)
+        q = np.ascontiguousarray(queries[s : s + batch])
+        d, i = index.search(q, k + extra)
+        short = (i < 0).any(1)  # an IVF probe that found too few items pads with -1: search every list, as
+        if short.any() and isinstance(index, faiss.IndexIVF):  # the service does (service/memory.py)
+            every = faiss.SearchParametersIVF()
+            every.nprobe = index.nlist
+            d[short], i[short] = index.search(q[short], k + extra, params=every)
         if exclude is not None:
             drop = i == exclude[s : s + batch, None]  # (b, k+1): at most one True a row
             drop[~drop.any(1), -1] = True  # rows without themselves drop their farthest instead

@@ -139,3 +139,16 @@ def test_short_ivf_probes_fall_back_to_exhaustive_search(tmp_path: Path) -> None
     _sims, ids = memory.search(queries, 60)
     assert (ids >= 0).all()
     assert np.array_equal(ids, exact_topk(keys, queries, 60)[1])
+
+
+def test_search_with_too_few_items_in_the_probed_lists_searches_every_list() -> None:
+    """nprobe 1 over lists smaller than k pads with -1; the offline search, as the served one, then searches
+    every list, so a query never gets -1 neighbours (nor loses rows to the self-exclusion)."""
+    keys = clustered(600, centres=30)
+    index = build_index(keys, "IVF32,Flat")
+    index.nprobe = 1
+    queries = clustered(50, centres=30, seed=1)
+    sims, ids = search(index, queries, 100, exclude=np.full(len(queries), -1))
+    assert (ids >= 0).all()
+    want_sims, _ = exact_topk(keys, queries, 100)
+    np.testing.assert_allclose(sims, want_sims, rtol=1e-5, atol=1e-5)  # every list searched: exact

@@ -1,0 +1,158 @@
+"""Overload: many connections, each sending distinct images back to back, with every answer's status and
+latency recorded, so that the successful requests' latency is not mixed with fast refusals (wrk's
+histogram mixes them). Meanwhile a prober asks /readyz on a fresh connection every 100 ms, as a load
+balancer would.
+
+    python -m loadtests.overload --url http://127.0.0.1:8000 --connections 1024 --seconds 20 --bodies FILE
+
+FILE holds length-prefixed multipart bodies (as `rac bench` writes them). Prints one JSON object.
+The generator is one asyncio process (uvloop): its own CPU time is reported by the caller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+
+from loadtests import multipart
+
+
+def read_bodies(path: Path) -> list[bytes]:
+    data, bodies, pos = path.read_bytes(), [], 0
+    while pos < len(data):
+        nl = data.index(b"\n", pos)
+        n = int(data[pos:nl])
+        bodies.append(data[nl + 1 : nl + 1 + n])
+        pos = nl + 1 + n
+    return bodies
+
+
+def write_bodies(path: Path, bodies: list[bytes]) -> None:
+    with path.open("wb") as f:
+        for body in bodies:
+            f.write(f"{len(body)}\n".encode() + body)
+
+
+async def _response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """Read one HTTP/1.1 response: (status, whether the server closes the connection)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers.get("connection", "").lower() == "close"
+
+
+async def _connection(
+    host: str, port: int, requests: Iterator[bytes], deadline: float, out: list[tuple[int, float]]
+) -> None:
+    """One client connection: a request, its answer, the next; reconnect when the server closes."""
+    writer: asyncio.StreamWriter | None = None
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        try:
+            if writer is None:
+                reader, writer = await asyncio.open_connection(host, port)
+            writer.write(next(requests))
+            status, close = await asyncio.wait_for(_response(reader), max(0.1, deadline + 10 - t))
+        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
+            status, close = 0, True  # a socket error: counted, never retried at once
+        out.append((status, time.perf_counter() - t))
+        if close and writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            writer = None
+        if status == 0:
+            await asyncio.sleep(0.05)
+    if writer is not None:
+        writer.close()
+
+
+def _probe_ready(url: str, stop: threading.Event, out: list[float]) -> None:
+    """/readyz every 100 ms on a new connection; a failure or a 5 s wait counts as 5 s."""
+    while not stop.is_set():
+        t = time.perf_counter()
+        try:
+            ok = httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        out.append(time.perf_counter() - t if ok else 5.0)
+        stop.wait(0.1)
+
+
+async def _run(url: str, bodies: list[bytes], connections: int, seconds: float) -> list[tuple[int, float]]:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    head = f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: {multipart.CONTENT_TYPE}\r\n"
+    prepared = [f"{head}Content-Length: {len(b)}\r\n\r\n".encode() + b for b in bodies]
+    requests = itertools.cycle(prepared)
+    out: list[tuple[int, float]] = []
+    deadline = time.perf_counter() + seconds
+    await asyncio.gather(*(_connection(host, port, requests, deadline, out) for _ in range(connections)))
+    return out
+
+
+def measure(url: str, bodies: list[bytes], connections: int, seconds: float) -> dict[str, Any]:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    stop, ready = threading.Event(), list[float]()
+    prober = threading.Thread(target=_probe_ready, args=(url, stop, ready), daemon=True)
+    prober.start()
+    t = time.perf_counter()
+    answers = asyncio.run(_run(url, bodies, connections, seconds))
+    wall = time.perf_counter() - t
+    stop.set()
+    prober.join()
+    statuses = Counter(s for s, _ in answers)
+    ok = np.array([d for s, d in answers if s == 200]) * 1000
+    refused = np.array([d for s, d in answers if s == 503]) * 1000
+
+    def pct(a: np.ndarray, q: float) -> float | None:
+        return float(np.percentile(a, q)) if len(a) else None
+
+    return {
+        "connections": connections,
+        "seconds": wall,
+        "ok_per_s": statuses[200] / wall,
+        "refused_per_s": statuses[503] / wall,
+        "statuses": {str(s): n for s, n in sorted(statuses.items())},  # 0: socket errors
+        "ok_p50_ms": pct(ok, 50),
+        "ok_p99_ms": pct(ok, 99),
+        "refused_p50_ms": pct(refused, 50),
+        "refused_p99_ms": pct(refused, 99),
+        "readyz_p99_ms": pct(np.array(ready) * 1000, 99),
+        "readyz_max_ms": pct(np.array(ready) * 1000, 100),
+        "readyz_probes": len(ready),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", required=True)
+    p.add_argument("--connections", type=int, required=True)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--bodies", type=Path, required=True)
+    a = p.parse_args()
+    print(json.dumps(measure(a.url, read_bodies(a.bodies), a.connections, a.seconds)))
+
+
+if __name__ == "__main__":
+    main()
