@@ -15,6 +15,7 @@ from models.memory import (
     memory_items,
     search,
     self_ids,
+    set_nprobe,
     tune_nprobe,
     write_memory,
 )
@@ -146,7 +147,7 @@ def test_search_with_too_few_items_in_the_probed_lists_searches_every_list() -> 
     every list, so a query never gets -1 neighbours (nor loses rows to the self-exclusion)."""
     keys = clustered(600, centres=30)
     index = build_index(keys, "IVF32,Flat")
-    index.nprobe = 1
+    set_nprobe(index, 1)
     queries = clustered(50, centres=30, seed=1)
     sims, ids = search(index, queries, 100, exclude=np.full(len(queries), -1))
     assert (ids >= 0).all()
