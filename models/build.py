@@ -7,7 +7,6 @@ rac build --quick --out /tmp/quick      # a few hundred memory items, for tests:
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import shutil
@@ -267,9 +266,7 @@ def write_manifest(
 ) -> A.Manifest:
     out = cfg.out
     files = {name: A.digest(out / name) for name in A.CHECKED_FILES}
-    version = hashlib.blake2b(
-        "".join(files[n] for n in (A.INDEX, A.KEYS, A.VALUES, A.ITEMS)).encode(), digest_size=6
-    ).hexdigest()
+    version = A.version_id(files)
     sources = {str(s): int(n) for s, n in zip(*np.unique(memory.items.source, return_counts=True), strict=True)}
     manifest = A.Manifest(
         format_version=A.FORMAT_VERSION,
@@ -301,5 +298,6 @@ def write_manifest(
         examples=examples,
         build=json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k != "out"}, default=str)),
     )
+    manifest.model_id = A.model_identity(manifest)
     (out / A.MANIFEST).write_text(manifest.model_dump_json(indent=1))
     return manifest

@@ -3,6 +3,7 @@
 rac build --out artifacts/demo            rac evaluate --artifacts artifacts/demo
 rac train --artifacts artifacts/demo      rac serve --artifacts artifacts/demo
 rac bench --artifacts artifacts/demo
+rac memory add|remove|publish|list        (memory versions: see models/memory_ops.py)
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from service.artifacts import ArtifactError
 
 if TYPE_CHECKING:  # light at import: the CLI loads each verb's modules only when it runs
     from models.build import BuildConfig
@@ -152,6 +155,55 @@ def cmd_bench(a: argparse.Namespace) -> None:
     bench(a.artifacts, a.json, a.seconds, a.concurrency, a.overload)
 
 
+def cmd_memory(a: argparse.Namespace) -> None:
+    """rac memory add|remove|publish|list: memory versions (models/memory_ops.py)."""
+    from models import memory_ops as ops
+
+    if a.op == "add":
+        m = ops.add(a.source_dir, a.list, a.out, a.root, a.item_source, a.retrain_index)
+    elif a.op == "remove":
+        m = ops.remove(a.source_dir, a.ids, a.out)
+    elif a.op == "publish":
+        target = ops.publish(a.version_dir, a.root)
+        print(f"published {target} as {a.root / 'current'}")
+        return
+    else:
+        rows = ops.list_versions(a.root)
+        if a.json:
+            print(json.dumps(rows, indent=1))
+        for r in rows:
+            mark = "*" if r["current"] else " "
+            print(
+                f"{mark} {r['name']:<24} {r['memory_version']}  parent {r['parent_version'] or '-':<12}  "
+                f"{r['items']:>9} items  {r['memory_mb']:>8} MB  {r['created']}  {r['sources']}"
+            )
+        return
+    print(f"wrote {a.out}: memory version {m.memory_version} (parent {m.parent_version}), {m.memory.size} items")
+
+
+def _memory_args(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    mem = sub.add_parser("memory", help="memory versions: add, remove, publish, list")
+    ops = mem.add_subparsers(dest="op", required=True)
+    ad = ops.add_parser("add", help="a new version with the items of a list file added")
+    ad.add_argument("--from", dest="source_dir", type=Path, required=True, help="the version to add to")
+    ad.add_argument("--list", type=Path, required=True, help="'relative/path.png label[<TAB>text]' per line")
+    ad.add_argument("--root", type=Path, help="the folder the list's paths are relative to (default: the list's)")
+    ad.add_argument("--out", type=Path, required=True, help="the new version directory")
+    ad.add_argument("--source", dest="item_source", default="external", help="the items' source column")
+    ad.add_argument("--retrain-index", action="store_true", help="re-cluster the IVF lists over every key")
+    rm = ops.add_parser("remove", help="a new version without the listed item ids")
+    rm.add_argument("--from", dest="source_dir", type=Path, required=True)
+    rm.add_argument("--ids", type=Path, required=True, help="item ids of the --from version, whitespace-separated")
+    rm.add_argument("--out", type=Path, required=True)
+    pb = ops.add_parser("publish", help="check a version and switch ROOT/current to it atomically")
+    pb.add_argument("version_dir", type=Path)
+    pb.add_argument("--root", type=Path, required=True)
+    ls = ops.add_parser("list", help="a root's versions, sizes, and which is current")
+    ls.add_argument("--root", type=Path, required=True)
+    ls.add_argument("--json", action="store_true")
+    mem.set_defaults(func=cmd_memory)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports a missing AVX2 module needlessly
@@ -217,8 +269,15 @@ def main(argv: list[str] | None = None) -> None:
     be.add_argument("--overload", default="64,256,1024", help="connections for the overload runs ('' for none)")
     be.set_defaults(func=cmd_bench)
 
+    _memory_args(sub)
+
     a = p.parse_args(argv)
-    a.func(a)
+    try:
+        a.func(a)
+    except (ArtifactError, FileExistsError, FileNotFoundError, ValueError) as e:
+        if a.verb != "memory":
+            raise
+        p.exit(2, f"rac memory {a.op}: {e}\n")
 
 
 if __name__ == "__main__":

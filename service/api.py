@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hmac
+import os
 from typing import Annotated
 
 import orjson
@@ -9,6 +11,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
+from service import artifacts as A
 from service.decode import DecodeError
 from service.metrics import Metrics
 from service.pipeline import Classification, Pipeline
@@ -118,7 +121,7 @@ def _answer(c: Classification, pipeline: Pipeline) -> dict[str, object]:
     return {
         "predictions": c.predictions,
         "neighbors": c.neighbors,
-        "memory_version": pipeline.manifest.memory_version,
+        "memory_version": c.memory_version,  # the version this answer came from, not the one served now
         "cached": c.cached,
         "timings_ms": c.timings_ms,
     }
@@ -192,16 +195,45 @@ async def metrics(m: MetricsDep) -> Response:
 @router.get("/info")
 async def info(pipeline: PipelineDep) -> Response:
     """What is being served: encoder, memory, index, head, classes and the figures it was built with."""
-    m = pipeline.manifest
+    m, v = pipeline.manifest, pipeline.version.manifest
+    follower = pipeline.follower.status() if pipeline.follower is not None else None
     return _json(
         {
             "encoder": m.encoder.model_dump() | {"providers": pipeline.encoder.providers},
-            "memory": m.memory.model_dump() | {"version": m.memory_version},
+            "memory": v.memory.model_dump()
+            | {
+                "version": v.memory_version,
+                "parent_version": v.parent_version,
+                "model_id": A.model_identity(m),
+                "directory": str(pipeline.version.directory),
+                "pid": os.getpid(),
+                "follow": follower,
+            },
             "index": m.index.model_dump(),
             "head": m.head.model_dump(),
             "classes": m.classes,
-            "evaluation": m.evaluation,
+            "evaluation": v.evaluation,
             "cache": pipeline.cache.store.backend,
             "created": m.created,
         }
     )
+
+
+@router.post("/admin/reload", include_in_schema=False)
+async def admin_reload(request: Request, pipeline: PipelineDep) -> Response:
+    """Look at the serving root's `current` link now (this process; the others within their poll
+    interval). Bearer token RAC_ADMIN_TOKEN; off (404) when none is configured."""
+    token = pipeline.settings.admin_token
+    if not token:
+        return error(404, "Not Found")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        return _json({"detail": "a bearer token is required"}, 401, {"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        return error(403, "wrong token")
+    if pipeline.follower is None:
+        return error(409, f"{pipeline.settings.artifacts} is a flat artifact directory, not a serving root")
+    swapped = await pipeline.follower.check(retry=True)
+    status = pipeline.follower.status()
+    return _json({"memory_version": pipeline.memory_version, "swapped": swapped, **status})
+

@@ -7,7 +7,9 @@ uvicorn --factory service.app:factory      # the same app in one process
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -63,13 +65,17 @@ def create_app(settings: Settings) -> FastAPI:
             raise
         await pipeline.start()
         app.state.pipeline = pipeline
+        follower = pipeline.follower
+        if follower is not None:  # SIGHUP: look at the serving root's `current` link now
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, follower.wake.set)
         warm = asyncio.create_task(_warm_up(app, pipeline))
         m = pipeline.manifest
         log.info(
             "serving %s: %d memory items (version %s), index %s, encoder on %s, cache %s",
             settings.artifacts,
             m.memory.size,
-            m.memory_version,
+            pipeline.memory_version,
             m.index.type,
             pipeline.encoder.providers[0],
             pipeline.cache.store.backend,

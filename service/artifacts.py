@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ ITEMS = "items.sqlite"
 HEAD = "head.pt"
 EXAMPLES = "examples"
 CHECKED_FILES = (ENCODER, INDEX, KEYS, VALUES, ITEMS, HEAD)
+CURRENT = "current"  # in a serving root: the symlink to the version directory being served
 
 
 class EncoderInfo(BaseModel):
@@ -64,6 +66,9 @@ class Manifest(BaseModel):
     evaluation: dict[str, Any]  # figures measured when built (see README)
     examples: list[dict[str, Any]]  # example PNGs with the labels and predictions made offline
     build: dict[str, Any]  # the offline configuration that made this directory
+    # The model this memory belongs to (model_identity()); absent in directories written before versions.
+    model_id: str | None = None
+    parent_version: str | None = None  # the memory version this one was made from (rac memory add / remove)
 
 
 def digest(path: Path) -> str:
@@ -88,6 +93,49 @@ def read_manifest(directory: Path) -> Manifest:
             f"{path}: format version {manifest.format_version}, this service reads {FORMAT_VERSION}: rebuild"
         )
     return manifest
+
+
+def version_id(files: dict[str, str]) -> str:
+    """A memory version: a hash of the memory files' digests (index, keys, values, items)."""
+    return hashlib.blake2b("".join(files[n] for n in (INDEX, KEYS, VALUES, ITEMS)).encode(), digest_size=6).hexdigest()
+
+
+def model_parts(manifest: Manifest) -> dict[str, str]:
+    """What a memory must agree with to be served by a model: encoder and head files, classes, input spec,
+    embedding and value dimensions, value encoder and k."""
+    m = manifest
+    return {
+        "encoder": m.files.get(ENCODER, "?"),
+        "head": m.files.get(HEAD, "?"),
+        "classes": ",".join(m.classes),
+        "input": json.dumps(m.encoder.input, sort_keys=True),
+        "dim": str(m.encoder.dim),
+        "value encoder": f"{m.memory.value_encoder} ({m.memory.value_dim}-d)",
+        "k": str(m.index.k),
+    }
+
+
+def model_identity(manifest: Manifest) -> str:
+    parts = model_parts(manifest)
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def model_mismatch(served: Manifest, candidate: Manifest) -> str | None:
+    """None when `candidate`'s memory fits the model of `served`; else a sentence naming what differs."""
+    a, b = model_parts(served), model_parts(candidate)
+    diff = [f"{name} ({a[name][:40]} vs {b[name][:40]})" for name in a if a[name] != b[name]]
+    if not diff:
+        return None
+    return f"memory {candidate.memory_version} was built for another model: " + "; ".join(diff)
+
+
+def resolve(path: Path) -> Path:
+    """The version directory to serve: `path` itself when it is a flat artifact directory (what
+    `rac build --out` writes), or the target of `path/current` when it is a serving root."""
+    current = path / CURRENT
+    if current.is_symlink() or current.is_dir():
+        return current.resolve()
+    return path
 
 
 def verify_files(directory: Path, manifest: Manifest) -> None:

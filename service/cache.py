@@ -54,8 +54,9 @@ class Entry:
         return cls(z, ids, sims)
 
 
-def cache_key(image: bytes, memory_version: str) -> str:
-    return f"rac:nb:{memory_version}:{hashlib.blake2b(image, digest_size=16).hexdigest()}"
+def cache_key(image: bytes, memory_version: str, k: int = 0, dim: int = 0) -> str:
+    """The image's hash, and what decides an entry's meaning and shape: memory version, k, dimension."""
+    return f"rac:nb:{memory_version}:{k}:{dim}:{hashlib.blake2b(image, digest_size=16).hexdigest()}"
 
 
 class LocalCache:

@@ -3,6 +3,8 @@ item table in SQLite. Arrays in, arrays out."""
 
 from __future__ import annotations
 
+import mmap
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -13,6 +15,9 @@ import numpy as np
 
 from service import artifacts as A
 
+# Ids per `IN (...)` query: under SQLite's smallest default bound on parameters (999), whatever B * k is.
+SQL_CHUNK = 900
+
 
 @dataclass(frozen=True)
 class Item:
@@ -22,27 +27,97 @@ class Item:
     label: int  # the class the item's text names
 
 
+def open_array(path: Path) -> np.ndarray:
+    """A read-only memmap of an .npy file, its size checked against its header first (a truncated file
+    is refused by name, whether or not checksums are verified)."""
+    if not path.exists():
+        raise A.ArtifactError(f"{path} is missing")
+    try:
+        with path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            fmt = np.lib.format
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read(f)
+            offset = f.tell()
+    except (ValueError, OSError) as e:
+        raise A.ArtifactError(f"{path} is not a readable .npy file: {e}") from e
+    want = offset + int(np.prod(shape)) * dtype.itemsize
+    have = path.stat().st_size
+    if have != want:
+        raise A.ArtifactError(f"{path} is {have} bytes, its header says {shape} {dtype}: {want} bytes (truncated?)")
+    return np.load(path, mmap_mode="r")
+
+
+def check_sqlite(path: Path) -> None:
+    """The item table's size against its header (page size x page count): SQLite itself reads a truncated
+    file without complaint and answers with rows missing."""
+    if not path.exists():
+        raise A.ArtifactError(f"{path} is missing")
+    with path.open("rb") as f:
+        head = f.read(100)
+    if len(head) < 100 or not head.startswith(b"SQLite format 3\0"):
+        raise A.ArtifactError(f"{path} is not an SQLite database")
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    pages = int.from_bytes(head[28:32], "big")
+    size = path.stat().st_size
+    header_valid = head[24:28] == head[92:96]  # the page count is trusted only then (SQLite's rule)
+    if size % page or (header_valid and pages and size != page * pages):
+        raise A.ArtifactError(f"{path} is {size} bytes, its header says {pages} pages of {page} bytes (truncated?)")
+
+
+def prefault(path: Path) -> None:
+    """Bring a file into the page cache before it serves: a cold page costs a disk read inside a request."""
+    with path.open("rb") as f:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
+        while f.readinto(_BLOCK):
+            pass
+
+
+_BLOCK = bytearray(8 << 20)
+
+_threads = threading.local()  # OpenMP's thread count is a per-thread setting: set it where the search runs
+
+
 class Memory:
     def __init__(self, directory: Path, nprobe: int, threads: int = 1):
         # IO_FLAG_MMAP_IFC maps flat and IVF codes straight from the file: pages load on demand and are
         # shared between processes serving the same artifacts.
-        self.index = faiss.read_index(str(directory / A.INDEX), faiss.IO_FLAG_MMAP_IFC)
+        try:
+            self.index = faiss.read_index(str(directory / A.INDEX), faiss.IO_FLAG_MMAP_IFC)
+        except RuntimeError as e:
+            raise A.ArtifactError(f"{directory / A.INDEX} is not a readable FAISS index: {e}") from e
         if isinstance(self.index, faiss.IndexIVF):
             self.index.nprobe = nprobe
-        faiss.omp_set_num_threads(threads)
-        self.keys = np.load(directory / A.KEYS, mmap_mode="r")  # (N, d) float16
-        self.values = np.load(directory / A.VALUES, mmap_mode="r")  # (N, dv) float16
-        self._db = sqlite3.connect(f"file:{directory / A.ITEMS}?mode=ro", uri=True, check_same_thread=False)
+        self.threads = threads
+        self.keys = open_array(directory / A.KEYS)  # (N, d) float16
+        self.values = open_array(directory / A.VALUES)  # (N, dv) float16
+        check_sqlite(directory / A.ITEMS)
+        try:
+            self._db = sqlite3.connect(f"file:{directory / A.ITEMS}?mode=ro", uri=True, check_same_thread=False)
+            (n_items,) = self._db.execute("SELECT COUNT(*) FROM items").fetchone()
+        except sqlite3.Error as e:
+            raise A.ArtifactError(f"{directory / A.ITEMS} is not a readable item table: {e}") from e
         self._lock = threading.Lock()
-        (n_items,) = self._db.execute("SELECT COUNT(*) FROM items").fetchone()
         self.size, self.n_items = int(self.index.ntotal), int(n_items)
 
     @property
     def dim(self) -> int:
         return int(self.index.d)
 
+    def willneed(self) -> None:
+        """madvise(WILLNEED) on the keys and values maps: the kernel reads them ahead."""
+        for array in (self.keys, self.values):
+            m = getattr(array, "_mmap", None)
+            if isinstance(m, mmap.mmap) and hasattr(mmap, "MADV_WILLNEED"):
+                m.madvise(mmap.MADV_WILLNEED)
+
     def search(self, z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """z (B, d) float32 -> sims (B, k) float32, ids (B, k) int64, best first."""
+        if getattr(_threads, "n", None) != self.threads:
+            faiss.omp_set_num_threads(self.threads)  # for this thread only (the batch worker, not the loader)
+            _threads.n = self.threads
         z = np.ascontiguousarray(z, dtype=np.float32)
         sims, ids = self.index.search(z, k)
         short = (ids < 0).any(1)  # an IVF probe that found fewer than k items pads with -1
@@ -66,12 +141,15 @@ class Memory:
         return take(self.keys, keys), take(self.values, values)
 
     def items(self, ids: list[int]) -> dict[int, Item]:
-        if not ids:
-            return {}
-        marks = ",".join("?" * len(ids))
+        out: dict[int, Item] = {}
         with self._lock:
-            rows = self._db.execute(f"SELECT id, source, text, label FROM items WHERE id IN ({marks})", ids).fetchall()
-        return {r[0]: Item(*r) for r in rows}
+            step = min(SQL_CHUNK, self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
+            for s in range(0, len(ids), step):
+                chunk = ids[s : s + step]
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT id, source, text, label FROM items WHERE id IN ({marks})"
+                out.update((r[0], Item(*r)) for r in self._db.execute(query, chunk))
+        return out
 
     def close(self) -> None:
         self._db.close()

@@ -37,7 +37,12 @@ class Metrics:
             "rac_requests_total", "HTTP requests by route and status", ["route", "status"], registry=r
         )
         self.images = Counter("rac_images_total", "Images classified or refused, by outcome", ["outcome"], registry=r)
-        self.cache = Counter("rac_cache_total", "Neighbour cache lookups: hit, miss or error", ["result"], registry=r)
+        self.cache = Counter(
+            "rac_cache_total",
+            "Neighbour cache lookups: hit, miss, error, or stale (an entry whose shape does not fit: ignored)",
+            ["result"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "rac_batch_size", "Images per encode/search/head batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
         )
@@ -45,9 +50,27 @@ class Metrics:
             "rac_queue_depth", "Images admitted and not yet answered", multiprocess_mode="livesum", registry=r
         )
         self.refused = Counter("rac_refused_total", "Requests refused with 503 because the queue was full", registry=r)
+        # Memory versions (service/versions.py)
+        self.memory_version = Gauge(
+            "rac_memory_version",
+            "Server processes serving each memory version",
+            ["version"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.memory_swaps = Counter("rac_memory_swaps_total", "Memory versions swapped in while serving", registry=r)
+        self.memory_swap_seconds = Histogram(
+            "rac_memory_swap_seconds",
+            "From seeing a new memory version to serving it: load, check, pre-fault, warm up, switch",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+            registry=r,
+        )
+        self.memory_load_failures = Counter(
+            "rac_memory_load_failures_total", "Memory versions refused (the old one kept serving)", registry=r
+        )
         for stage in STAGES:  # export every series from the start, so dashboards never see a gap
             self.stage_seconds.labels(stage)
-        for result in ("hit", "miss", "error"):
+        for result in ("hit", "miss", "error", "stale"):
             self.cache.labels(result)
 
     def exposition(self) -> bytes:

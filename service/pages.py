@@ -5,6 +5,8 @@ other front-end; nothing here computes anything."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -14,8 +16,8 @@ from fastapi.responses import Response
 
 from service import artifacts as A
 from service.api import ERRORS, ErrorResponse, PipelineDep, error
-from service.memory import Memory
 from service.pipeline import Pipeline
+from service.versions import MemoryVersion
 
 router = APIRouter()
 
@@ -35,9 +37,14 @@ def _static(name: str) -> tuple[bytes, str]:
     return data, '"' + hashlib.blake2b(data, digest_size=8).hexdigest() + '"'
 
 
-def _served(pipeline: Pipeline) -> tuple[Memory, str]:
-    """The memory in service and its version (the one place that knows where they live)."""
-    return pipeline.memory, pipeline.manifest.memory_version
+@contextmanager
+def _served(pipeline: Pipeline) -> Iterator[MemoryVersion]:
+    """The memory version in service, held (as a request holds it) so that a swap cannot close it under us."""
+    version = pipeline.version.acquire()
+    try:
+        yield version
+    finally:
+        version.release()
 
 
 def _cached(request: Request, data: bytes, media_type: str, etag: str, cache: str) -> Response:
@@ -77,26 +84,28 @@ async def static(request: Request, name: str) -> Response:
 @router.get("/examples")
 async def examples(pipeline: PipelineDep) -> Response:
     """The example images the build wrote, with their true class and the class predicted offline."""
-    entries = [
-        {
-            "name": Path(str(e["file"])).name,
-            "url": f"/examples/{Path(str(e['file'])).name}",
-            "label": e.get("label"),
-            "predicted": e.get("predicted"),
-        }
-        for e in pipeline.manifest.examples
-    ]
+    with _served(pipeline) as version:
+        entries = [
+            {
+                "name": Path(str(e["file"])).name,
+                "url": f"/examples/{Path(str(e['file'])).name}",
+                "label": e.get("label"),
+                "predicted": e.get("predicted"),
+            }
+            for e in version.manifest.examples
+        ]
     return Response(orjson.dumps({"examples": entries}), media_type="application/json")
 
 
 @router.get("/examples/{name}", responses=NOT_FOUND | {200: {"content": {"image/png": {}}}})
 async def example(request: Request, pipeline: PipelineDep, name: str) -> Response:
     """One example image (PNG)."""
-    files = {Path(str(e["file"])).name for e in pipeline.manifest.examples}
-    path = pipeline.settings.artifacts / A.EXAMPLES / name
-    if name not in files or not path.is_file():  # only names the manifest lists: no path reaches outside
-        return error(404, f"no example image {name!r}")
-    data = path.read_bytes()
+    with _served(pipeline) as version:
+        files = {Path(str(e["file"])).name for e in version.manifest.examples}
+        path = version.directory / A.EXAMPLES / name
+        if name not in files or not path.is_file():  # only names the manifest lists: no path reaches outside
+            return error(404, f"no example image {name!r}")
+        data = path.read_bytes()
     etag = '"' + hashlib.blake2b(data, digest_size=8).hexdigest() + '"'
     return _cached(request, data, "image/png", etag, REVALIDATE)
 
@@ -111,11 +120,12 @@ async def item(pipeline: PipelineDep, item_id: str) -> Response:
     parsed = _item_id(item_id)
     if isinstance(parsed, Response):
         return parsed
-    memory, version = _served(pipeline)
-    found = memory.item(parsed) if parsed <= MAX_ID else None
-    if found is None:
-        return error(404, f"no memory item {parsed} (memory version {version})")
-    has_thumbnail = memory.thumbnail(parsed) is not None
+    with _served(pipeline) as served:
+        version = served.id
+        found = served.memory.item(parsed) if parsed <= MAX_ID else None
+        if found is None:
+            return error(404, f"no memory item {parsed} (memory version {version})")
+        has_thumbnail = served.memory.thumbnail(parsed) is not None
     body = {
         "id": found.id,
         "text": found.text,
@@ -141,12 +151,13 @@ async def thumbnail(
     parsed = _item_id(item_id)
     if isinstance(parsed, Response):
         return parsed
-    memory, version = _served(pipeline)
-    if v is not None and v != version:
-        return error(404, f"memory version {v} is not served here (this is {version}): ids differ between versions")
-    if parsed > MAX_ID or memory.item(parsed) is None:
-        return error(404, f"no memory item {parsed} (memory version {version})")
-    data = memory.thumbnail(parsed)
+    with _served(pipeline) as served:
+        version = served.id
+        if v is not None and v != version:
+            return error(404, f"memory version {v} is not served here (this is {version}): ids differ between versions")
+        if parsed > MAX_ID or served.memory.item(parsed) is None:
+            return error(404, f"no memory item {parsed} (memory version {version})")
+        data = served.memory.thumbnail(parsed)
     if data is None:
         return error(404, f"memory item {parsed} has no thumbnail: its memory was built or extended without one")
     return _cached(request, data, "image/png", f'"{version}-{parsed}"', IMMUTABLE if v else REVALIDATE)

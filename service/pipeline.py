@@ -2,6 +2,8 @@
 
 Per image, on the event loop: admission, cache lookup, decode (thread pool). Per batch, in the batcher's
 worker thread: encode the images the cache did not know, search the memory, gather values, run the head.
+Each request holds the memory version it started with (service/versions.py), so its neighbours, attention,
+probabilities and `memory_version` all come from one version, even across a swap.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -22,9 +25,10 @@ from service.cache import Entry, LocalCache, NeighbourCache, RedisCache, cache_k
 from service.decode import DecodeError, InputSpec, decode
 from service.encode import Encoder
 from service.head import Head
-from service.memory import Item, Memory
+from service.memory import Item
 from service.metrics import Metrics
 from service.settings import Settings, cores
+from service.versions import Follower, MemoryVersion, load_version
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,7 @@ class Job:
     pixels: np.ndarray | None  # (3, S, S) float32 to encode; None on a cache hit
     cached: Entry | None
     neighbors: int  # how many neighbours to describe in the answer
+    version: MemoryVersion | None = None  # the memory the request holds; None: whichever is served
 
 
 @dataclass
@@ -44,6 +49,7 @@ class Output:
     items: dict[int, Item]
     started: float  # perf_counter when the batch started
     seconds: dict[str, float]  # encode / search / head time of the whole batch
+    version: str  # the memory version that produced all of the above
 
 
 @dataclass
@@ -51,6 +57,7 @@ class Classification:
     predictions: list[dict[str, object]]
     neighbors: list[dict[str, object]]
     cached: bool
+    memory_version: str
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -58,18 +65,30 @@ class Pipeline:
     def __init__(self, settings: Settings, metrics: Metrics):
         """Load and cross-check the artifacts; raises ArtifactError naming any mismatch."""
         self.settings, self.metrics = settings, metrics
-        directory = settings.artifacts
-        self.manifest = A.read_manifest(directory)
-        if settings.verify_checksums:
-            A.verify_files(directory, self.manifest)
-        m = self.manifest
+        # A flat artifact directory, or a serving root whose `current` link is followed.
+        directory = A.resolve(settings.artifacts)
+        self.root = settings.artifacts if directory != settings.artifacts else None
+        # The model (encoder, head, classes) is fixed for the life of the process; the memory is versioned.
+        self.manifest = m = A.read_manifest(directory)
         self.spec = InputSpec.from_dict(m.encoder.input)
         self.k = m.index.k
         threads = settings.encoder_threads or max(1, cores() // (settings.workers or 1))
-        self.encoder = Encoder(directory / A.ENCODER, settings.device, threads, settings.encoder_spin)
-        self.memory = Memory(directory, m.index.nprobe, settings.search_threads)
-        self.head = Head(directory / A.HEAD, settings.head_threads)
+        try:  # onnxruntime and torch raise their own types for a damaged file: name the file
+            self.encoder = Encoder(directory / A.ENCODER, settings.device, threads, settings.encoder_spin)
+        except Exception as e:
+            raise A.ArtifactError(f"{directory / A.ENCODER} cannot be loaded: {e}") from e
+        self.version = load_version(directory, settings, None, self.encoder.dim)
+        try:
+            self.head = Head(directory / A.HEAD, settings.head_threads)
+        except Exception as e:
+            raise A.ArtifactError(f"{directory / A.HEAD} cannot be loaded: {e}") from e
         self._check()
+        metrics.memory_version.labels(self.version.id).set(1)
+        self.follower = (
+            Follower(self.root, lambda: self.version.directory, self.swap, settings.memory_poll_s, metrics)
+            if self.root is not None
+            else None
+        )
         self.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.admission = Admission(settings.max_pending, metrics)
         self.batcher: Batcher[Job, Output] = Batcher(
@@ -82,32 +101,27 @@ class Pipeline:
         )
         self.cache = NeighbourCache(store, settings.cache_ttl_s, metrics)
 
+    @property
+    def memory_version(self) -> str:
+        return self.version.id
+
     def _check(self) -> None:
-        m, mem = self.manifest, self.memory
+        """The head against the manifest (the memory was checked by load_version)."""
+        m = self.manifest
 
         def require(ok: bool, what: str) -> None:
             if not ok:
                 raise A.ArtifactError(f"artifacts in {self.settings.artifacts} do not fit together: {what}")
 
-        require(
-            self.encoder.dim == m.encoder.dim, f"encoder outputs {self.encoder.dim}-d, manifest says {m.encoder.dim}"
-        )
-        require(mem.dim == self.encoder.dim, f"index is {mem.dim}-d, encoder outputs {self.encoder.dim}-d")
-        require(mem.size == m.memory.size, f"index holds {mem.size} items, manifest says {m.memory.size}")
-        require(mem.n_items == mem.size, f"item table holds {mem.n_items} rows, index {mem.size}")
-        require(mem.keys.shape == (mem.size, mem.dim), f"keys are {mem.keys.shape}, expected ({mem.size}, {mem.dim})")
-        dv = m.memory.value_dim
-        require(mem.values.shape == (mem.size, dv), f"values are {mem.values.shape}, expected ({mem.size}, {dv})")
-        require(0 < self.k <= mem.size, f"k={self.k} with {mem.size} memory items")
         require(self.head.uses_keys == m.head.uses_keys, "head and manifest disagree on whether the head reads keys")
-        probs, attn = self.head(*self._dummy(2))
+        probs, attn = self.head(*self._dummy(2, self.version))
         require(
             probs.shape == (2, len(m.classes)), f"head gives {probs.shape[1]} classes, manifest names {len(m.classes)}"
         )
         require(attn.shape == (2, self.k), f"head attends over {attn.shape[1]} neighbours, manifest says k={self.k}")
 
-    def _dummy(self, b: int) -> tuple[np.ndarray, ...]:
-        mem = self.memory
+    def _dummy(self, b: int, version: MemoryVersion) -> tuple[np.ndarray, ...]:
+        mem = version.memory
         z = np.zeros((b, mem.dim), np.float32)
         sims = np.zeros((b, self.k), np.float32)
         keys, values = mem.gather(np.zeros((b, self.k), np.int64), self.head.uses_keys, self.head.uses_values)
@@ -125,20 +139,47 @@ class Pipeline:
 
     async def start(self) -> None:
         self.batcher.start()
+        if self.follower is not None:
+            self.follower.start()
 
     async def stop(self) -> None:
+        if self.follower is not None:
+            await self.follower.stop()
         await self.batcher.stop()
         await self.cache.close()
         self.decoder.shutdown(wait=False)
-        self.memory.close()
+        self.version.retire()
+
+    async def swap(self, directory: Path) -> None:
+        """Load `directory` beside the served version, check it against the served model, pre-fault and
+        warm it in the batch worker (between two batches), then serve it. Raises ArtifactError."""
+        new = await asyncio.to_thread(load_version, directory, self.settings, self.manifest, self.encoder.dim)
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self.batcher.worker, self._warm_memory, new)
+        except Exception as e:
+            new.retire()
+            raise A.ArtifactError(f"{directory}: warm-up failed: {e}") from e
+        old, self.version = self.version, new  # requests admitted from now on take the new version
+        self.metrics.memory_version.labels(old.id).set(0)
+        self.metrics.memory_version.labels(new.id).set(1)  # after: the two may hold the same memory
+        old.retire()  # closed when the last request holding it is answered
+
+    def _warm_memory(self, version: MemoryVersion) -> None:
+        """One batch of searches, gathers and the head over the new memory (its first-call costs)."""
+        z, _, _, _ = self._dummy(8, version)
+        z[:, 0] = 1.0
+        sims, ids = version.memory.search(z, self.k)
+        keys, values = version.memory.gather(ids, self.head.uses_keys, self.head.uses_values)
+        self.head(z, sims, keys, values)
 
     # ------------------------------------------------------------ one batch, in the worker thread
 
     def run_batch(self, jobs: list[Job]) -> list[Output]:
         started = time.perf_counter()
-        seconds = {"encode": 0.0, "search": 0.0}
+        seconds = {"encode": 0.0, "search": 0.0, "head": 0.0}
         misses = [i for i, j in enumerate(jobs) if j.cached is None]
-        z = np.empty((len(jobs), self.memory.dim), np.float32)  # (B, d)
+        z = np.empty((len(jobs), self.encoder.dim), np.float32)  # (B, d)
         sims = np.empty((len(jobs), self.k), np.float32)  # (B, k)
         ids = np.empty((len(jobs), self.k), np.int64)  # (B, k)
         for i, j in enumerate(jobs):
@@ -148,22 +189,33 @@ class Pipeline:
             t = time.perf_counter()
             z[misses] = self.encoder(np.stack([jobs[i].pixels for i in misses]))  # type: ignore[misc]
             seconds["encode"] = time.perf_counter() - t
-            t = time.perf_counter()
-            sims[misses], ids[misses] = self.memory.search(z[misses], self.k)
-            seconds["search"] = time.perf_counter() - t
             self.metrics.stage_seconds.labels("encode").observe(seconds["encode"])
+        # The rest per memory version: one group, except in the batch that straddles a swap.
+        groups: dict[int, tuple[MemoryVersion, list[int]]] = {}
+        for i, j in enumerate(jobs):
+            v = j.version or self.version
+            groups.setdefault(id(v), (v, []))[1].append(i)
+        outputs: list[Output | None] = [None] * len(jobs)
+        for v, rows in groups.values():
+            mem = v.memory
+            search_rows = [i for i in rows if jobs[i].cached is None]
+            if search_rows:
+                t = time.perf_counter()
+                sims[search_rows], ids[search_rows] = mem.search(z[search_rows], self.k)
+                seconds["search"] += time.perf_counter() - t
+            t = time.perf_counter()
+            keys, values = mem.gather(ids[rows], self.head.uses_keys, self.head.uses_values)
+            probs, attn = self.head(z[rows], sims[rows], keys, values)
+            seconds["head"] += time.perf_counter() - t
+            wanted = sorted({int(n) for i in rows if jobs[i].neighbors for n in ids[i]})
+            items = mem.items(wanted)
+            for r, i in enumerate(rows):
+                entry = Entry(z[i].copy(), ids[i].copy(), sims[i].copy())
+                outputs[i] = Output(probs[r], attn[r], entry, items, started, seconds, v.id)
+        if misses:
             self.metrics.stage_seconds.labels("search").observe(seconds["search"])
-        t = time.perf_counter()
-        keys, values = self.memory.gather(ids, self.head.uses_keys, self.head.uses_values)
-        probs, attn = self.head(z, sims, keys, values)
-        seconds["head"] = time.perf_counter() - t
         self.metrics.stage_seconds.labels("head").observe(seconds["head"])
-        wanted = sorted({int(n) for i, j in enumerate(jobs) for n in ids[i][: self.k] if j.neighbors})
-        items = self.memory.items(wanted)
-        return [
-            Output(probs[i], attn[i], Entry(z[i].copy(), ids[i].copy(), sims[i].copy()), items, started, seconds)
-            for i in range(len(jobs))
-        ]
+        return [o for o in outputs if o is not None]
 
     # ------------------------------------------------------------ requests, on the event loop
 
@@ -177,8 +229,20 @@ class Pipeline:
         if len(data) > self.settings.max_image_bytes:
             self.metrics.images.labels("bad_input").inc()
             return DecodeError(413, f"image is {len(data)} bytes; the limit is {self.settings.max_image_bytes}")
-        key = cache_key(data, self.manifest.memory_version)
+        version = self.version.acquire()
+        try:
+            return await self._classify(data, top_k, neighbors, version, t0)
+        finally:
+            version.release()
+
+    async def _classify(
+        self, data: bytes, top_k: int, neighbors: int, version: MemoryVersion, t0: float
+    ) -> Classification | DecodeError:
+        key = cache_key(data, version.id, self.k, self.encoder.dim)
         entry = await self.cache.get(key)
+        if entry is not None and not self._fits(entry, version):
+            self.metrics.cache.labels("stale").inc()  # counted as a hit by the cache: ignore it, recompute
+            entry = None
         pixels, decode_s = None, 0.0
         if entry is None:
             loop = asyncio.get_running_loop()
@@ -191,7 +255,7 @@ class Pipeline:
             decode_s = time.perf_counter() - t
             self.metrics.stage_seconds.labels("decode").observe(decode_s)
         queued = time.perf_counter()
-        out = await self.batcher.submit(Job(pixels, entry, neighbors))
+        out = await self.batcher.submit(Job(pixels, entry, neighbors, version))
         if entry is None:
             self.cache.put(key, out.entry)
         total = time.perf_counter() - t0
@@ -204,7 +268,16 @@ class Pipeline:
             predictions=self._predictions(out.probs, top_k),
             neighbors=self._neighbors(out, neighbors),
             cached=entry is not None,
+            memory_version=out.version,
             timings_ms={name: round(1000 * s, 3) for name, s in timings.items()},
+        )
+
+    def _fits(self, entry: Entry, version: MemoryVersion) -> bool:
+        """An entry's shape and ids fit this memory (a key collision or another writer's entry does not)."""
+        return (
+            entry.z.shape == (self.encoder.dim,)
+            and entry.ids.shape == entry.sims.shape == (self.k,)
+            and bool(((entry.ids >= 0) & (entry.ids < version.memory.size)).all())
         )
 
     def _predictions(self, probs: np.ndarray, top_k: int) -> list[dict[str, object]]:

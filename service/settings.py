@@ -15,6 +15,10 @@ class Settings(BaseSettings):
 
     artifacts: Path = Path("artifacts/demo")
     verify_checksums: bool = True  # hash every artifact file at start-up against the manifest
+    # A serving root (a `current` link to a version directory): how often each process looks at the link.
+    memory_poll_s: float = 1.0
+    # Bearer token for POST /admin/reload; unset: the admin routes are off (404).
+    admin_token: str | None = None
 
     # Serving (`python -m service`)
     host: str = "127.0.0.1"
