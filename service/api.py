@@ -236,4 +236,3 @@ async def admin_reload(request: Request, pipeline: PipelineDep) -> Response:
     swapped = await pipeline.follower.check(retry=True)
     status = pipeline.follower.status()
     return _json({"memory_version": pipeline.memory_version, "swapped": swapped, **status})
-
