@@ -68,6 +68,7 @@ class BuildConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     examples: int = 10
+    zero_shot: bool = False  # also the aligned text tower, text index and fusion modules (models/zeroshot_build.py)
 
 
 def config_from_manifest(manifest: A.Manifest, out: Path, cache: Path) -> BuildConfig:
@@ -176,6 +177,19 @@ def build_memory(cfg: BuildConfig, prep: Prepared, k: int) -> Memory:
     )
 
 
+def build_zero_shot(cfg: BuildConfig, prep: Prepared, memory: Memory) -> A.ZeroShotInfo:
+    from models.zeroshot_build import build_zero_shot as build_parts
+    from models.zeroshot_eval import ZeroShotConfig
+
+    zcfg = ZeroShotConfig()
+    # k = 30: the best of the k sweep on validation (results/zero_shot.json)
+    zcfg = replace(zcfg, fusion=replace(zcfg.fusion, k=30))
+    if cfg.data.quick:  # a few hundred pairs: more passes, still seconds
+        zcfg = replace(zcfg, align=replace(zcfg.align, epochs=40, batch_size=128))
+        zcfg = replace(zcfg, fusion=replace(zcfg.fusion, epochs=10, batch_size=64))
+    return build_parts(prep, memory, cfg.out, zcfg)
+
+
 def choose_nprobe(
     prep: Prepared, memory: Memory, head: Head, tensors: MemoryTensors, k: int, buckets: np.ndarray, tolerance: float
 ) -> JSON:
@@ -248,11 +262,12 @@ def _build(cfg: BuildConfig) -> A.Manifest:
 
     thumbs = thumbnails(prep.dataset, memory.items)
     write_memory(out, memory.index, memory.keys, memory.values, memory.items, thumbs)
+    zero_shot = build_zero_shot(cfg, prep, memory) if cfg.zero_shot else None
     script_head(head, tensors.batch(val, np.arange(min(64, len(val.labels))), k, head), out / A.HEAD)
     logits, _ = predict(head, test, tensors, k)
     probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
     examples = write_examples(prep, out, cfg.examples, probs)
-    return write_manifest(cfg, prep, memory, head, k, evaluation, examples)
+    return write_manifest(cfg, prep, memory, head, k, evaluation, examples, zero_shot)
 
 
 def write_manifest(
@@ -263,6 +278,7 @@ def write_manifest(
     k: int,
     evaluation: JSON,
     examples: list[JSON],
+    zero_shot: A.ZeroShotInfo | None = None,
 ) -> A.Manifest:
     out = cfg.out
     files = {name: A.digest(out / name) for name in A.CHECKED_FILES}
@@ -297,6 +313,7 @@ def write_manifest(
         evaluation=evaluation,
         examples=examples,
         build=json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k != "out"}, default=str)),
+        zero_shot=zero_shot,
     )
     manifest.model_id = A.model_identity(manifest)
     (out / A.MANIFEST).write_text(manifest.model_dump_json(indent=1))

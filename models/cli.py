@@ -90,6 +90,7 @@ def cmd_build(a: argparse.Namespace) -> None:
         k=a.k,
         head=head,
         train=replace(train, seed=a.seed),
+        zero_shot=a.zero_shot,
     )
     manifest = build(cfg)
     acc = manifest.evaluation["test"]["accuracy"]
@@ -118,8 +119,14 @@ def _context(a: argparse.Namespace, k_max: int) -> tuple[BuildConfig, Prepared, 
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
+    if a.zero_shot:
+        from models.zeroshot_eval import cli_evaluate
+
+        cli_evaluate(a.artifacts, a.cache, a.seeds, a.json or Path("results/zero_shot.json"))
+        return
     from models.evaluate import EvalConfig, markdown, run_all
 
+    a.json = a.json or Path("results/evaluation.json")
     cfg = EvalConfig(seeds=tuple(int(s) for s in a.seeds.split(",")), heads=a.heads)
     _, prep, memory = _context(a, max(cfg.k_sweep))
     results = run_all(prep, memory, cfg, a.only, a.cache, a.json)
@@ -229,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--values", default="text", choices=["text", "visual"])
     b.add_argument("--noise", type=float, default=0.4)
     b.add_argument("--index", default="auto", help="auto, or a FAISS factory string such as IVF256,Flat")
+    b.add_argument("--zero-shot", action="store_true", help="add the zero-shot parts (aligned text tower, RECO)")
     d = b.add_argument_group("a list-file dataset instead of Fashion-MNIST")
     for name in ("root", "train-list", "val-list", "test-list", "external-list", "classes"):
         d.add_argument(f"--{name}", type=Path)
@@ -249,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     ev = sub.choices["evaluate"]
     ev.add_argument("--only", default="all", choices=["all", "table", "k", "memory"])
     ev.add_argument("--heads", default="", help="a regular expression: only the Table 1 rows it matches")
-    ev.add_argument("--json", type=Path, default=Path("results/evaluation.json"))
+    ev.add_argument("--json", type=Path, help="default results/evaluation.json (zero-shot: results/zero_shot.json)")
+    ev.add_argument("--zero-shot", action="store_true", help="the zero-shot table (RECO) instead")
     tr = sub.choices["train"]
     tr.add_argument("--test", action="store_true", help="also print test figures (not for choosing)")
     _head_args(tr)

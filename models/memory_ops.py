@@ -107,6 +107,7 @@ def finish(out: Path, parent: A.Manifest, size: int, sources: dict[str, int], op
             "evaluation": {"measured_on_version": parent.evaluation.get("measured_on_version", parent.memory_version)},
             "examples": [{"file": e["file"], "label": e["label"]} for e in parent.examples],
             "build": parent.build | {"memory_ops": history},
+            "zero_shot": None,  # its text index and aligned texts index the parent's items only
         }
     )
     (out / A.MANIFEST).write_text(manifest.model_dump_json(indent=1))

@@ -215,6 +215,11 @@ async def info(pipeline: PipelineDep) -> Response:
             "evaluation": v.evaluation,
             "cache": pipeline.cache.store.backend,
             "created": m.created,
+            "supports": {
+                "closed_set": True,
+                "zero_shot": pipeline.zero_shot is not None and pipeline.zero_shot.built_for is pipeline.version,
+            },
+            "zero_shot": m.zero_shot.model_dump(exclude={"files"}) if m.zero_shot is not None else None,
         }
     )
 

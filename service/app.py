@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import api, pages
+from service import api, pages, zeroshot_api
 from service.artifacts import ArtifactError
 from service.batching import Overloaded
 from service.metrics import Metrics
@@ -96,6 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
     app.include_router(api.router)
+    app.include_router(zeroshot_api.router)
     app.include_router(pages.router)
     app.add_middleware(RequestMetrics, metrics=metrics)
 

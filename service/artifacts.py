@@ -19,6 +19,15 @@ ITEMS = "items.sqlite"
 HEAD = "head.pt"
 EXAMPLES = "examples"
 CHECKED_FILES = (ENCODER, INDEX, KEYS, VALUES, ITEMS, HEAD)
+# Zero-shot parts (`rac build --zero-shot`), optional: see models/zeroshot_build.py
+ZS_TEXT_TOWER = "text_tower.onnx"
+ZS_TOKENIZER = "tokenizer.json"
+ZS_TEXT_INDEX = "text_index.faiss"
+ZS_TEXT_ORDER = "text_order.npy"
+ZS_TEXT_ALIGNED = "text_aligned.npy"
+ZS_FUSION_IMAGE = "fusion_image.pt"
+ZS_FUSION_TEXT = "fusion_text.pt"
+ZS_FILES = (ZS_TEXT_TOWER, ZS_TOKENIZER, ZS_TEXT_INDEX, ZS_TEXT_ORDER, ZS_TEXT_ALIGNED, ZS_FUSION_IMAGE, ZS_FUSION_TEXT)
 CURRENT = "current"  # in a serving root: the symlink to the version directory being served
 
 
@@ -53,6 +62,21 @@ class HeadInfo(BaseModel):
     uses_keys: bool
 
 
+class ZeroShotInfo(BaseModel):
+    text_encoder: str
+    dim: int  # the aligned space: the query encoder's embedding dimension
+    search_dim: int  # the text index's space: the frozen text encoder's
+    max_tokens: int
+    k: int  # neighbours each fusion module reads
+    scale: float  # logit scale of the fused embeddings
+    template: str  # the prompt the labels are put in by default
+    held_out: list[str]  # classes kept out of training (evaluation only)
+    align: dict[str, Any]
+    fusion: dict[str, Any]
+    files: dict[str, str]  # file name -> blake2b digest
+    evaluation: dict[str, Any]  # val / test zero-shot top-1 when built
+
+
 class Manifest(BaseModel):
     format_version: int
     memory_version: str  # content hash of index, keys, values and items: part of every cache key
@@ -66,6 +90,7 @@ class Manifest(BaseModel):
     evaluation: dict[str, Any]  # figures measured when built (see README)
     examples: list[dict[str, Any]]  # example PNGs with the labels and predictions made offline
     build: dict[str, Any]  # the offline configuration that made this directory
+    zero_shot: ZeroShotInfo | None = None  # absent: built without `--zero-shot`
     # The model this memory belongs to (model_identity()); absent in directories written before versions.
     model_id: str | None = None
     parent_version: str | None = None  # the memory version this one was made from (rac memory add / remove)

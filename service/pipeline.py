@@ -29,6 +29,7 @@ from service.memory import Item
 from service.metrics import Metrics
 from service.settings import Settings, cores
 from service.versions import Follower, MemoryVersion, load_version
+from service.zeroshot import ZeroShot
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class Pipeline:
             else LocalCache(settings.cache_entries)
         )
         self.cache = NeighbourCache(store, settings.cache_ttl_s, metrics)
+        self.zero_shot = ZeroShot.load(self)  # None where the artifacts were built without --zero-shot
 
     @property
     def memory_version(self) -> str:
@@ -136,9 +138,13 @@ class Pipeline:
         Image.new("L", (28, 28)).save(png, "PNG")
         pixels = decode(png.getvalue(), self.spec, self.settings.max_pixels)
         self.run_batch([Job(pixels, None, 0)] * min(8, self.settings.max_batch))
+        if self.zero_shot is not None:
+            self.zero_shot.warmup(pixels)
 
     async def start(self) -> None:
         self.batcher.start()
+        if self.zero_shot is not None:
+            await self.zero_shot.start()
         if self.follower is not None:
             self.follower.start()
 
@@ -146,6 +152,8 @@ class Pipeline:
         if self.follower is not None:
             await self.follower.stop()
         await self.batcher.stop()
+        if self.zero_shot is not None:
+            await self.zero_shot.stop()
         await self.cache.close()
         self.decoder.shutdown(wait=False)
         self.version.retire()

@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     max_pixels: int = 40_000_000  # width x height, checked before decoding (decompression bombs)
     max_batch_images: int = 32  # images in one /classify/batch request
 
+    # Zero-shot classification (POST /classify/zero-shot, where the artifacts have zero-shot parts)
+    zero_shot_template: str = "a photo of a {}."  # default prompt; a request may send its own `template`
+    zero_shot_max_labels: int = 64  # candidate labels in one request
+    zero_shot_max_label_chars: int = 100
+
     # Neighbour cache: Redis when a URL is set (REDIS_URL or RAC_REDIS_URL), else in-process LRU
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("RAC_REDIS_URL", "REDIS_URL"))
     cache_ttl_s: int = 24 * 3600

@@ -56,6 +56,20 @@ async def read_images(request: Request, field_name: str, limit: int, max_files: 
     return images
 
 
+async def read_form(request: Request, limit: int) -> list[Part]:
+    """Every part of a multipart/form-data body (files and plain fields alike), read under `limit` bytes."""
+    kind, params = parse_options_header(request.headers.get("content-type"))
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise UploadError(413, f"request body is {declared} bytes; the limit is {limit}")
+    if kind != b"multipart/form-data":
+        raise UploadError(415, f"content type {kind.decode('latin-1') or 'none'}: send multipart/form-data")
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise UploadError(400, "multipart/form-data without a boundary")
+    return await _parse(request, boundary, limit)
+
+
 async def _read(request: Request, limit: int, parser: MultipartParser | None) -> bytearray:
     body, size = bytearray(), 0
     try:

@@ -104,6 +104,7 @@ def test_an_uploaded_image_shows_classes_neighbours_and_thumbnails(
     ex = example(quick_artifacts, EXAMPLE)
     page, errors = open_page(browser, server, viewport={"width": 1280, "height": 900})
     assert manifest.memory_version in page.inner_text("#served")
+    assert page.is_hidden("#zero-shot")  # a build without zero-shot parts: no labels field
     page.fill("#top_k", str(TOP_K))
     page.fill("#neighbors", str(NEIGHBORS))
     page.set_input_files("#file", str(quick_artifacts / ex["file"]))

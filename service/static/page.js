@@ -104,7 +104,7 @@ async function loadInfo(tries = 60) {
 
 // The zero-shot route exists only in artifacts built with its parts; /info says whether they are there.
 function zeroShotSupported(info) {
-  return Boolean(info.zero_shot) || (Array.isArray(info.supports) && info.supports.includes("zero-shot"));
+  return Boolean(info.supports && info.supports.zero_shot);
 }
 
 async function loadExamples() {
@@ -187,10 +187,10 @@ async function classify() {
   const answer = await response.json();
   if (seq !== state.seq) return;
   clearError();
-  render(answer);
+  render(answer, labels.length > 0);
 }
 
-function render(answer) {
+function render(answer, zeroShot) {
   if (state.objectUrl) URL.revokeObjectURL(state.objectUrl);
   state.objectUrl = URL.createObjectURL(state.image);
   $("query-image").src = state.objectUrl;
@@ -206,13 +206,16 @@ function render(answer) {
     ])));
 
   const t = answer.timings_ms || {};
+  // /classify says true or false; /classify/zero-shot says which parts came from the cache.
+  const cached = answer.cached === true || Boolean(answer.cached && answer.cached.image);
   const stages = Object.entries(t).filter(([name]) => name !== "total").map(([name, ms]) => `${name} ${ms.toFixed(2)}`);
   $("timings").replaceChildren(
     `${stages.join(" · ")} · total ${(t.total || 0).toFixed(2)} ms `,
-    answer.cached ? el("span", { class: "badge", text: "neighbours from cache" }) : "",
+    cached ? el("span", { class: "badge", text: "neighbours from cache" }) : "",
   );
 
-  renderNeighbors(answer.neighbors || [], top, answer.memory_version);
+  // Zero-shot labels are the caller's own words: a neighbour's class cannot be compared with them.
+  renderNeighbors(answer.neighbors || [], zeroShot ? null : top, answer.memory_version);
   $("answer").hidden = false;
   setStatus(`${state.name}: ${top || "no class"}, memory ${answer.memory_version}.`);
 }
@@ -220,7 +223,7 @@ function render(answer) {
 function renderNeighbors(neighbors, top, version) {
   const sorted = [...neighbors].sort((a, b) => (b.attention ?? 0) - (a.attention ?? 0));
   const most = Math.max(1e-12, ...sorted.map((n) => n.attention ?? 0));
-  const other = sorted.filter((n) => n.label && n.label !== top).length;
+  const other = sorted.filter((n) => n.label && top !== null && n.label !== top).length;
   $("neighbors-title").textContent = sorted.length
     ? `${sorted.length} neighbours, by attention${other ? ` (${other} name another class)` : ""}`
     : "No neighbours asked for";
@@ -228,7 +231,7 @@ function renderNeighbors(neighbors, top, version) {
 }
 
 function card(n, top, version, most) {
-  const differs = Boolean(n.label) && n.label !== top;
+  const differs = Boolean(n.label) && top !== null && n.label !== top;
   const img = el("img", {
     class: "thumb",
     src: `/items/${n.id}/thumbnail?v=${encodeURIComponent(version)}`,
