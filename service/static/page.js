@@ -224,9 +224,12 @@ function renderNeighbors(neighbors, top, version) {
   const sorted = [...neighbors].sort((a, b) => (b.attention ?? 0) - (a.attention ?? 0));
   const most = Math.max(1e-12, ...sorted.map((n) => n.attention ?? 0));
   const other = sorted.filter((n) => n.label && top !== null && n.label !== top).length;
+  const attended = sorted.some((n) => n.attention != null); // zero-shot neighbours carry no attention
+  const order = attended ? "by attention" : "by similarity";
   $("neighbors-title").textContent = sorted.length
-    ? `${sorted.length} neighbours, by attention${other ? ` (${other} name another class)` : ""}`
+    ? `${sorted.length} neighbours, ${order}${other ? ` (${other} name another class)` : ""}`
     : "No neighbours asked for";
+  document.querySelector(".legend").hidden = top === null;
   $("neighbor-grid").replaceChildren(...sorted.map((n) => card(n, top, version, most)));
 }
 
