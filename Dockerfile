@@ -1,6 +1,6 @@
 # The serving image (default target `serve`) and the one-shot artifact job (target `artifact-job`), CPU by default.
 #
-#   docker build -t rac:latest .                            # the service on :8000, artifacts read from /artifacts/demo
+#   docker build -t rac:latest .                            # the service on :8000 (gRPC :8001), artifacts from /artifacts/demo
 #   docker build --target artifact-job -t rac-artifact-job:latest .    # `rac build` ([build] extra, Fashion-MNIST)
 #   docker build --build-arg VARIANT=gpu \
 #     --build-arg BASE_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu22.04 -t rac:gpu .
@@ -98,8 +98,9 @@ RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
 # The page's files travel as package data: a wheel without them would serve a broken page.
 RUN python -c "from service.pages import STATIC; assert (STATIC / 'index.html').is_file() and (STATIC / 'page.js').is_file()"
 USER 10001
-ENV RAC_HOST=0.0.0.0 RAC_PORT=8000
-EXPOSE 8000
+# HTTP (the service's routes and the Open Inference Protocol's /v2) and the protocol's gRPC service.
+ENV RAC_HOST=0.0.0.0 RAC_PORT=8000 RAC_GRPC_PORT=8001
+EXPOSE 8000 8001
 # /healthz: the process answers. /readyz (artifacts loaded and warmed up) is what a load balancer should use.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('RAC_PORT', '8000'), timeout=2)"]

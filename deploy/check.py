@@ -26,6 +26,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import numpy as np
+import tritonclient.grpc as tg
+import tritonclient.http as th
+from tritonclient.utils import InferenceServerException
 
 from deploy.requirements import lists
 from loadtests.server import serving
@@ -291,6 +295,30 @@ def agree(results: Results, name: str, got: list[dict[str, Any]], want: list[tup
     results.record(name, labels and diff <= TOLERANCE, detail)
 
 
+def check_protocol(
+    results: Results, api: str, grpc_target: str, pngs: list[bytes], served: list[dict[str, Any]]
+) -> None:
+    """Every example in one Open Inference Protocol request, over v2 REST and over gRPC through the stack's
+    published ports, with the unmodified tritonclient: the same top labels and probabilities as POST /classify."""
+    n = len(served[0]["predictions"])  # served with top_k = every class
+    want_labels = [a["predictions"][0]["label"] for a in served]
+    want = np.array([probabilities(a, n) for a in served])
+    for name, client, target in (("v2 REST", th, api.removeprefix("http://")), ("v2 gRPC", tg, grpc_target)):
+        check = f"{name} inference through the stack = POST /classify"
+        tensor = client.InferInput("IMAGE", [len(pngs)], "BYTES")
+        tensor.set_data_from_numpy(np.array(pngs, dtype=object))
+        try:
+            result = client.InferenceServerClient(target).infer("rac", [tensor], parameters={"top_k": 1})
+        except InferenceServerException as e:
+            results.record(check, False, f"{target}: {e}")
+            continue
+        labels = [row[0].decode() for row in result.as_numpy("LABELS")]
+        diff = float(np.abs(result.as_numpy("PROBABILITIES") - want).max())
+        same = labels == want_labels
+        detail = f"{target}, {len(pngs)} examples in one request, same top labels: {same}, max |dp| {diff:.1e}"
+        results.record(check, same and diff <= TOLERANCE, detail)
+
+
 def check_stack(results: Results, ports: dict[str, str], work: Path) -> None:
     api, prometheus = f"http://127.0.0.1:{ports['RAC_API_PORT']}", f"http://127.0.0.1:{ports['RAC_PROMETHEUS_PORT']}"
     step(f"compose: up -d (project {PROJECT}, quick artifact build, API {api}, Prometheus {prometheus})")
@@ -326,6 +354,9 @@ def check_stack(results: Results, ports: dict[str, str], work: Path) -> None:
     )
     offline = [(e["predicted"], e["probabilities"]) for e in examples]
     agree(results, "Docker answers = the manifest's offline predictions", served, offline)
+
+    step("Open Inference Protocol: the examples over v2 REST and gRPC (tritonclient), through the published ports")
+    check_protocol(results, api, f"127.0.0.1:{ports['RAC_API_GRPC_PORT']}", pngs, served)
 
     step("cache: the examples again, and the keys in the stack's Redis")
     again = [classify(client, api, png, n) for png in pngs]

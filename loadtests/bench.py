@@ -8,8 +8,11 @@
 2. the raw encoder alone in onnxruntime, batch 1 to 64
 3. HTTP throughput and p50/p99 latency at several concurrencies, every request a new image (cache misses),
    driven by wrk (one thread, a Lua script cycling through prepared multipart bodies), with the CPU wrk used
-4. cache-hit latency: one image, over and over, one connection
-5. overload: 64 to 1024 connections of distinct images (loadtests/overload.py): successful and refused
+4. the same for the Open Inference Protocol, at each concurrency right after /classify: v2 REST driven by wrk
+   with prepared binary-tensor bodies (as tritonclient.http sends them), and gRPC driven by a separate process
+   (loadtests/v2load.py: grpc.aio, one connection per caller, prepared requests)
+5. cache-hit latency: one image, over and over, one connection
+6. overload: 64 to 1024 connections of distinct images (loadtests/overload.py): successful and refused
    requests per second, latency of each kind apart, /readyz latency meanwhile, cache errors, server memory
 """
 
@@ -31,33 +34,37 @@ from typing import Any
 import numpy as np
 import psutil
 
-from loadtests import ceiling, multipart
+from loadtests import ceiling, multipart, v2load
 from loadtests.images import pngs
 from loadtests.overload import write_bodies
-from loadtests.server import scrape, serving
+from loadtests.server import ROOT, free_port, scrape, serving
 from service import artifacts as A
 from service.settings import Settings
 
 LUA = r"""
-local bodies, n, i = {}, 0, 0
+local bodies, extras, n, i, header = {}, {}, 0, 0, nil
 function init(args)
   local f = assert(io.open(args[1], "rb"))
   local data = f:read("*all")
   f:close()
   local pos = 1
-  while pos <= #data do
+  while pos <= #data do  -- records "<length>[ <header value>]\n<body>"
     local nl = string.find(data, "\n", pos, true)
-    local len = tonumber(string.sub(data, pos, nl - 1))
+    local len, extra = string.match(string.sub(data, pos, nl - 1), "^(%d+) ?(.*)$")
+    len = tonumber(len)
     n = n + 1
-    bodies[n] = string.sub(data, nl + 1, nl + len)
+    bodies[n], extras[n] = string.sub(data, nl + 1, nl + len), extra
     pos = nl + 1 + len
   end
   wrk.method = "POST"
   wrk.headers["Content-Type"] = os.getenv("WRK_CONTENT_TYPE")
+  header = os.getenv("WRK_HEADER")  -- a header whose value differs per body (Inference-Header-Content-Length)
 end
 function request()
   i = i + 1
-  return wrk.format(nil, nil, nil, bodies[(i - 1) % n + 1])
+  local k = (i - 1) % n + 1
+  if header then wrk.headers[header] = extras[k] end
+  return wrk.format(nil, nil, nil, bodies[k])
 end
 function done(summary, latency, requests)
   local f = assert(io.open(os.getenv("WRK_OUT"), "w"))  -- done() runs in its own Lua state: no init args
@@ -95,9 +102,17 @@ def raw_encoder(settings: Settings, seconds: float = 2.0) -> dict[str, float]:
     return out
 
 
-def wrk(url: str, bodies: list[bytes], connections: int, seconds: float, workdir: Path) -> dict[str, Any]:
+def wrk(
+    url: str,
+    bodies: list[bytes],
+    connections: int,
+    seconds: float,
+    workdir: Path,
+    content_type: str = multipart.CONTENT_TYPE,
+    header: tuple[str, list[str]] | None = None,  # a header's name, and its value for each body
+) -> dict[str, Any]:
     data = workdir / f"bodies-{connections}.bin"
-    write_bodies(data, bodies)
+    write_bodies(data, bodies, header[1] if header else None)
     script, result = workdir / "bench.lua", workdir / f"wrk-{connections}.json"
     script.write_text(LUA)
     cmd = [
@@ -109,22 +124,40 @@ def wrk(url: str, bodies: list[bytes], connections: int, seconds: float, workdir
         "10s",
         "-s",
         str(script),
-        f"{url}/classify",
+        url,
         "--",
         str(data),
     ]
+    env = {"WRK_OUT": str(result), "WRK_CONTENT_TYPE": content_type} | ({"WRK_HEADER": header[0]} if header else {})
     cpu = children_cpu()
-    done = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        env=os.environ | {"WRK_OUT": str(result), "WRK_CONTENT_TYPE": multipart.CONTENT_TYPE},
-    )
+    done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | env)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed: {done.stdout}{done.stderr}")
     stats: dict[str, Any] = json.loads(result.read_text())
     stats["req_per_s"] = stats["requests"] / stats["seconds"]
     stats["client_cores"] = (children_cpu() - cpu) / stats["seconds"]  # what wrk itself kept busy
+    return stats
+
+
+def v2_http(url: str, images: list[bytes], connections: int, seconds: float, workdir: Path) -> dict[str, Any]:
+    """POST /v2/models/rac/infer with the binary tensor data extension, one image a request, by wrk."""
+    bodies, lengths = zip(*(v2load.http_body(png) for png in images), strict=True)
+    header = (v2load.HEADER_LENGTH, [str(n) for n in lengths])
+    target = f"{url}/v2/models/rac/infer"
+    return wrk(target, list(bodies), connections, seconds, workdir, "application/octet-stream", header)
+
+
+def v2_grpc(target: str, images: list[bytes], concurrency: int, seconds: float, workdir: Path) -> dict[str, Any]:
+    """ModelInfer, one image a request, from a separate process (loadtests/v2load.py; it reports the CPU it
+    used while measuring as client_cores)."""
+    requests, out = workdir / f"grpc-{concurrency}.bin", workdir / f"grpc-{concurrency}.json"
+    write_bodies(requests, [v2load.grpc_request(png) for png in images])
+    cmd = [sys.executable, "-m", "loadtests.v2load", "--target", target, "--requests", str(requests)]
+    cmd += ["--concurrency", str(concurrency), "--seconds", str(seconds), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"the gRPC load driver failed: {done.stdout}{done.stderr}")
+    stats: dict[str, Any] = json.loads(out.read_text())
     return stats
 
 
@@ -160,7 +193,11 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str, flood: st
     floods = [int(c) for c in flood.split(",") if c]
     settings = Settings(artifacts=artifacts)  # the caller's RAC_* settings, as the served process gets them
     print("preparing images ...", flush=True)
-    images = list(itertools.islice(pngs(), 60_000 + 40_000 * len(floods)))
+    # Enough distinct images that no measurement runs out (and repeats, hitting the cache) below 1,500 req/s.
+    share = max(2_000, round(1_500 * seconds))
+    apis = ("http", "v2_http", "v2_grpc")  # /classify and the Open Inference Protocol over REST and gRPC
+    flooded = 4096 + share * len(levels) * len(apis)  # where the overload runs' images start
+    images = list(itertools.islice(pngs(), flooded + 40_000 * len(floods)))
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "settings": {
@@ -176,25 +213,33 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str, flood: st
     print("raw encoder ...", flush=True)
     results["encoder"] = raw_encoder(settings)
     # The caller's RAC_* settings apply to the served process as they do to the in-process run.
-    own = ("RAC_ARTIFACTS", "RAC_HOST", "RAC_PORT")  # serving() chooses these
+    own = ("RAC_ARTIFACTS", "RAC_HOST", "RAC_PORT", "RAC_GRPC_PORT")  # serving() and this run choose these
     overrides = {k: v for k, v in os.environ.items() if k.startswith("RAC_") and k not in own}
     results["settings"] |= overrides
-    with serving(artifacts, **overrides) as url, tempfile.TemporaryDirectory() as tmp:
-        results["http"] = {}
+    grpc_port = free_port()
+    with serving(artifacts, RAC_GRPC_PORT=str(grpc_port), **overrides) as url, tempfile.TemporaryDirectory() as tmp:
+        for api in apis:
+            results[api] = {}
         used = 4096  # the images the in-process run used are never sent: every request is a miss
-        for c in levels:
-            print(f"HTTP, {c} connections ...", flush=True)
-            share = (60_000 - used) // len(levels)
-            bodies = [multipart.encode([("image", p)]) for p in images[used : used + share]]
-            used += share
-            results["http"][str(c)] = wrk(url, bodies, c, seconds, Path(tmp))
+        for c in levels:  # the three APIs back to back at each concurrency, each with its own new images
+            for api in apis:
+                print(f"{api}, {c} connections ...", flush=True)
+                batch, used = images[used : used + share], used + share
+                if api == "http":
+                    bodies = [multipart.encode([("image", p)]) for p in batch]
+                    results[api][str(c)] = wrk(f"{url}/classify", bodies, c, seconds, Path(tmp))
+                elif api == "v2_http":
+                    results[api][str(c)] = v2_http(url, batch, c, seconds, Path(tmp))
+                else:
+                    results[api][str(c)] = v2_grpc(f"127.0.0.1:{grpc_port}", batch, c, seconds, Path(tmp))
         print("cache hits ...", flush=True)
-        results["cache_hit"] = wrk(url, [multipart.encode([("image", images[0])])], 1, min(seconds, 5.0), Path(tmp))
+        hit = [multipart.encode([("image", images[0])])]
+        results["cache_hit"] = wrk(f"{url}/classify", hit, 1, min(seconds, 5.0), Path(tmp))
         results["server_cache"] = {
             key.split("{")[1].rstrip("}"): v for key, v in scrape(url).items() if key.startswith("rac_cache_total{")
         }
         results["overload"] = {}
-        used = 60_000
+        used = flooded
         for c in floods:
             print(f"overload, {c} connections ...", flush=True)
             bodies = [multipart.encode([("image", p)]) for p in images[used : used + 40_000]]
@@ -208,6 +253,8 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str, flood: st
         f"http_c{top}_over_single_process_ceiling": results["http"][top]["req_per_s"] / single,
         f"http_c{top}_p99_over_p50": results["http"][top]["p99_ms"] / results["http"][top]["p50_ms"],
         "served_ceiling_over_encoder_b32": served / results["encoder"]["32"],
+        f"v2_http_c{top}_over_http": results["v2_http"][top]["req_per_s"] / results["http"][top]["req_per_s"],
+        f"v2_grpc_c{top}_over_v2_http": results["v2_grpc"][top]["req_per_s"] / results["v2_http"][top]["req_per_s"],
     }
     if len(floods) > 1:
         low, high = results["overload"][str(min(floods))], results["overload"][str(max(floods))]
@@ -254,6 +301,25 @@ def table(r: dict[str, Any]) -> str:
                 f"| {c} | {o['ok_per_s']:.0f} | {o['refused_per_s']:.0f} | {_ms(o['ok_p50_ms'])} "
                 f"| {_ms(o['ok_p99_ms'])} | {_ms(o['refused_p99_ms'])} | {_ms(o['readyz_p99_ms'])} | {other} "
                 f"| {o['cache_errors']:.0f} | {o['server_rss_mb']:.0f} | {o['client_cores']:.2f} |"
+            )
+    return "\n".join(lines) + "\n\n" + protocol_table(r)
+
+
+def protocol_table(r: dict[str, Any]) -> str:
+    """/classify next to the Open Inference Protocol's REST and gRPC paths, measured back to back."""
+    lines = [
+        "| API | concurrency | req/s | p50 ms | p99 ms | errors | vs /classify | client CPU (cores) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    names = {"http": "POST /classify", "v2_http": "v2 REST (binary)", "v2_grpc": "v2 gRPC"}
+    for c in r["http"]:
+        for api, name in names.items():
+            s = r[api][c]
+            ratio = s["req_per_s"] / r["http"][c]["req_per_s"]
+            errors = s.get("non_2xx", 0) + s.get("socket_errors", 0) + s.get("non_ok", 0)
+            lines.append(
+                f"| {name} | {c} | {s['req_per_s']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {errors} "
+                f"| {ratio:.2f} | {s['client_cores']:.2f} |"
             )
     return "\n".join(lines)
 

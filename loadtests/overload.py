@@ -40,10 +40,12 @@ def read_bodies(path: Path) -> list[bytes]:
     return bodies
 
 
-def write_bodies(path: Path, bodies: list[bytes]) -> None:
+def write_bodies(path: Path, bodies: list[bytes], extras: list[str] | None = None) -> None:
+    """`<length>[ <extra>]\n<body>` each; an extra (a per-body header value for bench.py's wrk script) where given."""
     with path.open("wb") as f:
-        for body in bodies:
-            f.write(f"{len(body)}\n".encode() + body)
+        for i, body in enumerate(bodies):
+            extra = f" {extras[i]}" if extras else ""
+            f.write(f"{len(body)}{extra}\n".encode() + body)
 
 
 async def _response(reader: asyncio.StreamReader) -> tuple[int, bool]:

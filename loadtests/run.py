@@ -168,8 +168,10 @@ def summarise(
     total = next(r for r in stats if r["name"] == "Aggregated")
     sent = total["requests"]
     counted = delta(after, before, "rac_requests_total")
-    classify = sum(v for k, v in counted.items() if 'route="/classify' in k)
-    refused = sum(v for k, v in counted.items() if 'route="/classify' in k and 'status="503"' in k)
+    routes = ('route="/classify', 'route="/v2/models/{model_name}/infer"')  # what the two kinds of user call
+    served = {k: v for k, v in counted.items() if any(r in k for r in routes)}
+    classify = sum(served.values())
+    refused = sum(v for k, v in served.items() if 'status="503"' in k)
     lookups = delta(after, before, "rac_cache_total")
     cache = {r: lookups.get(f'rac_cache_total{{result="{r}"}}', 0.0) for r in ("hit", "miss", "error")}
     failures = total["failures"]

@@ -37,11 +37,14 @@ def scrape(url: str) -> dict[str, float]:
 @contextmanager
 def serving(artifacts: Path, **env: str) -> Iterator[str]:
     """Start `python -m service` (uvicorn, RAC_WORKERS processes) on a free port with RAC_ARTIFACTS=artifacts
-    and `env` (and no RAC_* or REDIS_URL of the caller's); yield its base URL once /readyz answers 200."""
+    and `env` (and no RAC_* or REDIS_URL of the caller's; gRPC off unless env names RAC_GRPC_PORT); yield its
+    base URL once /readyz answers 200."""
     port = free_port()
     environ = {k: v for k, v in os.environ.items() if not k.startswith("RAC_") and k != "REDIS_URL"}
     environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    environ |= {"RAC_ARTIFACTS": str(artifacts), "RAC_HOST": "127.0.0.1", "RAC_PORT": str(port), **env}
+    # gRPC stays off unless asked for (RAC_GRPC_PORT in env): never the well-known 8001 of a running demo.
+    base = {"RAC_ARTIFACTS": str(artifacts), "RAC_HOST": "127.0.0.1", "RAC_PORT": str(port), "RAC_GRPC_PORT": "0"}
+    environ |= base | env
     cmd = [sys.executable, "-m", "service"]
     url = f"http://127.0.0.1:{port}"
     # The log goes to a file, not a pipe: a long run's log would fill a pipe and stall the server.

@@ -4,6 +4,8 @@ rac build --out artifacts/demo            rac evaluate --artifacts artifacts/dem
 rac train --artifacts artifacts/demo      rac serve --artifacts artifacts/demo
 rac bench --artifacts artifacts/demo
 rac memory add|remove|publish|list        (memory versions: see models/memory_ops.py)
+rac memory synth --from artifacts/demo --size 1000000 --out .cache/scale/1m
+rac memory shard --from .cache/scale/1m --shards 2 --out .cache/scale/1m-shards
 """
 
 from __future__ import annotations
@@ -157,9 +159,50 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
+    if a.memory:
+        from loadtests.memory_bench import main as memory_bench
+
+        sizes = [int(n) for n in a.sizes.split(",")]
+        memory_bench(a.artifacts, sizes, a.scale_cache, a.json or Path("results/memory_scale.json"), a.requests)
+        return
     from loadtests.bench import main as bench
 
-    bench(a.artifacts, a.json, a.seconds, a.concurrency, a.overload)
+    bench(a.artifacts, a.json or Path("results/bench.json"), a.seconds, a.concurrency, a.overload)
+
+
+def cmd_memory_synth(a: argparse.Namespace) -> None:
+    from models.scale import SynthConfig, synth
+
+    cfg = SynthConfig(size=a.size, noise=a.noise, index=a.index, pq_m=a.pq_m, opq=a.opq, nlist=a.nlist, nprobe=a.nprobe)
+    m = synth(a.src, a.out, cfg)
+    print(f"wrote {a.out}: {m.memory.size} items, index {m.index.type}, recall@{m.index.k} {m.index.recall_at_k}")
+
+
+def cmd_memory_shard(a: argparse.Namespace) -> None:
+    from models.shards import shard
+
+    dirs = shard(a.src, a.out, a.shards)
+    print(f"wrote {len(dirs)} shards of {a.src} to {a.out}")
+
+
+def _scale_args(mem: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """rac memory synth | shard: scale memories for benchmarks, and shards (models/scale.py, models/shards.py)."""
+    sy = mem.add_parser("synth", help="a scale memory for benchmarks: the real items plus synthetic ones")
+    sy.add_argument("--from", dest="src", type=Path, required=True, help="an artifact directory")
+    sy.add_argument("--size", type=int, required=True, help="items in all, the real ones included")
+    sy.add_argument("--out", type=Path, required=True)
+    sy.add_argument("--noise", type=float, default=0.5, help="perturbation of the real keys")
+    sy.add_argument("--index", default="auto", help="auto (IVF-Flat below 500k items, IVF-PQ above) or a factory")
+    sy.add_argument("--pq-m", type=int, default=64, help="PQ bytes per item")
+    sy.add_argument("--opq", action="store_true", help="an OPQ rotation before PQ")
+    sy.add_argument("--nlist", type=int, default=0, help="IVF lists (0: about sqrt(size))")
+    sy.add_argument("--nprobe", type=int, default=0, help="0: the source's")
+    sy.set_defaults(func=cmd_memory_synth)
+    sh = mem.add_parser("shard", help="split a memory into shards sharing its trained IVF index")
+    sh.add_argument("--from", dest="src", type=Path, required=True, help="an artifact directory with an IVF index")
+    sh.add_argument("--shards", type=int, required=True)
+    sh.add_argument("--out", type=Path, required=True)
+    sh.set_defaults(func=cmd_memory_shard)
 
 
 def cmd_memory(a: argparse.Namespace) -> None:
@@ -209,6 +252,7 @@ def _memory_args(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     ls.add_argument("--root", type=Path, required=True)
     ls.add_argument("--json", action="store_true")
     mem.set_defaults(func=cmd_memory)
+    _scale_args(ops)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -272,10 +316,15 @@ def main(argv: list[str] | None = None) -> None:
 
     be = sub.add_parser("bench", help="in-process ceiling, raw encoder, HTTP throughput, cache hits")
     be.add_argument("--artifacts", type=Path, default=Path("artifacts/demo"))
-    be.add_argument("--json", type=Path, default=Path("results/bench.json"))
+    be.add_argument("--json", type=Path, help="default results/bench.json (--memory: results/memory_scale.json)")
     be.add_argument("--seconds", type=float, default=10.0, help="per HTTP measurement")
     be.add_argument("--concurrency", default="1,4,16")
     be.add_argument("--overload", default="64,256,1024", help="connections for the overload runs ('' for none)")
+    sc = be.add_argument_group("scale memories (--memory): the demo memory grown with synthetic items")
+    sc.add_argument("--memory", action="store_true", help="latency, start-up and sizes by memory size")
+    sc.add_argument("--sizes", default="100000,1000000,10000000")
+    sc.add_argument("--scale-cache", type=Path, default=Path(".cache/scale"), help="where scale memories are kept")
+    sc.add_argument("--requests", type=int, default=200, help="batch-1 requests per size (batch 32: an eighth)")
     be.set_defaults(func=cmd_bench)
 
     _memory_args(sub)

@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import api, pages, zeroshot_api
+from service import api, pages, v2_grpc, v2_rest, zeroshot_api
 from service.artifacts import ArtifactError
 from service.batching import Overloaded
 from service.metrics import Metrics
@@ -65,6 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise
         await pipeline.start()
         app.state.pipeline = pipeline
+        grpc_server = await v2_grpc.start(app.state, settings, metrics)
         follower = pipeline.follower
         if follower is not None:  # SIGHUP: look at the serving root's `current` link now
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -85,6 +86,8 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             app.state.ready = False
             warm.cancel()
+            if grpc_server is not None:
+                await grpc_server.stop(grace=5)
             await pipeline.stop()
             metrics.process_exited()
 
@@ -97,6 +100,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
     app.include_router(api.router)
     app.include_router(zeroshot_api.router)
+    app.include_router(v2_rest.router)
     app.include_router(pages.router)
     app.add_middleware(RequestMetrics, metrics=metrics)
 

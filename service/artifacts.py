@@ -9,6 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from service.integrity import FileChunks, sampled_ok
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ENCODER = "encoder.onnx"
@@ -90,6 +92,7 @@ class Manifest(BaseModel):
     evaluation: dict[str, Any]  # figures measured when built (see README)
     examples: list[dict[str, Any]]  # example PNGs with the labels and predictions made offline
     build: dict[str, Any]  # the offline configuration that made this directory
+    chunks: dict[str, FileChunks] = {}  # file name -> chunk digests (large memories: see service/integrity.py)
     zero_shot: ZeroShotInfo | None = None  # absent: built without `--zero-shot`
     # The model this memory belongs to (model_identity()); absent in directories written before versions.
     model_id: str | None = None
@@ -163,11 +166,18 @@ def resolve(path: Path) -> Path:
     return path
 
 
-def verify_files(directory: Path, manifest: Manifest) -> None:
+def verify_files(directory: Path, manifest: Manifest, full: bool = True) -> None:
+    """Every file's whole digest; where `full` is False, files with chunk digests are checked by size and a
+    sample of chunks instead."""
     for name in CHECKED_FILES:
         path = directory / name
         if not path.exists():
             raise ArtifactError(f"{path} is missing")
+        chunks = manifest.chunks.get(name)
+        if not full and chunks is not None:
+            if (problem := sampled_ok(path, chunks)) is not None:
+                raise ArtifactError(f"{path} {problem}: it was changed after the build")
+            continue
         want = manifest.files.get(name)
         if want is not None and digest(path) != want:
             raise ArtifactError(f"{path} does not match the checksum in {MANIFEST}: it was changed after the build")

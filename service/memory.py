@@ -14,6 +14,7 @@ import faiss
 import numpy as np
 
 from service import artifacts as A
+from service import paging, rerank
 
 # Ids per `IN (...)` query: under SQLite's smallest default bound on parameters (999), whatever B * k is.
 SQL_CHUNK = 900
@@ -88,8 +89,12 @@ class Memory:
             self.index = faiss.read_index(str(directory / A.INDEX), faiss.IO_FLAG_MMAP_IFC)
         except RuntimeError as e:
             raise A.ArtifactError(f"{directory / A.INDEX} is not a readable FAISS index: {e}") from e
-        if isinstance(self.index, faiss.IndexIVF):
-            self.index.nprobe = nprobe
+        self.directory = directory
+        self.ivf = faiss.try_extract_index_ivf(self.index)  # also inside an OPQ pre-transform
+        if self.ivf is not None:
+            self.ivf.nprobe = nprobe
+        # A quantized index searches FACTOR x k candidates and re-ranks them against the stored keys.
+        self.rerank = rerank.FACTOR if rerank.quantized(self.index) else 0
         self.threads = threads
         self.keys = open_array(directory / A.KEYS)  # (N, d) float16
         self.values = open_array(directory / A.VALUES)  # (N, dv) float16
@@ -119,15 +124,21 @@ class Memory:
             faiss.omp_set_num_threads(self.threads)  # for this thread only (the batch worker, not the loader)
             _threads.n = self.threads
         z = np.ascontiguousarray(z, dtype=np.float32)
-        sims, ids = self.index.search(z, k)
-        short = (ids < 0).any(1)  # an IVF probe that found fewer than k items pads with -1
-        if short.any() and isinstance(self.index, faiss.IndexIVF):
-            exhaustive = faiss.SearchParametersIVF()
-            exhaustive.nprobe = self.index.nlist
-            sims[short], ids[short] = self.index.search(z[short], k, params=exhaustive)
-        if (ids < 0).any():
+        wanted = min(k * self.rerank, self.size) if self.rerank else k
+        sims, ids = self.index.search(z, wanted)
+        short = (ids >= 0).sum(1) < k  # an IVF probe that found fewer than k items pads with -1
+        if short.any() and self.ivf is not None:
+            sims[short], ids[short] = self.index.search(z[short], wanted, params=rerank.exhaustive(self.index))
+        if ((ids >= 0).sum(1) < k).any():
             raise RuntimeError(f"the memory holds fewer than k={k} items")
+        if self.rerank:
+            return rerank.rerank(z, ids, self.keys, k)
         return sims, ids
+
+    def prefault(self) -> None:
+        """Keys and values into the page cache and this process's page tables; the index into the page cache."""
+        paging.touch(self.keys, self.values)
+        prefault(self.directory / A.INDEX)
 
     def gather(self, ids: np.ndarray, keys: bool, values: bool) -> tuple[np.ndarray, np.ndarray]:
         """ids (B, k) -> keys (B, k, d) and values (B, k, dv), float16 as stored; (B, k, 0) for what is not

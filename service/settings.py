@@ -14,7 +14,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RAC_", frozen=True)
 
     artifacts: Path = Path("artifacts/demo")
-    verify_checksums: bool = True  # hash every artifact file at start-up against the manifest
+    verify_checksums: bool = True  # check artifact files at start-up against the manifest
+    # Hash every byte even of files with chunk digests (a 10M-item memory: minutes); else sizes + sampled chunks.
+    verify_full: bool = False
+    prefault: bool = True  # read the index, keys and values into memory before turning ready
     # A serving root (a `current` link to a version directory): how often each process looks at the link.
     memory_poll_s: float = 1.0
     # Bearer token for POST /admin/reload; unset: the admin routes are off (404).
@@ -23,6 +26,8 @@ class Settings(BaseSettings):
     # Serving (`python -m service`)
     host: str = "127.0.0.1"
     port: int = 8000
+    # The Open Inference Protocol's gRPC service (service/v2_grpc.py), in every server process; 0: off.
+    grpc_port: int = 8001
     # Server processes `python -m service` starts, each with its own pipeline; 0: one per core. Processes, not
     # threads, because one process spends much of its time holding the GIL (HTTP, decoding, batching) while
     # its cores wait. The encoder threads of each process share the cores among `workers` (a plain

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service import artifacts as A
-from service.memory import Memory, prefault
+from service.memory import Memory
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -61,17 +61,18 @@ def load_version(directory: Path, settings: Settings, model: A.Manifest | None, 
     if model is not None and (why := A.model_mismatch(model, manifest)):
         raise A.ArtifactError(f"{directory}: {why}")
     if settings.verify_checksums:
-        A.verify_files(directory, manifest)  # reads every file: the page cache is warm after this
-    else:
-        for name in (A.INDEX, A.KEYS, A.VALUES):
-            prefault(directory / name)
+        # Whole files, or sizes and sampled chunks where the build wrote chunk digests (service/integrity.py).
+        A.verify_files(directory, manifest, full=settings.verify_full)
     memory = Memory(directory, manifest.index.nprobe, settings.search_threads)
     try:
         check_memory(directory, manifest, memory, encoder_dim)
     except A.ArtifactError:
         memory.close()
         raise
-    memory.willneed()
+    if settings.prefault:
+        memory.prefault()  # before it serves (at start-up: before /readyz): no cold page inside a request
+    else:
+        memory.willneed()
     return MemoryVersion(directory, manifest, memory)
 
 

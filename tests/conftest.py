@@ -16,6 +16,8 @@ from tests.synthetic import make_artifacts
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+# Apps built in tests leave gRPC off unless a test names a port: never the well-known 8001 of a running demo.
+os.environ["RAC_GRPC_PORT"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,171 @@
+"""The Open Inference Protocol over gRPC: `inference.GRPCInferenceService`, in every server process.
+
+The messages and the service base class are the protocol's own generated code as tritonclient ships it
+(`tritonclient.grpc.service_pb2`, `service_pb2_grpc`): nothing of the wire format is written here. The server
+is grpc.aio on the server process's own event loop (the one uvicorn runs), so a request reaches the very
+pipeline, micro-batcher, cache and metrics the HTTP routes use. Implemented: ServerLive, ServerReady,
+ModelReady, ServerMetadata, ModelMetadata, ModelInfer; the rest answer UNIMPLEMENTED.
+
+Several server processes all listen on RAC_GRPC_PORT with SO_REUSEPORT, and the kernel spreads connections
+over them; one process alone does not set it, so a port already taken fails the start instead of being shared.
+A gRPC channel is one connection: a client that wants every process busy opens several (with
+`grpc.use_local_subchannel_pool`, else grpcio shares one connection among channels to the same address).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import json_format
+from grpc.aio import ServicerContext as Context
+from starlette.datastructures import State
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from service import v2
+from service.batching import Overloaded
+from service.metrics import Metrics
+from service.pipeline import Pipeline
+from service.settings import Settings
+from service.v2 import V2Error
+
+log = logging.getLogger(__name__)
+SERVICE = "/inference.GRPCInferenceService/"
+CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+R = TypeVar("R")
+
+
+class Servicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Reads the pipeline and readiness from the app's state at every call, as the HTTP routes do."""
+
+    def __init__(self, state: State, metrics: Metrics) -> None:
+        self.state, self.metrics = state, metrics
+
+    async def _answer(self, method: str, context: Context, call: Callable[[], Awaitable[R]]) -> R:
+        """Runs one call, counted in rac_requests_total{route="/inference.GRPCInferenceService/<method>"} with
+        the HTTP status the outcome would have had (499: the client went away); a V2Error or overload becomes
+        the protocol's status."""
+        status = 500
+        try:
+            result = await call()
+            status = 200
+            return result
+        except V2Error as e:
+            status = e.status
+            await context.abort(CODES.get(e.status, grpc.StatusCode.INVALID_ARGUMENT), e.message)
+        except Overloaded as e:
+            status = 503
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"overloaded, retry shortly: {e}")
+        except asyncio.CancelledError:
+            status = 499  # the client went away (cancelled, or its deadline passed): no server error
+            raise
+        finally:
+            self.metrics.requests.labels(SERVICE + method, str(status)).inc()
+        raise AssertionError("context.abort returned")  # it always raises
+
+    def _pipeline(self) -> Pipeline:
+        pipeline: Pipeline | None = getattr(self.state, "pipeline", None)
+        if pipeline is None:
+            raise V2Error(503, "not ready: the artifacts are still loading")
+        return pipeline
+
+    def _ready(self) -> bool:
+        return bool(getattr(self.state, "ready", False))
+
+    async def ServerLive(self, request: Any, context: Context) -> Any:
+        async def call() -> Any:
+            return pb.ServerLiveResponse(live=True)
+
+        return await self._answer("ServerLive", context, call)
+
+    async def ServerReady(self, request: Any, context: Context) -> Any:
+        async def call() -> Any:
+            return pb.ServerReadyResponse(ready=self._ready())
+
+        return await self._answer("ServerReady", context, call)
+
+    async def ModelReady(self, request: Any, context: Context) -> Any:
+        async def call() -> Any:
+            v2.check_model(request.name, request.version)
+            return pb.ModelReadyResponse(ready=self._ready())
+
+        return await self._answer("ModelReady", context, call)
+
+    async def ServerMetadata(self, request: Any, context: Context) -> Any:
+        async def call() -> Any:
+            return json_format.ParseDict(v2.server_metadata(), pb.ServerMetadataResponse())
+
+        return await self._answer("ServerMetadata", context, call)
+
+    async def ModelMetadata(self, request: Any, context: Context) -> Any:
+        async def call() -> Any:
+            v2.check_model(request.name, request.version)
+            return json_format.ParseDict(v2.model_metadata(self._pipeline()), pb.ModelMetadataResponse())
+
+        return await self._answer("ModelMetadata", context, call)
+
+    async def ModelInfer(self, request: Any, context: Context) -> Any:
+        async def call() -> Any:
+            v2.check_model(request.model_name, request.model_version)
+            pipeline = self._pipeline()
+            outputs, memory_version = await v2.infer(pipeline, parse(request, pipeline.settings.max_batch_images))
+            response = pb.ModelInferResponse(model_name=v2.MODEL, model_version=v2.VERSION, id=request.id)
+            response.parameters["memory_version"].string_param = memory_version
+            for out in outputs:
+                response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+                response.raw_output_contents.append(out.raw())
+            return response
+
+        return await self._answer("ModelInfer", context, call)
+
+
+def parse(request: Any, limit: int) -> v2.InferRequest:
+    """A ModelInferRequest -> the request. An input's data is in raw_input_contents (the same index as the
+    input; what tritonclient sends) or in contents.bytes_contents. At most `limit` elements are read."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise V2Error(400, f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: give one per input")
+    inputs = []
+    for i, t in enumerate(request.inputs):
+        elements: list[bytes] = []
+        if t.datatype == "BYTES":
+            what = f"input '{t.name}'"
+            elements = v2.parse_bytes(raw[i], what, limit) if raw else list(t.contents.bytes_contents)
+        inputs.append(v2.InputTensor(t.name, t.datatype, list(t.shape), elements))
+    parameters = {
+        k: getattr(p, p.WhichOneof("parameter_choice") or "string_param") for k, p in request.parameters.items()
+    }
+    outputs = [o.name for o in request.outputs]
+    return v2.InferRequest(request.model_name, request.model_version, inputs, parameters, outputs, request.id)
+
+
+async def start(state: State, settings: Settings, metrics: Metrics) -> grpc.aio.Server | None:
+    """Serve the protocol on settings.host:settings.grpc_port in this process; None where the port is 0."""
+    if not settings.grpc_port:
+        return None
+    options = [
+        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+        ("grpc.max_receive_message_length", settings.max_request_bytes),
+    ]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(state, metrics), server)
+    address = f"{settings.host}:{settings.grpc_port}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"gRPC cannot listen on {address} (RAC_GRPC_PORT; 0 turns gRPC off; processes of one server share it "
+            f"where RAC_WORKERS gives their number, as `python -m service` sets it): {e}"
+        ) from None
+    await server.start()
+    log.info("Open Inference Protocol over gRPC on %s", address)
+    return server

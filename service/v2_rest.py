@@ -1,0 +1,273 @@
+"""The Open Inference Protocol over HTTP: the /v2 routes, beside the service's own.
+
+Requests come as JSON, where each IMAGE element is the base64 of an encoded image (images are not UTF-8 text,
+which JSON strings must be), or with Triton's binary tensor data extension, what tritonclient sends by default:
+the body's first `Inference-Header-Content-Length` bytes are the JSON header, and each input whose parameters
+give `binary_data_size` takes that many bytes of what follows, in input order (a BYTES tensor as 4-byte
+little-endian lengths, each followed by its element). Answers alike: an output asked for with parameter
+`binary_data: true` (every output, with the request parameter `binary_data_output: true`) comes after the
+JSON header instead of inside it. `Content-Encoding: gzip` or `deflate` bodies are read too. Refusals have the
+protocol's shape, `{"error": "..."}`. The checks and the pipeline call are service/v2.py's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
+
+from service import v2
+from service.batching import Overloaded
+from service.pipeline import Pipeline
+from service.v2 import V2Error
+
+router = APIRouter(tags=["Open Inference Protocol (KServe v2)"])
+HEADER_LENGTH = "Inference-Header-Content-Length"
+P = ParamSpec("P")
+
+
+def error(status: int, message: str) -> Response:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return Response(orjson.dumps({"error": message}), status, headers, media_type="application/json")
+
+
+def _json(payload: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status, media_type="application/json")
+
+
+def protocol_errors(route: Callable[P, Awaitable[Response]]) -> Callable[P, Awaitable[Response]]:
+    """A V2Error (or the pipeline refusing more work) becomes the protocol's error answer."""
+
+    @functools.wraps(route)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> Response:
+        try:
+            return await route(*args, **kwargs)
+        except V2Error as e:
+            return error(e.status, e.message)
+        except Overloaded as e:
+            return error(503, f"overloaded, retry shortly: {e}")
+
+    return wrapper
+
+
+def _pipeline(request: Request) -> Pipeline:
+    pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
+    if pipeline is None:
+        raise V2Error(503, "not ready: the artifacts are still loading")
+    return pipeline
+
+
+def _ready(request: Request) -> bool:
+    return bool(getattr(request.app.state, "ready", False))
+
+
+# ---------------------------------------------------------------- health and metadata
+
+
+@router.get("/v2")
+async def server_metadata() -> Response:
+    """Server name, version and the protocol extensions it supports."""
+    return _json(v2.server_metadata())
+
+
+@router.get("/v2/health/live")
+async def server_live() -> Response:
+    return _json({"live": True})
+
+
+@router.get("/v2/health/ready")
+async def server_ready(request: Request) -> Response:
+    """200 once the model is loaded and warmed up; 400 before (the protocol's 4xx for false)."""
+    ready = _ready(request)
+    return _json({"ready": ready}, 200 if ready else 400)
+
+
+@router.get("/v2/models/{model_name}")
+@router.get("/v2/models/{model_name}/versions/{model_version}")
+@protocol_errors
+async def model_metadata(request: Request, model_name: str, model_version: str = "") -> Response:
+    """The model's input and outputs: names, datatypes and shapes (-1: any size)."""
+    v2.check_model(model_name, model_version)
+    return _json(v2.model_metadata(_pipeline(request)))
+
+
+@router.get("/v2/models/{model_name}/ready")
+@router.get("/v2/models/{model_name}/versions/{model_version}/ready")
+@protocol_errors
+async def model_ready(request: Request, model_name: str, model_version: str = "") -> Response:
+    v2.check_model(model_name, model_version)
+    ready = _ready(request)
+    return _json({"name": model_name, "ready": ready}, 200 if ready else 400)
+
+
+# ---------------------------------------------------------------- inference
+
+
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "An inference request: JSON, or a JSON header of Inference-Header-Content-Length bytes "
+        "followed by the tensors' binary data",
+        "content": {
+            "application/json": {
+                "example": {
+                    "inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": ["<base64 of a PNG>"]}],
+                    "parameters": {"top_k": 3, "neighbors": 3},
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.post("/v2/models/{model_name}/infer", openapi_extra=INFER_BODY)
+@router.post("/v2/models/{model_name}/versions/{model_version}/infer", openapi_extra=INFER_BODY)
+@protocol_errors
+async def model_infer(request: Request, model_name: str, model_version: str = "") -> Response:
+    """Classify the images of input IMAGE (BYTES [B]); JSON or the binary tensor data extension."""
+    v2.check_model(model_name, model_version)
+    pipeline = _pipeline(request)
+    body = await _body(request, pipeline.settings.max_request_bytes)
+    limit = pipeline.settings.max_batch_images
+    req, binary = parse(body, request.headers.get(HEADER_LENGTH), model_name, model_version, limit)
+    outputs, memory_version = await v2.infer(pipeline, req)
+    doc: dict[str, object] = {"model_name": v2.MODEL, "model_version": v2.VERSION}
+    if req.id:
+        doc["id"] = req.id
+    doc["parameters"] = {"memory_version": memory_version}
+    entries, blobs = [], []
+    for out in outputs:
+        entry: dict[str, object] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
+        if binary(out.name):
+            raw = out.raw()
+            blobs.append(raw)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+        else:
+            entry["data"] = out.data()
+        entries.append(entry)
+    doc["outputs"] = entries
+    head = orjson.dumps(doc)
+    if not blobs:
+        return Response(head, media_type="application/json")
+    headers = {HEADER_LENGTH: str(len(head))}
+    return Response(b"".join([head, *blobs]), headers=headers, media_type="application/octet-stream")
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The whole body, refused (413) once it passes `limit` bytes, checked while reading; decompressed."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise V2Error(413, f"request body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise V2Error(413, f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise V2Error(400, "client disconnected before the body was complete") from None
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding == "identity":
+        return body
+    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
+    if wbits is None:
+        raise V2Error(415, f"content encoding {encoding}: send gzip, deflate or an uncompressed body")
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(body, limit + 1)  # never more than the limit in memory: no zip bombs
+    except zlib.error as e:
+        raise V2Error(400, f"corrupt {encoding} body: {e}") from None
+    if len(out) > limit:
+        raise V2Error(413, f"request body is over the limit of {limit} bytes once decompressed")
+    if not inflater.eof:
+        raise V2Error(400, f"truncated {encoding} body")
+    return out
+
+
+def parse(
+    body: bytes, header_length: str | None, model: str, version: str, limit: int
+) -> tuple[v2.InferRequest, Callable[[str], bool]]:
+    """A request body -> the request, and which outputs to answer in binary. A BYTES input holding more than
+    `limit` elements is refused before they are all read."""
+    view = memoryview(body)
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise V2Error(400, f"{HEADER_LENGTH} is {header_length!r}; the body is {len(body)} bytes")
+        split = int(header_length)
+        header, binary = view[:split], view[split:]
+    else:
+        header, binary = view, view[:0]
+    try:
+        doc = orjson.loads(header)
+    except orjson.JSONDecodeError as e:
+        raise V2Error(400, f"the inference request is not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
+        raise V2Error(400, "the inference request must be a JSON object with a list of 'inputs'")
+    inputs, used = [], 0
+    for tensor in doc["inputs"]:
+        if not isinstance(tensor, dict):
+            raise V2Error(400, "each input must be a JSON object with name, datatype, shape and data")
+        t, used = _input(tensor, binary, used, limit)
+        inputs.append(t)
+    if used != len(binary):
+        raise V2Error(400, f"{len(binary) - used} bytes of binary data follow the header that no input claims")
+    outputs = doc.get("outputs") or []
+    parameters = doc.get("parameters") or {}
+    if not isinstance(outputs, list) or not all(
+        isinstance(o, dict) and "name" in o and isinstance(o.get("parameters") or {}, dict) for o in outputs
+    ):
+        raise V2Error(400, "'outputs' must be a list of objects with a name (and parameters an object)")
+    if not isinstance(parameters, dict):
+        raise V2Error(400, "'parameters' must be a JSON object")
+    default = parameters.get("binary_data_output") is True
+    wanted = {str(o["name"]): (o.get("parameters") or {}).get("binary_data", default) is True for o in outputs}
+    req = v2.InferRequest(model, version, inputs, parameters, list(wanted), str(doc.get("id", "")))
+    return req, lambda name: wanted.get(name, default)
+
+
+def _input(tensor: dict[str, object], binary: memoryview, used: int, limit: int) -> tuple[v2.InputTensor, int]:
+    name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
+    if not isinstance(name, str) or not isinstance(datatype, str):
+        raise V2Error(400, "each input needs a string 'name' and 'datatype'")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise V2Error(400, f"input '{name}': 'shape' must be a list of integers, got {shape!r}")
+    parameters = tensor.get("parameters") or {}
+    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    if size is not None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0 or used + size > len(binary):
+            raise V2Error(400, f"input '{name}': binary_data_size {size!r}; {len(binary) - used} bytes remain")
+        raw = binary[used : used + size]
+        elements = v2.parse_bytes(raw, f"input '{name}'", limit) if datatype == "BYTES" else []
+        return v2.InputTensor(name, datatype, shape, elements), used + size
+    if "data" not in tensor:
+        raise V2Error(400, f"input '{name}' has neither 'data' nor a binary_data_size parameter")
+    elements = _base64_elements(name, tensor["data"], limit) if datatype == "BYTES" else []
+    return v2.InputTensor(name, datatype, shape, elements), used
+
+
+def _base64_elements(name: str, data: object, limit: int) -> list[bytes]:
+    """JSON data of a BYTES input of shape [B]: a flat list of base64 strings."""
+    if not isinstance(data, list):
+        raise V2Error(400, f"input '{name}': 'data' must be a list of base64 strings")
+    if len(data) > limit:
+        raise V2Error(400, f"input '{name}' holds {len(data)} elements; the limit is {limit} images")
+    out = []
+    for i, element in enumerate(data):
+        if not isinstance(element, str):
+            raise V2Error(400, f"{name}[{i}]: a BYTES element in JSON must be a base64 string")
+        try:
+            out.append(base64.b64decode(element, validate=True))
+        except (binascii.Error, ValueError):
+            raise V2Error(400, f"{name}[{i}]: not base64 (in JSON, send each image as its base64)") from None
+    return out

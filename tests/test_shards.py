@@ -1,0 +1,90 @@
+"""Shards: a memory split into shards that share its trained index answers, merged, what the unsharded memory
+answers (FAISS's own IndexShards as the reference for the index, the served Memory for the whole search)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from models.scale import SynthConfig, exact_search, synth
+from models.shards import shard, split
+from service import artifacts as A
+from service.memory import Memory
+from service.shards import Answer, Shard, merge
+
+SIZE = 20_000
+
+
+@pytest.fixture(scope="module", params=["IVF-PQ", "IVF-Flat"])
+def memory_dir(
+    request: pytest.FixtureRequest, synthetic_artifacts: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    out = tmp_path_factory.mktemp("shards") / request.param
+    pq_above = 10_000 if request.param == "IVF-PQ" else 10**9
+    synth(synthetic_artifacts, out, SynthConfig(size=SIZE, pq_above=pq_above, pq_m=8, chunk=4096, recall_queries=0))
+    return out
+
+
+def queries(d: int, n: int = 64) -> np.ndarray:
+    z = np.random.default_rng(5).standard_normal((n, d)).astype(np.float32)
+    return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+
+def test_split_covers_every_id_once() -> None:
+    parts = split(10, 3)
+    assert parts[0][0] == 0 and parts[-1][1] == 10
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
+
+
+def test_shard_indexes_equal_index_shards_and_the_unsharded_index(memory_dir: Path, tmp_path: Path) -> None:
+    dirs = shard(memory_dir, tmp_path / "sharded", 3)
+    nprobe, k = 8, 10
+    whole = faiss.read_index(str(memory_dir / A.INDEX))
+    reference = faiss.IndexShards(whole.d, False, False)  # type: ignore[call-arg]  # not threaded, global ids
+    parts = [faiss.read_index(str(d / A.INDEX)) for d in dirs]
+    assert sum(p.ntotal for p in parts) == whole.ntotal == SIZE
+    for index in (whole, *parts):
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    for p in parts:
+        reference.add_shard(p)
+    z = queries(whole.d)
+    want_d, want_i = whole.search(z, k)
+    ref_d, ref_i = reference.search(z, k)
+    np.testing.assert_array_equal(ref_i, want_i)
+    np.testing.assert_allclose(ref_d, want_d, rtol=0, atol=1e-6)
+    # The merge the ingress does, over each shard's raw top k:
+    answers = [Answer(*p.search(z, k), np.zeros((len(z), k, 0), np.float16)) for p in parts]
+    merged = merge(answers, k)
+    np.testing.assert_array_equal(merged.ids, want_i)
+    np.testing.assert_allclose(merged.sims, want_d, rtol=0, atol=1e-6)
+
+
+def test_sharded_search_answers_as_the_served_memory(memory_dir: Path, tmp_path: Path) -> None:
+    """Through Shard (re-ranking inside each shard where the index is quantized) and merge: the same neighbours,
+    exact similarities and values as the unsharded served memory."""
+    dirs = shard(memory_dir, tmp_path / "sharded", 2)
+    k, nprobe = 20, 8
+    memory = Memory(memory_dir, nprobe)
+    shards = [Shard(d, nprobe) for d in dirs]
+    z = queries(memory.dim)
+    merged = merge([s.search(z, k) for s in shards], k)
+    sims, ids = memory.search(z, k)
+    _, want_values = memory.gather(merged.ids, keys=False, values=True)
+    np.testing.assert_array_equal(merged.values, want_values)
+    exact = np.einsum("qkd,qd->qk", memory.keys[merged.ids].astype(np.float32), z)
+    np.testing.assert_allclose(merged.sims, exact, rtol=0, atol=1e-6)
+    if not memory.rerank:  # exact codes: identical answers
+        np.testing.assert_array_equal(merged.ids, ids)
+        np.testing.assert_allclose(merged.sims, sims, rtol=0, atol=1e-6)
+    else:  # each shard re-ranks its own 4k candidates: a superset of the unsharded 4k, never worse
+        _, truth = exact_search(memory.keys, z, k)
+
+        def recall(found: np.ndarray) -> float:
+            return float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(found, truth, strict=True)]))
+
+        assert recall(merged.ids) >= recall(ids) - 1e-9
+        assert (merged.ids == ids).mean() > 0.95
