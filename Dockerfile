@@ -95,6 +95,8 @@ FROM app AS serve
 RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
     pip install --no-deps --no-cache-dir /dist/*.whl && pip check \
  && python -c "import torch, onnxruntime, faiss, service.app, models.cli"
+# The page's files travel as package data: a wheel without them would serve a broken page.
+RUN python -c "from service.pages import STATIC; assert (STATIC / 'index.html').is_file() and (STATIC / 'page.js').is_file()"
 USER 10001
 # HTTP (the service's routes and the Open Inference Protocol's /v2) and the protocol's gRPC service.
 ENV RAC_HOST=0.0.0.0 RAC_PORT=8000 RAC_GRPC_PORT=8001

@@ -7,7 +7,7 @@ ARTIFACTS ?= artifacts/demo
 REDIS_URL ?= redis://127.0.0.1:6379/0
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo build evaluate test lint bench load load-quick docker-test setup data redis wrk clean
+.PHONY: demo build evaluate test lint bench load load-quick docker-test setup data redis browser wrk clean
 
 demo: setup data redis $(ARTIFACTS)/manifest.json  ## build the demo artifacts if missing, then serve on 127.0.0.1:8000
 	REDIS_URL=$(REDIS_URL) $(BIN)/rac serve --artifacts $(ARTIFACTS) --host 127.0.0.1 --port 8000
@@ -21,7 +21,7 @@ $(ARTIFACTS)/manifest.json:
 evaluate: setup data $(ARTIFACTS)/manifest.json  ## the paper's tables (Table 1, k sweep, memory ablation)
 	$(BIN)/rac evaluate --artifacts $(ARTIFACTS) --json results/evaluation.json
 
-test: setup data redis  ## lint, then every test (a few minutes)
+test: setup data redis browser  ## lint, then every test (a few minutes)
 	$(MAKE) lint
 	$(BIN)/pytest
 
@@ -61,6 +61,10 @@ redis:  ## a Redis on 127.0.0.1:6379 for the cache tests: started if down, insta
 	  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no --dir /tmp; \
 	  sleep 1; \
 	fi
+
+browser:  ## Debian's chromium for the page's browser test: installed if absent (as root); the test says so if it is not
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "could not install chromium: the browser test will be skipped"
 
 wrk:
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }

@@ -22,7 +22,7 @@ from models.data import Dataset, Splits, class_buckets, fashion_mnist, list_data
 from models.evaluate import JSON, evaluate_head
 from models.features import Prepared, cached_embed, export_encoder
 from models.mam import Head, HeadConfig
-from models.memory import Memory, make_memory, retrieve, write_memory
+from models.memory import Memory, make_memory, retrieve, thumbnails, write_memory
 from models.train import MemoryTensors, TrainConfig, predict, train_head
 from service import artifacts as A
 from service.decode import InputSpec
@@ -260,7 +260,8 @@ def _build(cfg: BuildConfig) -> A.Manifest:
     evaluation["buckets"] = {c: str(b) for c, b in zip(classes, buckets, strict=True)}
     log.info("test accuracy: %s", evaluation["test"]["accuracy"])
 
-    write_memory(out, memory.index, memory.keys, memory.values, memory.items)
+    thumbs = thumbnails(prep.dataset, memory.items)
+    write_memory(out, memory.index, memory.keys, memory.values, memory.items, thumbs)
     zero_shot = build_zero_shot(cfg, prep, memory) if cfg.zero_shot else None
     script_head(head, tensors.batch(val, np.arange(min(64, len(val.labels))), k, head), out / A.HEAD)
     logits, _ = predict(head, test, tensors, k)

@@ -3,13 +3,16 @@ the keys, and writing all of it in the form the service memory-maps."""
 
 from __future__ import annotations
 
+import io
 import math
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+from PIL import Image
 
 from models.data import Dataset, Part, Splits
 from models.features import Prepared, cached_embed
@@ -251,13 +254,35 @@ def retrieve(prep: Prepared, memory: Memory, part: Part, k: int) -> Retrieved:
 # ---------------------------------------------------------------- writing
 
 
-def write_items(path: Path, items: MemoryItems) -> None:
-    """The item table the service shows with each neighbour: id -> source, text, label."""
+THUMBNAIL_PX = 48  # the longest side of a stored thumbnail; smaller images are kept at their own size
+
+
+def thumbnail_bytes(image: Image.Image, size: int = THUMBNAIL_PX) -> bytes:
+    """A small PNG of `image` for the page: at most size x size, aspect kept, never enlarged (a 28x28
+    Fashion-MNIST image stays 28x28, about 500 bytes)."""
+    im = image if image.mode in ("L", "RGB") else image.convert("RGB")
+    im = im.copy()
+    im.thumbnail((size, size), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+def thumbnails(dataset: Dataset, items: MemoryItems, size: int = THUMBNAIL_PX) -> list[bytes]:
+    """One thumbnail per memory item, in item order."""
+    return [thumbnail_bytes(dataset.pools[p].image(int(i)), size) for p, i in zip(items.pool, items.index, strict=True)]
+
+
+def write_items(path: Path, items: MemoryItems, thumbs: Sequence[bytes | None] | None = None) -> None:
+    """The item table the service shows with each neighbour: id -> source, text, label, origin and a
+    thumbnail (PNG bytes; NULL where none was made)."""
+    if thumbs is not None and len(thumbs) != len(items):
+        raise ValueError(f"{len(thumbs)} thumbnails for {len(items)} items")
     path.unlink(missing_ok=True)
     with sqlite3.connect(path) as db:
         db.execute(
             "CREATE TABLE items (id INTEGER PRIMARY KEY, source TEXT NOT NULL, text TEXT NOT NULL,"
-            " label INTEGER NOT NULL, origin TEXT NOT NULL)"
+            " label INTEGER NOT NULL, origin TEXT NOT NULL, thumbnail BLOB)"
         )
         rows = zip(
             range(len(items)),
@@ -265,16 +290,24 @@ def write_items(path: Path, items: MemoryItems) -> None:
             items.text,
             items.label.tolist(),
             [f"{p}/{i}" for p, i in zip(items.pool, items.index, strict=True)],
+            thumbs if thumbs is not None else [None] * len(items),
             strict=True,
         )
-        db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?)", rows)
+        db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?)", rows)
     db.close()
 
 
-def write_memory(out: Path, index: faiss.Index, keys: np.ndarray, values: np.ndarray, items: MemoryItems) -> None:
+def write_memory(
+    out: Path,
+    index: faiss.Index,
+    keys: np.ndarray,
+    values: np.ndarray,
+    items: MemoryItems,
+    thumbs: Sequence[bytes | None] | None = None,
+) -> None:
     """index.faiss, keys.npy and values.npy (float16, memory-mapped by the service), items.sqlite."""
     out.mkdir(parents=True, exist_ok=True)
     faiss.write_index(index, str(out / "index.faiss"))
     np.save(out / "keys.npy", keys.astype(np.float16))
     np.save(out / "values.npy", values.astype(np.float16))
-    write_items(out / "items.sqlite", items)
+    write_items(out / "items.sqlite", items, thumbs)

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from models.data import FileImages
-from models.memory import PROMPT
+from models.memory import PROMPT, thumbnail_bytes
 from service import artifacts as A
 from service.memory import Memory, open_array
 from service.versions import check_memory
@@ -196,6 +196,9 @@ def add(
         with sqlite3.connect(tmp / A.ITEMS) as db:
             rows_ = zip(range(n, n + m), [source] * m, new.texts, new.images.labels.tolist(), new.origins, strict=True)
             db.executemany("INSERT INTO items (id, source, text, label, origin) VALUES (?, ?, ?, ?, ?)", rows_)
+            if "thumbnail" in {r[1] for r in db.execute("PRAGMA table_info(items)")}:  # the page shows them
+                thumbs = ((thumbnail_bytes(new.images.image(i)), n + i) for i in range(m))
+                db.executemany("UPDATE items SET thumbnail = ? WHERE id = ?", thumbs)
             sources = source_counts(db)
         db.close()
         op = {"op": "add", "items": m, "list": str(list_file), "retrain_index": retrain}

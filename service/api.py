@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel
 
 from service import artifacts as A
@@ -265,8 +265,3 @@ async def admin_reload(request: Request, pipeline: PipelineDep) -> Response:
     swapped = await pipeline.follower.check(retry=True)
     status = pipeline.follower.status()
     return _json({"memory_version": pipeline.memory_version, "swapped": swapped, **status})
-
-
-@router.get("/", include_in_schema=False)
-async def root() -> RedirectResponse:
-    return RedirectResponse("/docs")

@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import api, v2_grpc, v2_rest, zeroshot_api
+from service import api, pages, v2_grpc, v2_rest, zeroshot_api
 from service.artifacts import ArtifactError
 from service.batching import Overloaded
 from service.intake import UPLOADS, Intake
@@ -112,6 +112,7 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> FastAPI:
     app.include_router(api.router)
     app.include_router(zeroshot_api.router)
     app.include_router(v2_rest.router)
+    app.include_router(pages.router)
     api.document(app)
     app.add_middleware(Intake, settings=settings, state=app.state)
     app.add_middleware(RequestMetrics, metrics=metrics)  # added last: outermost, so it counts refusals too

@@ -164,3 +164,16 @@ class Memory:
 
     def close(self) -> None:
         self._db.close()
+
+    def item(self, item_id: int) -> Item | None:
+        return self.items([item_id]).get(item_id)
+
+    def thumbnail(self, item_id: int) -> bytes | None:
+        """The item's thumbnail (PNG bytes); None where it has none, or the table has no thumbnail column
+        (memories built before thumbnails were stored)."""
+        with self._lock:
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(items)")}
+            if "thumbnail" not in columns:
+                return None
+            row = self._db.execute("SELECT thumbnail FROM items WHERE id = ?", (item_id,)).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])

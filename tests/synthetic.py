@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from models.encoders import export_onnx
 from models.mam import Head, HeadConfig, MemoryAttention
-from models.memory import MemoryItems, build_index, write_memory
+from models.memory import MemoryItems, build_index, thumbnail_bytes, write_memory
 from service import artifacts as A
 from service.decode import InputSpec
 
@@ -40,6 +41,7 @@ def make_artifacts(
     size: int = 16,
     head: HeadConfig | None = None,
     index: str = "Flat",
+    thumbnails: bool = False,
 ) -> A.Manifest:
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -57,7 +59,8 @@ def make_artifacts(
         label=labels,
         true_label=labels,
     )
-    write_memory(out, build_index(keys, index), keys, values, items)
+    thumbs = [thumbnail_bytes(item_image(i)) for i in range(n_items)] if thumbnails else None
+    write_memory(out, build_index(keys, index), keys, values, items, thumbs)
     cfg = head or HeadConfig(kind="mam", layers=2, attention="both")
     torch.manual_seed(0)
     module = Head(cfg, d, dv, len(CLASSES)).eval()
@@ -87,6 +90,11 @@ def make_artifacts(
     )
     (out / A.MANIFEST).write_text(manifest.model_dump_json(indent=1))
     return manifest
+
+
+def item_image(i: int) -> Image.Image:
+    """The synthetic memory's image of item i (for its thumbnail): 60x40 RGB, a colour from i."""
+    return Image.new("RGB", (60, 40), (i % 256, (7 * i) % 256, (13 * i) % 256))
 
 
 def png(seed: int, size: int = 24, mode: str = "RGB") -> bytes:

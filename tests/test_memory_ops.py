@@ -14,9 +14,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from PIL import Image
 
 from models import memory_ops as ops
-from models.memory import PROMPT
+from models.memory import PROMPT, thumbnail_bytes
 from service import artifacts as A
 from service.decode import InputSpec, decode
 from service.encode import Encoder
@@ -82,6 +83,9 @@ def test_add_appends_items_embedded_as_queries_are(quick_artifacts: Path, added:
     assert [r[0] for r in new_rows] == list(range(n, n + m)) and rows(v2 / A.ITEMS)[:n] == rows(
         quick_artifacts / A.ITEMS
     )
+    for i, r in enumerate(new_rows):  # each new item gets its thumbnail, as built items have theirs
+        with Image.open(folder / f"img{i}.png") as im:
+            assert r[-1] == thumbnail_bytes(im)
     # Each new image finds itself first, through the index the service reads.
     memory = Memory(v2, m2.index.nprobe)
     sims, ids = memory.search(z, 5)
@@ -115,9 +119,10 @@ def test_remove_leaves_no_trace_and_keeps_the_rest(added: tuple[Path, Path], tmp
 def test_remove_from_an_ivf_index_and_unknown_columns_survive(tmp_path: Path) -> None:
     v1 = tmp_path / "v1"
     make_artifacts(v1, n_items=400, index="IVF8,Flat")
-    with sqlite3.connect(v1 / A.ITEMS) as db:  # a column the item table might gain later
-        db.execute("ALTER TABLE items ADD COLUMN thumbnail BLOB")
+    with sqlite3.connect(v1 / A.ITEMS) as db:  # thumbnails, and a column the item table might gain later
         db.execute("UPDATE items SET thumbnail = CAST(id AS BLOB)")
+        db.execute("ALTER TABLE items ADD COLUMN extra TEXT")
+        db.execute("UPDATE items SET extra = 'x' || id")
     db.close()
     m1 = A.read_manifest(v1)
     m1.files[A.ITEMS] = A.digest(v1 / A.ITEMS)
@@ -127,7 +132,8 @@ def test_remove_from_an_ivf_index_and_unknown_columns_survive(tmp_path: Path) ->
     ops.remove(v1, tmp_path / "ids.txt", tmp_path / "v2")
     keep = np.setdiff1d(np.arange(400), gone)
     new = rows(tmp_path / "v2" / A.ITEMS)
-    assert [r[-1] for r in new] == [str(i).encode() for i in keep]  # the thumbnail column came along
+    assert [r[-2] for r in new] == [str(i).encode() for i in keep]  # the thumbnail column came along
+    assert [r[-1] for r in new] == [f"x{i}" for i in keep]  # and the unknown one
     index = faiss.read_index(str(tmp_path / "v2" / A.INDEX))
     assert isinstance(index, faiss.IndexIVF) and index.ntotal == len(keep)
     index.nprobe = index.nlist
