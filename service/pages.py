@@ -9,9 +9,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 import orjson
 from fastapi import APIRouter, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import Response
 
 from service import artifacts as A
@@ -27,6 +29,8 @@ STATIC_TYPES = {"page.css": "text/css; charset=utf-8", "page.js": "text/javascri
 IMMUTABLE = "public, max-age=31536000, immutable"
 REVALIDATE = "no-cache"  # may be stored, but asked again (ETag) before each use
 MAX_ID = 2**63 - 1  # SQLite's INTEGER range
+# Declared as digits (not an int) so that the schema says what is accepted and a bad id is our own 422.
+ItemId = Annotated[str, PathParam(pattern=r"^[0-9]+$", description="the item's id in the memory version served")]
 NOT_FOUND: dict[int | str, dict[str, object]] = {404: {"model": ErrorResponse, "description": "no such file or item"}}
 
 
@@ -115,7 +119,7 @@ async def example(request: Request, pipeline: PipelineDep, name: str) -> Respons
 
 
 @router.get("/items/{item_id}", responses={**NOT_FOUND, 422: ERRORS[422]})
-async def item(pipeline: PipelineDep, item_id: str) -> Response:
+async def item(pipeline: PipelineDep, item_id: ItemId) -> Response:
     """A memory item: its text, source, the class its text names, and where its thumbnail is."""
     parsed = _item_id(item_id)
     if isinstance(parsed, Response):
@@ -144,7 +148,7 @@ async def item(pipeline: PipelineDep, item_id: str) -> Response:
 async def thumbnail(
     request: Request,
     pipeline: PipelineDep,
-    item_id: str,
+    item_id: ItemId,
     v: str | None = Query(None, description="the memory version the id belongs to; set: cached for good"),
 ) -> Response:
     """A memory item's thumbnail (PNG, at most 48 px). With `v` (the memory version) it is immutable."""

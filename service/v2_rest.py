@@ -17,11 +17,12 @@ import binascii
 import functools
 import zlib
 from collections.abc import Awaitable, Callable
-from typing import ParamSpec
+from typing import Any, ParamSpec
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from service import v2
@@ -30,6 +31,31 @@ from service.pipeline import Pipeline
 from service.v2 import V2Error
 
 router = APIRouter(tags=["Open Inference Protocol (KServe v2)"])
+
+
+class ProtocolError(BaseModel):
+    error: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+
+
+_WHY = {
+    400: "bad request: JSON, datatype, shape, parameters, or an image that does not decode (named)",
+    404: "unknown model or version",
+    413: "body or batch over the limit",
+    415: "a content encoding the server does not read",
+    503: "overloaded (Retry-After) or not ready",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The protocol's error answers, for the OpenAPI document."""
+    return {c: {"model": ProtocolError, "description": _WHY[c]} for c in codes}
+
+
+NOT_READY: dict[int | str, dict[str, Any]] = {400: {"model": Readiness, "description": "not ready (yet)"}}
 HEADER_LENGTH = "Inference-Header-Content-Length"
 P = ParamSpec("P")
 
@@ -83,15 +109,15 @@ async def server_live() -> Response:
     return _json({"live": True})
 
 
-@router.get("/v2/health/ready")
+@router.get("/v2/health/ready", responses=NOT_READY)
 async def server_ready(request: Request) -> Response:
     """200 once the model is loaded and warmed up; 400 before (the protocol's 4xx for false)."""
     ready = _ready(request)
     return _json({"ready": ready}, 200 if ready else 400)
 
 
-@router.get("/v2/models/{model_name}")
-@router.get("/v2/models/{model_name}/versions/{model_version}")
+@router.get("/v2/models/{model_name}", responses=_errors(404, 503))
+@router.get("/v2/models/{model_name}/versions/{model_version}", responses=_errors(404, 503))
 @protocol_errors
 async def model_metadata(request: Request, model_name: str, model_version: str = "") -> Response:
     """The model's input and outputs: names, datatypes and shapes (-1: any size)."""
@@ -99,8 +125,8 @@ async def model_metadata(request: Request, model_name: str, model_version: str =
     return _json(v2.model_metadata(_pipeline(request)))
 
 
-@router.get("/v2/models/{model_name}/ready")
-@router.get("/v2/models/{model_name}/versions/{model_version}/ready")
+@router.get("/v2/models/{model_name}/ready", responses=NOT_READY | _errors(404))
+@router.get("/v2/models/{model_name}/versions/{model_version}/ready", responses=NOT_READY | _errors(404))
 @protocol_errors
 async def model_ready(request: Request, model_name: str, model_version: str = "") -> Response:
     v2.check_model(model_name, model_version)
@@ -129,8 +155,11 @@ INFER_BODY = {
 }
 
 
-@router.post("/v2/models/{model_name}/infer", openapi_extra=INFER_BODY)
-@router.post("/v2/models/{model_name}/versions/{model_version}/infer", openapi_extra=INFER_BODY)
+INFER_ERRORS = _errors(400, 404, 413, 415, 503)
+
+
+@router.post("/v2/models/{model_name}/infer", openapi_extra=INFER_BODY, responses=INFER_ERRORS)
+@router.post("/v2/models/{model_name}/versions/{model_version}/infer", openapi_extra=INFER_BODY, responses=INFER_ERRORS)
 @protocol_errors
 async def model_infer(request: Request, model_name: str, model_version: str = "") -> Response:
     """Classify the images of input IMAGE (BYTES [B]); JSON or the binary tensor data extension."""
