@@ -261,7 +261,10 @@ def markdown(results: JSON) -> str:
             att = row["test"].get("attention")
             if att:
                 cells = [
-                    f"{att[b]['attention']['mean']:.1f} vs {att[b]['share']['mean']:.1f}" for b in (*BUCKETS, "all")
+                    f"{att[b]['attention']['mean']:.1f} vs {att[b]['share']['mean']:.1f}"
+                    if att[b]["attention"]
+                    else "-"
+                    for b in (*BUCKETS, "all")
                 ]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "k_sweep" in results:
