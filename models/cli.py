@@ -255,6 +255,12 @@ def _memory_args(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     _scale_args(ops)
 
 
+def cmd_choices(a: argparse.Namespace) -> None:
+    from models.choices import main as choices
+
+    choices(a.artifacts, a.json, a.cache)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports a missing AVX2 module needlessly
@@ -313,6 +319,12 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--port", type=int, help="default RAC_PORT, else 8000")
     s.add_argument("--workers", type=int, help="server processes (default RAC_WORKERS, else one per core)")
     s.set_defaults(func=cmd_serve)
+
+    ch = sub.add_parser("choices", help="the figures behind the README's design choices")
+    ch.add_argument("--artifacts", type=Path, default=Path("artifacts/demo"))
+    ch.add_argument("--json", type=Path, default=Path("results/choices.json"))
+    ch.add_argument("--cache", type=Path, default=Path(".cache/rac"))
+    ch.set_defaults(func=cmd_choices)
 
     be = sub.add_parser("bench", help="in-process ceiling, raw encoder, HTTP throughput, cache hits")
     be.add_argument("--artifacts", type=Path, default=Path("artifacts/demo"))
