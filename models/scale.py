@@ -144,8 +144,12 @@ def _synth_items(src: Path, path: Path, origins: np.ndarray, chunk: int) -> None
         for s in tqdm(range(0, len(origins), chunk), desc="item table", unit="chunk", mininterval=5):
             o = origins[s : s + chunk].tolist()
             db.executemany("INSERT INTO origin VALUES (?, ?)", zip(range(n0 + s, n0 + s + len(o)), o, strict=True))
+        # The columns every item table has, plus its origin's thumbnail where the table keeps them.
+        columns = {row[1] for row in db.execute("PRAGMA table_info(items)")}
+        thumb = ("", "") if "thumbnail" not in columns else (", thumbnail", ", i.thumbnail")
         db.execute(
-            "INSERT INTO items SELECT o.id, 'synthetic', i.text, i.label, 'copy of ' || o.src"
+            f"INSERT INTO items (id, source, text, label, origin{thumb[0]})"
+            f" SELECT o.id, 'synthetic', i.text, i.label, 'copy of ' || o.src{thumb[1]}"
             " FROM origin o JOIN items i ON i.id = o.src ORDER BY o.id"
         )
     db.close()
