@@ -143,10 +143,15 @@ def cmd_train(a: argparse.Namespace) -> None:
     head, train = _head_config(a)
     _, prep, memory = _context(a, a.k)
     ctx = Context.make(prep, memory, a.k)
+    runs = []
     for seed in (int(s) for s in a.seeds.split(",")):
         r = ctx.run(head, replace(train, seed=seed), a.k)
         splits = ("val", "test") if a.test else ("val",)
-        print(json.dumps({"seed": seed, **{s: r[s] for s in splits}, "seconds": round(r["seconds"], 1)}))
+        runs.append({"seed": seed, **{s: r[s] for s in splits}, "seconds": round(r["seconds"], 1)})
+        print(json.dumps(runs[-1]))
+    if a.json is not None:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"head": head.to_dict(), "train": train.to_dict(), "runs": runs}, indent=1))
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
@@ -311,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--zero-shot", action="store_true", help="the zero-shot table (RECO) instead")
     tr = sub.choices["train"]
     tr.add_argument("--test", action="store_true", help="also print test figures (not for choosing)")
+    tr.add_argument("--json", type=Path, help="also write the configuration and figures here")
     _head_args(tr)
 
     s = sub.add_parser("serve", help="serve an artifact directory over HTTP")
