@@ -12,9 +12,11 @@ import asyncio
 import io
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -32,6 +34,13 @@ from service.versions import Follower, MemoryVersion, load_version
 from service.zeroshot import ZeroShot
 
 log = logging.getLogger(__name__)
+
+
+class Queued(Protocol):
+    """What a batch needs of a queued image: its pixels to encode, or what the cache knew of it."""
+
+    pixels: np.ndarray | None
+    cached: Entry | None
 
 
 @dataclass
@@ -184,9 +193,9 @@ class Pipeline:
 
     # ------------------------------------------------------------ one batch, in the worker thread
 
-    def run_batch(self, jobs: list[Job]) -> list[Output]:
-        started = time.perf_counter()
-        seconds = {"encode": 0.0, "search": 0.0, "head": 0.0}
+    def embed(self, jobs: Sequence[Queued]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int], float]:
+        """The cached jobs' embeddings and neighbours, and the other jobs' images encoded in one batch:
+        z (B, d), sims (B, k), ids (B, k) (the misses' rows left to search), the misses, encode seconds."""
         misses = [i for i, j in enumerate(jobs) if j.cached is None]
         z = np.empty((len(jobs), self.encoder.dim), np.float32)  # (B, d)
         sims = np.empty((len(jobs), self.k), np.float32)  # (B, k)
@@ -194,11 +203,18 @@ class Pipeline:
         for i, j in enumerate(jobs):
             if j.cached is not None:
                 z[i], sims[i], ids[i] = j.cached.z, j.cached.sims, j.cached.ids
+        encode_s = 0.0
         if misses:
             t = time.perf_counter()
             z[misses] = self.encoder(np.stack([jobs[i].pixels for i in misses]))  # type: ignore[misc]
-            seconds["encode"] = time.perf_counter() - t
-            self.metrics.stage_seconds.labels("encode").observe(seconds["encode"])
+            encode_s = time.perf_counter() - t
+            self.metrics.stage_seconds.labels("encode").observe(encode_s)
+        return z, sims, ids, misses, encode_s
+
+    def run_batch(self, jobs: list[Job]) -> list[Output]:
+        started = time.perf_counter()
+        z, sims, ids, misses, encode_s = self.embed(jobs)
+        seconds = {"encode": encode_s, "search": 0.0, "head": 0.0}
         # The rest per memory version: one group, except in the batch that straddles a swap.
         groups: dict[int, tuple[MemoryVersion, list[int]]] = {}
         for i, j in enumerate(jobs):

@@ -152,22 +152,12 @@ class ZeroShot:
         started = time.perf_counter()
         p, k = self.pipeline, self.pipeline.k
         memory = self.memory
-        seconds = {"encode": 0.0, "search": 0.0}
-        z = np.empty((len(jobs), memory.dim), np.float32)
-        sims = np.empty((len(jobs), k), np.float32)
-        ids = np.empty((len(jobs), k), np.int64)
-        misses = [i for i, j in enumerate(jobs) if j.cached is None]
-        for i, j in enumerate(jobs):
-            if j.cached is not None:
-                z[i], sims[i], ids[i] = j.cached.z, j.cached.sims, j.cached.ids
+        z, sims, ids, misses, encode_s = p.embed(jobs)
+        seconds = {"encode": encode_s, "search": 0.0}
         if misses:
-            t = time.perf_counter()
-            z[misses] = p.encoder(np.stack([jobs[i].pixels for i in misses]))  # type: ignore[misc]
-            seconds["encode"] = time.perf_counter() - t
             t = time.perf_counter()
             sims[misses], ids[misses] = memory.search(z[misses], k)
             seconds["search"] = time.perf_counter() - t
-            p.metrics.stage_seconds.labels("encode").observe(seconds["encode"])
             p.metrics.stage_seconds.labels("search").observe(seconds["search"])
         t = time.perf_counter()
         nb = ids[:, : self.info.k]
