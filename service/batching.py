@@ -105,7 +105,8 @@ class Batcher(Generic[J, R]):
         self.run, self.metrics = run, metrics
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
         self.queue: asyncio.Queue[_Queued[J, R]] = asyncio.Queue()
-        self.arriving = 0  # jobs on their way: in cache lookup or decode, not yet submitted
+        self.arriving = 0  # jobs on their way: in cache lookup, not yet submitted
+        self._wake: asyncio.Future[None] | None = None  # set while a batch being gathered waits for more
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="batch")
         self._task: asyncio.Task[None] | None = None
 
@@ -122,17 +123,24 @@ class Batcher(Generic[J, R]):
     async def submit(self, job: J) -> R:
         queued: _Queued[J, R] = _Queued(job)
         self.queue.put_nowait(queued)  # unbounded queue: admission already bounds what can be in it
+        self._wakeup()
         return await queued.future
+
+    def _wakeup(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     @contextlib.contextmanager
     def coming(self) -> Iterator[None]:
-        """Around a job's preparation (cache lookup, decode): while it is on its way, a batch being
-        gathered may wait for it; once it is submitted, answered or failed, nobody waits for it."""
+        """Around a job's preparation (its cache lookup): while it is on its way, a batch being gathered may
+        wait for it; once it is submitted, answered or failed, nobody waits for it."""
         self.arriving += 1
         try:
             yield
         finally:
             self.arriving -= 1
+            if self.arriving == 0:
+                self._wakeup()  # a batch waiting for it goes now
 
     async def _gather(self) -> list[_Queued[J, R]]:
         batch = [await self.queue.get()]
@@ -142,13 +150,17 @@ class Batcher(Generic[J, R]):
             if not self.queue.empty():
                 batch.append(self.queue.get_nowait())
                 continue
-            timeout = deadline - loop.time()
-            if timeout <= 0 or self.arriving == 0:  # nothing else on its way: go now
+            if self.arriving == 0 or loop.time() >= deadline:  # nothing else on its way, or no more time
                 break
+            # Wait for the next job, the last one on its way, or the deadline: one future and one timer
+            # (asyncio.wait_for would make a task per wait).
+            self._wake = loop.create_future()
+            timer = loop.call_at(deadline, self._wakeup)
             try:
-                batch.append(await asyncio.wait_for(self.queue.get(), timeout))
-            except TimeoutError:
-                break
+                await self._wake
+            finally:
+                timer.cancel()
+                self._wake = None
         return batch
 
     async def _loop(self) -> None:

@@ -1,7 +1,7 @@
 """decode -> encode -> search -> head, readable top to bottom.
 
-Per image, on the event loop: admission, cache lookup, decode (thread pool). Per batch, in the batcher's
-worker thread: encode the images the cache did not know, search the memory, gather values, run the head.
+Per image, on the event loop: admission, cache lookup. Per batch, in the batcher's worker thread: decode and
+encode the images the cache did not know, search the memory, gather values, run the head.
 Each request holds the memory version it started with (service/versions.py), so its neighbours, attention,
 probabilities and `memory_version` all come from one version, even across a swap.
 """
@@ -45,10 +45,12 @@ class Queued(Protocol):
 
 @dataclass
 class Job:
-    pixels: np.ndarray | None  # (3, S, S) float32 to encode; None on a cache hit
+    pixels: np.ndarray | None  # (3, S, S) float32 to encode; None on a cache hit (or while `data` is set)
     cached: Entry | None
     neighbors: int  # how many neighbours to describe in the answer
     version: MemoryVersion | None = None  # the memory the request holds; None: whichever is served
+    data: bytes | None = None  # the encoded image, decoded by the batch (then its pixels)
+    decode_s: float = 0.0  # what decoding it cost, in the batch
 
 
 @dataclass
@@ -101,7 +103,7 @@ class Pipeline:
         )
         self.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.admission = Admission(settings.max_pending, metrics, settings.max_body_bytes)
-        self.batcher: Batcher[Job, Output] = Batcher(
+        self.batcher: Batcher[Job, Output | DecodeError] = Batcher(
             self.run_batch, settings.max_batch, settings.max_wait_ms / 1000, metrics
         )
         store = (
@@ -211,7 +213,31 @@ class Pipeline:
             self.metrics.stage_seconds.labels("encode").observe(encode_s)
         return z, sims, ids, misses, encode_s
 
-    def run_batch(self, jobs: list[Job]) -> list[Output]:
+    def _decode(self, jobs: list[Job]) -> tuple[list[Job], dict[int, DecodeError]]:
+        """Decode the jobs that came as bytes, here in the batch thread: the images are small, and a decode
+        costs less than handing it to a pool thread and back. The jobs that decoded, and each other one's
+        error by position."""
+        errors: dict[int, DecodeError] = {}
+        for i, j in enumerate(jobs):
+            if j.data is None:
+                continue
+            t = time.perf_counter()
+            try:
+                j.pixels = decode(j.data, self.spec, self.settings.max_pixels)
+            except DecodeError as e:
+                errors[i] = e
+            j.decode_s, j.data = time.perf_counter() - t, None
+            self.metrics.stage_seconds.labels("decode").observe(j.decode_s)
+        return [j for i, j in enumerate(jobs) if i not in errors], errors
+
+    def run_batch(self, jobs: list[Job]) -> list[Output | DecodeError]:
+        jobs, errors = self._decode(jobs)
+        outputs = self._run(jobs)
+        for i in sorted(errors):
+            outputs.insert(i, errors[i])
+        return outputs
+
+    def _run(self, jobs: list[Job]) -> list[Output | DecodeError]:
         started = time.perf_counter()
         z, sims, ids, misses, encode_s = self.embed(jobs)
         seconds = {"encode": encode_s, "search": 0.0, "head": 0.0}
@@ -220,7 +246,7 @@ class Pipeline:
         for i, j in enumerate(jobs):
             v = j.version or self.version
             groups.setdefault(id(v), (v, []))[1].append(i)
-        outputs: list[Output | None] = [None] * len(jobs)
+        outputs: list[Output | DecodeError | None] = [None] * len(jobs)
         for v, rows in groups.values():
             mem = v.memory
             search_rows = [i for i in rows if jobs[i].cached is None]
@@ -269,19 +295,12 @@ class Pipeline:
             if entry is not None and not self._fits(entry, version):
                 self.metrics.cache.labels("stale").inc()  # counted as a hit by the cache: ignore it, recompute
                 entry = None
-            pixels, decode_s = None, 0.0
-            if entry is None:
-                loop = asyncio.get_running_loop()
-                t = time.perf_counter()
-                try:
-                    pixels = await loop.run_in_executor(self.decoder, decode, data, self.spec, self.settings.max_pixels)
-                except DecodeError as e:
-                    self.metrics.images.labels("bad_input").inc()
-                    return e
-                decode_s = time.perf_counter() - t
-                self.metrics.stage_seconds.labels("decode").observe(decode_s)
         queued = time.perf_counter()
-        out = await self.batcher.submit(Job(pixels, entry, neighbors, version))
+        job = Job(None, entry, neighbors, version, data if entry is None else None)
+        out = await self.batcher.submit(job)
+        if isinstance(out, DecodeError):
+            self.metrics.images.labels("bad_input").inc()
+            return out
         if entry is None:
             self.cache.put(key, out.entry)
         total = time.perf_counter() - t0
@@ -289,7 +308,7 @@ class Pipeline:
         self.metrics.stage_seconds.labels("queue").observe(wait)
         self.metrics.stage_seconds.labels("total").observe(total)
         self.metrics.images.labels("hit" if entry is not None else "miss").inc()
-        timings = {"decode": decode_s, "queue": wait, **out.seconds, "total": total}
+        timings = {"decode": job.decode_s, "queue": wait, **out.seconds, "total": total}
         return Classification(
             predictions=self._predictions(out.probs, top_k),
             neighbors=self._neighbors(out, neighbors),

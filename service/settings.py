@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     encoder_spin: bool = False  # let onnxruntime's idle threads spin (see service/encode.py)
     search_threads: int = 1  # FAISS OpenMP threads: small batches gain nothing from more
     head_threads: int = 1  # torch threads for the head
-    decode_threads: int = 2
+    decode_threads: int = 2  # zero-shot images (service/zeroshot.py); /classify decodes in its batch thread
 
     # Micro-batching and back-pressure
     max_batch: int = 32  # images per encode/search/head batch
