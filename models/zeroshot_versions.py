@@ -18,28 +18,21 @@ from pathlib import Path
 import faiss
 import numpy as np
 import onnxruntime as ort
+from tokenizers import Tokenizer
 
 from models.reco import text_index
 from service import artifacts as A
-from service.zeroshot import load_tokenizer
+from service.zeroshot import run_text_tower, text_tokenizer
 
 BATCH = 64  # texts per text-tower run
 
 
-def embed_texts(directory: Path, info: A.ZeroShotInfo, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Texts -> aligned (n, d) and search (n, dt) embeddings, float32, through `directory`'s text tower and
-    tokenizer, as the service embeds a label's prompt."""
-    tokenizer = load_tokenizer(directory / A.ZS_TOKENIZER, info.max_tokens)
-    tower = ort.InferenceSession(str(directory / A.ZS_TEXT_TOWER), providers=["CPUExecutionProvider"])
-    aligned, search = np.empty((len(texts), info.dim), np.float32), np.empty((len(texts), info.search_dim), np.float32)
-    for s in range(0, len(texts), BATCH):
-        enc = tokenizer.encode_batch(texts[s : s + BATCH])
-        feeds = {
-            "input_ids": np.asarray([e.ids for e in enc], np.int64),
-            "attention_mask": np.asarray([e.attention_mask for e in enc], np.int64),
-        }
-        aligned[s : s + BATCH], search[s : s + BATCH] = tower.run(["embedding", "search"], feeds)
-    return aligned, search
+def embed_texts(tower: Path, tokenizer: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> aligned (n, d) and search (n, dt) embeddings, float32, through a text tower file and its
+    tokenizer, as the service embeds a label's prompt (in batches)."""
+    session = ort.InferenceSession(str(tower), providers=["CPUExecutionProvider"])
+    parts = [run_text_tower(session, tokenizer, texts[s : s + BATCH]) for s in range(0, len(texts), BATCH)]
+    return np.concatenate([a for a, _ in parts]), np.concatenate([s for _, s in parts])
 
 
 def item_texts(items: Path) -> list[str]:
@@ -73,9 +66,10 @@ def carry(
         for i, t in enumerate(item_texts(src / A.ITEMS)):
             known.setdefault(t, i)
         unseen = {t: n + j for j, t in enumerate(dict.fromkeys(t for t in new_texts if t not in known))}
-        new_aligned, new_search = embed_texts(src, info, list(unseen))
-        search = np.concatenate([search, new_search])
-        aligned = np.concatenate([aligned, new_aligned.astype(np.float16)])
+        if unseen:
+            new_aligned, new_search = embed_texts(src / A.ZS_TEXT_TOWER, text_tokenizer(src, info), list(unseen))
+            search = np.concatenate([search, new_search])
+            aligned = np.concatenate([aligned, new_aligned.astype(np.float16)])
         rows = np.concatenate([keep, [known[t] if t in known else unseen[t] for t in new_texts]]).astype(np.int64)
     search, aligned = search[rows], aligned[rows]
     new_index, new_order = text_index(search, seed=0)

@@ -79,6 +79,9 @@ class ZeroShotInfo(BaseModel):
     fusion: dict[str, Any]
     files: dict[str, str]  # file name -> blake2b digest
     evaluation: dict[str, Any]  # val / test zero-shot top-1 when built
+    pad_id: int = 0  # the tokenizer's padding (a user's text tower may want another, or a fixed length)
+    pad_token: str = "[PAD]"
+    pad_to_max: bool = False  # pad every text to max_tokens, not to the longest of its batch
 
 
 class Manifest(BaseModel):

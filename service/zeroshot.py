@@ -46,11 +46,32 @@ class LabelError(Exception):
         self.status, self.message = status, message
 
 
-def load_tokenizer(path: Path, max_tokens: int) -> Tokenizer:
+def load_tokenizer(
+    path: Path, max_tokens: int, pad_id: int = 0, pad_token: str = "[PAD]", fixed: bool = False
+) -> Tokenizer:
     tok = Tokenizer.from_file(str(path))
     tok.enable_truncation(max_tokens)
-    tok.enable_padding(pad_id=0, pad_token="[PAD]")
+    tok.enable_padding(pad_id=pad_id, pad_token=pad_token, length=max_tokens if fixed else None)
     return tok
+
+
+def text_tokenizer(directory: Path, info: A.ZeroShotInfo) -> Tokenizer:
+    """The tokenizer of an artifact directory's text tower, set up as its manifest says."""
+    return load_tokenizer(directory / A.ZS_TOKENIZER, info.max_tokens, info.pad_id, info.pad_token, info.pad_to_max)
+
+
+def run_text_tower(
+    tower: ort.InferenceSession, tokenizer: Tokenizer, texts: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> aligned (n, d) and search (n, dt) embeddings, float32: what the service does with a prompt,
+    and what the offline side does with memory texts."""
+    enc = tokenizer.encode_batch(texts)
+    feeds = {
+        "input_ids": np.asarray([e.ids for e in enc], np.int64),
+        "attention_mask": np.asarray([e.attention_mask for e in enc], np.int64),
+    }
+    aligned, search = tower.run(["embedding", "search"], feeds)
+    return np.asarray(aligned, np.float32), np.asarray(search, np.float32)
 
 
 def check_labels(labels: list[str], template: str, max_labels: int, max_chars: int) -> list[str]:
@@ -107,7 +128,7 @@ class ZeroShot:
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         self.tower = ort.InferenceSession(str(directory / A.ZS_TEXT_TOWER), options, providers=["CPUExecutionProvider"])
-        self.tokenizer = load_tokenizer(directory / A.ZS_TOKENIZER, info.max_tokens)
+        self.tokenizer = text_tokenizer(directory, info)
         self.fuse_image = torch.jit.load(str(directory / A.ZS_FUSION_IMAGE), map_location="cpu").eval()
         self.fuse_text = torch.jit.load(str(directory / A.ZS_FUSION_TEXT), map_location="cpu").eval()
         if info.dim != pipeline.version.memory.dim or info.k > pipeline.k:
@@ -191,12 +212,7 @@ class ZeroShot:
     def embed_labels(self, prompts: list[str], version: MemoryVersion) -> np.ndarray:
         """Prompts -> refined label embeddings (n, d): text tower, text search in `version`'s text index,
         fusion of its neighbours' images."""
-        enc = self.tokenizer.encode_batch(prompts)
-        feeds = {
-            "input_ids": np.asarray([e.ids for e in enc], np.int64),
-            "attention_mask": np.asarray([e.attention_mask for e in enc], np.int64),
-        }
-        aligned, search = self.tower.run(None, feeds)
+        aligned, search = run_text_tower(self.tower, self.tokenizer, prompts)
         zs = version.zero_shot
         assert zs is not None  # checked when the request started
         _, pos = zs.text_index.search(np.ascontiguousarray(search, dtype=np.float32), self.info.k)

@@ -19,6 +19,7 @@ from models.align import distinct_texts
 from models.reco import text_index
 from models.zeroshot_versions import embed_texts, item_texts
 from service import artifacts as A
+from service.zeroshot import text_tokenizer
 from tests.conftest import wait_until
 from tests.test_memory_ops import write_list
 from tests.test_service import client
@@ -79,7 +80,8 @@ def test_derived_text_parts_equal_a_fresh_build(zs_artifacts: Path, derived: tup
     np.testing.assert_allclose(vectors[0], vectors[1], atol=2e-5)
     # Every class prompt retrieves the same memory texts (ids), through the artifact's own text tower.
     prompts = [info.template.format(c.lower()) for c in m.classes] + ["zebra boots", "a clutch bag"]
-    _, search = embed_texts(version, info, prompts)
+    tokenizer = text_tokenizer(version, info)
+    _, search = embed_texts(version / A.ZS_TEXT_TOWER, tokenizer, prompts)
     got = order[index.search(search, info.k)[1]]
     want = want_order[want_index.search(search, info.k)[1]]
     np.testing.assert_array_equal(got, want)
@@ -90,7 +92,9 @@ def test_derived_text_parts_equal_a_fresh_build(zs_artifacts: Path, derived: tup
     # Aligned texts: the text tower's `embedding` of every item's text (float16); kept items' rows unchanged.
     aligned = np.load(version / A.ZS_TEXT_ALIGNED)
     assert aligned.dtype == np.float16 and aligned.shape == (m.memory.size, info.dim)
-    np.testing.assert_allclose(aligned.astype(np.float32), embed_texts(version, info, texts)[0], atol=2e-3)
+    np.testing.assert_allclose(
+        aligned.astype(np.float32), embed_texts(version / A.ZS_TEXT_TOWER, tokenizer, texts)[0], atol=2e-3
+    )
     parent = np.load(zs_artifacts / A.ZS_TEXT_ALIGNED)
     n = m1.memory.size
     rows, was = (np.arange(6), np.arange(1, 7)) if which else (np.arange(n), np.arange(n))  # v3: v1's 0 is gone
