@@ -183,6 +183,23 @@ def test_a_user_pair_is_served_as_the_reference_computes(pair_artifacts: tuple[P
             np.testing.assert_allclose([probs[label] for label in labels], want, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_a_user_pair_build_grows_with_memory_add(pair_artifacts: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Added captions go through the user's text tower and tokenizer, as the reference runs them."""
+    from models import memory_ops as ops
+    from tests.test_memory_ops import write_list
+
+    out, image_onnx, text_onnx = pair_artifacts
+    examples = sorted((out / A.EXAMPLES).glob("*.png"))[:3]
+    texts = ["a zebra-striped rain boot", "a velvet evening clutch", "a photo of a bag."]
+    m = ops.add(out, write_list(examples, tmp_path / "new", list(texts)), tmp_path / "v2")
+    assert m.zero_shot is not None and m.zero_shot.text_encoder == "user: text.onnx"
+    aligned = np.load(tmp_path / "v2" / A.ZS_TEXT_ALIGNED).astype(np.float32)[-3:]
+    np.testing.assert_allclose(aligned, Reference(image_onnx, text_onnx).embed_texts(texts), atol=2e-3)
+    index = faiss.read_index(str(tmp_path / "v2" / A.ZS_TEXT_INDEX))
+    assert index.ntotal == m.memory.size == A.read_manifest(out).memory.size + 3
+
+
 def test_the_spec_and_the_graphs_are_checked(tmp_path: Path) -> None:
     image, text = export_towers(tmp_path)
     bad = {"image": {"size": 28, "channels": 1}, "text": {"max_length": 8}}  # one channel, but not grey
@@ -213,3 +230,5 @@ def test_the_spec_and_the_graphs_are_checked(tmp_path: Path) -> None:
     )
     np.testing.assert_allclose(emb, unit(orig[0]), atol=1e-6)
     np.testing.assert_array_equal(emb, search)
+    fixed = load_tokenizer(minilm_dir() / "tokenizer.json", 16, fixed=True).encode_batch(["a", "a longer text"])
+    assert [len(e.ids) for e in fixed] == [16, 16]
