@@ -63,6 +63,16 @@ class TextProjection(nn.Module):
         return self.log_scale.clamp(max=math.log(100.0)).exp()
 
 
+def identity_projection(dim: int, scale: float) -> TextProjection:
+    """For a text tower already aligned with the image tower (a user's pair): no training, only the
+    normalisation, and `scale` as the logit scale."""
+    proj = TextProjection(dim, dim, 1 / scale)
+    with torch.no_grad():
+        proj.linear.weight.copy_(torch.eye(dim))
+        proj.linear.bias.zero_()
+    return proj.eval()
+
+
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, text_id: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE whose targets count every pair with the same text as a positive (memory captions
     repeat: treating identical captions as negatives would punish the right answer)."""

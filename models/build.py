@@ -24,6 +24,7 @@ from models.features import Prepared, cached_embed, export_encoder
 from models.mam import Head, HeadConfig
 from models.memory import Memory, make_memory, retrieve, thumbnails, write_memory
 from models.train import MemoryTensors, TrainConfig, predict, train_head
+from models.user_pair import UserPair, wrap_image_tower
 from service import artifacts as A
 from service.decode import InputSpec
 
@@ -69,6 +70,20 @@ class BuildConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     examples: int = 10
     zero_shot: bool = False  # also the aligned text tower, text index and fusion modules (models/zeroshot_build.py)
+    # A user's aligned pair (models/user_pair.py): the image tower is the encoder, the text tower needs no
+    # projection. All four or none.
+    image_tower: Path | None = None
+    text_tower: Path | None = None
+    tokenizer: Path | None = None
+    preprocess: Path | None = None
+
+    def user_pair(self) -> UserPair | None:
+        parts = (self.image_tower, self.text_tower, self.tokenizer, self.preprocess)
+        if all(p is None for p in parts):
+            return None
+        if any(p is None for p in parts) or not self.zero_shot:
+            raise ValueError("a user pair needs --zero-shot, --image-tower, --text-tower, --tokenizer and --preprocess")
+        return UserPair.read(*(Path(str(p)) for p in parts))
 
 
 def config_from_manifest(manifest: A.Manifest, out: Path, cache: Path) -> BuildConfig:
@@ -79,7 +94,8 @@ def config_from_manifest(manifest: A.Manifest, out: Path, cache: Path) -> BuildC
     b["data"] = DataConfig(**data)
     b["head"], b["train"] = HeadConfig(**b["head"]), TrainConfig(**b["train"])
     b["sources"] = tuple(b["sources"])
-    b["checkpoint"] = Path(b["checkpoint"]) if b.get("checkpoint") else None
+    for name in ("checkpoint", "image_tower", "text_tower", "tokenizer", "preprocess"):
+        b[name] = Path(b[name]) if b.get(name) else None
     b["out"], b["cache"] = out, cache
     return BuildConfig(**b)
 
@@ -100,7 +116,11 @@ def prepare(cfg: BuildConfig, encoder_path: Path, exported: A.EncoderInfo | None
     """Load the data, export the encoder to `encoder_path` (unless `exported` describes the one already
     there) and embed every image pool with it."""
     dataset, splits = load_data(cfg.data)
-    if exported is None:
+    pair = cfg.user_pair() if exported is None else None
+    if pair is not None:  # the user's image tower, as it is: no PCA (it is aligned)
+        spec, projection = pair.spec.image, "none"
+        wrap_image_tower(pair.image_tower, pair.spec, encoder_path)
+    elif exported is None:
         fit_part = splits.external if splits.external is not None else splits.train
         fit_images = dataset.pools[fit_part.pool].subset(fit_part.index[:: max(1, len(fit_part.index) // 10_000)])
         spec, projection = export_encoder(
@@ -187,7 +207,7 @@ def build_zero_shot(cfg: BuildConfig, prep: Prepared, memory: Memory) -> A.ZeroS
     if cfg.data.quick:  # a few hundred pairs: more passes, still seconds
         zcfg = replace(zcfg, align=replace(zcfg.align, epochs=40, batch_size=128))
         zcfg = replace(zcfg, fusion=replace(zcfg.fusion, epochs=10, batch_size=64))
-    return build_parts(prep, memory, cfg.out, zcfg)
+    return build_parts(prep, memory, cfg.out, zcfg, cfg.user_pair())
 
 
 def choose_nprobe(

@@ -93,7 +93,17 @@ def cmd_build(a: argparse.Namespace) -> None:
         head=head,
         train=replace(train, seed=a.seed),
         zero_shot=a.zero_shot,
+        image_tower=a.image_tower,
+        text_tower=a.text_tower,
+        tokenizer=a.tokenizer,
+        preprocess=a.preprocess,
     )
+    if a.image_tower is not None:
+        cfg = replace(cfg, encoder=f"user: {a.image_tower.name}")
+    try:
+        cfg.user_pair()
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"rac build: {e}") from None
     manifest = build(cfg)
     acc = manifest.evaluation["test"]["accuracy"]
     print(
@@ -292,6 +302,11 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--noise", type=float, default=0.4)
     b.add_argument("--index", default="auto", help="auto, or a FAISS factory string such as IVF256,Flat")
     b.add_argument("--zero-shot", action="store_true", help="add the zero-shot parts (aligned text tower, RECO)")
+    u = b.add_argument_group("a user's aligned image-text pair for --zero-shot (models/user_pair.py)")
+    u.add_argument("--image-tower", type=Path, help="image ONNX: becomes the encoder (no PCA)")
+    u.add_argument("--text-tower", type=Path, help="text ONNX, aligned with the image tower")
+    u.add_argument("--tokenizer", type=Path, help="the text tower's tokenizer.json (tokenizers library)")
+    u.add_argument("--preprocess", type=Path, help="JSON: image size, mean/std, channels; text max length, names")
     d = b.add_argument_group("a list-file dataset instead of Fashion-MNIST")
     for name in ("root", "train-list", "val-list", "test-list", "external-list", "classes"):
         d.add_argument(f"--{name}", type=Path)

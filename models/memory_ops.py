@@ -1,6 +1,7 @@
 """Memory versions offline: add items to a version, remove items from one, publish a version to a serving
-root, list a root's versions. The model (encoder, head, classes) is fixed; each operation writes a new,
-complete, checksummed version directory (the model files hard-linked) and never touches its source.
+root, list a root's versions. The model (encoder, head, classes, zero-shot towers) is fixed; each operation
+writes a new, complete, checksummed version directory (the model files hard-linked; zero-shot text index and
+aligned texts made for its items) and never touches its source.
 
 rac memory add --from ROOT/v1 --list new.txt [--root IMAGES] --out ROOT/v2
 rac memory remove --from ROOT/v2 --ids takedown.txt --out ROOT/v3
@@ -72,8 +73,9 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def link_model(src: Path, out: Path) -> None:
-    for name in MODEL_FILES:
+def link_model(src: Path, out: Path, parent: A.Manifest) -> None:
+    zero_shot = A.ZS_MODEL_FILES if parent.zero_shot is not None else ()
+    for name in MODEL_FILES + zero_shot:
         link_or_copy(src / name, out / name)
     if (src / A.EXAMPLES).is_dir():
         link_or_copy(src / A.EXAMPLES, out / A.EXAMPLES)
@@ -91,7 +93,14 @@ def open_checked(directory: Path) -> A.Manifest:
     return manifest
 
 
-def finish(out: Path, parent: A.Manifest, size: int, sources: dict[str, int], op: dict[str, object]) -> A.Manifest:
+def finish(
+    out: Path,
+    parent: A.Manifest,
+    size: int,
+    sources: dict[str, int],
+    op: dict[str, object],
+    zero_shot: A.ZeroShotInfo | None,
+) -> A.Manifest:
     """The new version's manifest: the parent's model, new files, checksums and memory version."""
     files = {name: A.digest(out / name) for name in A.CHECKED_FILES}
     history = [*parent.build.get("memory_ops", []), op]
@@ -107,11 +116,22 @@ def finish(out: Path, parent: A.Manifest, size: int, sources: dict[str, int], op
             "evaluation": {"measured_on_version": parent.evaluation.get("measured_on_version", parent.memory_version)},
             "examples": [{"file": e["file"], "label": e["label"]} for e in parent.examples],
             "build": parent.build | {"memory_ops": history},
-            "zero_shot": None,  # its text index and aligned texts index the parent's items only
+            "zero_shot": zero_shot,
         }
     )
     (out / A.MANIFEST).write_text(manifest.model_dump_json(indent=1))
     return manifest
+
+
+def carry_zero_shot(
+    src: Path, out: Path, parent: A.Manifest, keep: np.ndarray, new_texts: list[str]
+) -> A.ZeroShotInfo | None:
+    """The parent's zero-shot parts made for the new item set (models/zeroshot_versions.py), if it has them."""
+    if parent.zero_shot is None:
+        return None
+    from models.zeroshot_versions import carry
+
+    return carry(src, out, parent.zero_shot, parent.memory_version, keep, new_texts)
 
 
 def source_counts(db: sqlite3.Connection) -> dict[str, int]:
@@ -173,7 +193,7 @@ def add(
     n, m = len(old_keys), len(new.texts)
     index = faiss.read_index(str(src / A.INDEX))  # the trained coarse quantizer is reused
     with writing(out) as tmp:
-        link_model(src, tmp)
+        link_model(src, tmp, parent)
         keys = np.lib.format.open_memmap(tmp / A.KEYS, "w+", np.float16, (n + m, old_keys.shape[1]))
         values = np.lib.format.open_memmap(tmp / A.VALUES, "w+", np.float16, (n + m, old_values.shape[1]))
         for s in tqdm(range(0, n, CHUNK), desc="copy memory", unit="chunk"):
@@ -201,8 +221,9 @@ def add(
                 db.executemany("UPDATE items SET thumbnail = ? WHERE id = ?", thumbs)
             sources = source_counts(db)
         db.close()
+        zero_shot = carry_zero_shot(src, tmp, parent, np.arange(n), new.texts)
         op = {"op": "add", "items": m, "list": str(list_file), "retrain_index": retrain}
-        manifest = finish(tmp, parent, n + m, sources, op)
+        manifest = finish(tmp, parent, n + m, sources, op, zero_shot)
     log.info("added %d items to %s: %s, memory version %s", m, src, out, manifest.memory_version)
     return manifest
 
@@ -250,7 +271,7 @@ def remove(src: Path, ids_file: Path, out: Path) -> A.Manifest:
     old_keys, old_values = open_array(src / A.KEYS), open_array(src / A.VALUES)
     kept = int(keep.sum())
     with writing(out) as tmp:
-        link_model(src, tmp)
+        link_model(src, tmp, parent)
         keys = np.lib.format.open_memmap(tmp / A.KEYS, "w+", np.float16, (kept, old_keys.shape[1]))
         values = np.lib.format.open_memmap(tmp / A.VALUES, "w+", np.float16, (kept, old_values.shape[1]))
         for s in tqdm(range(0, n, CHUNK), desc="compact memory", unit="chunk"):
@@ -264,8 +285,9 @@ def remove(src: Path, ids_file: Path, out: Path) -> A.Manifest:
         remove_from_index(index, gone, renumber)
         faiss.write_index(index, str(tmp / A.INDEX))
         sources = copy_items(src / A.ITEMS, tmp / A.ITEMS, keep, renumber)
+        zero_shot = carry_zero_shot(src, tmp, parent, np.flatnonzero(keep), [])
         op = {"op": "remove", "items": len(gone), "ids": str(ids_file)}
-        manifest = finish(tmp, parent, kept, sources, op)
+        manifest = finish(tmp, parent, kept, sources, op, zero_shot)
     log.info("removed %d items from %s: %s, memory version %s", len(gone), src, out, manifest.memory_version)
     return manifest
 

@@ -218,6 +218,7 @@ def synth(src: Path, out: Path, cfg: SynthConfig) -> A.Manifest:
             "evaluation": {},  # a benchmark input: the source's figures describe the source's memory
             "examples": [],
             "build": {**source.build, **build},
+            "zero_shot": None,  # its zero-shot files would index the source's items only
         }
     )
     (partial / A.MANIFEST).write_text(manifest.model_dump_json(indent=1))

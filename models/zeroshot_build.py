@@ -11,12 +11,16 @@ Files (all recorded in the manifest's `zero_shot` section, with checksums):
                       embedding is its key, keys.npy: the image tower is the locked query encoder)
   fusion_image.pt     TorchScript: refined image = f(query image, aligned texts of its k nearest images)
   fusion_text.pt      TorchScript: refined text = f(prompt, images of its k nearest memory texts)
+
+With a user's aligned pair (models/user_pair.py), text_tower.onnx and tokenizer.json are the user's (wrapped
+to the same interface; `search` is then the aligned embedding itself) and no projection is trained.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,14 +28,18 @@ import faiss
 import numpy as np
 import onnxruntime as ort
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 
-from models.align import TextProjection
+from models.align import TextProjection, identity_projection
 from models.features import Prepared
 from models.memory import Memory
 from models.reco import Fusion, text_index
+from models.user_pair import UserPair, wrap_text_tower
 from models.zeroshot_eval import ZeroShotConfig, align, fit_reco, prepare_data, score
+from models.zeroshot_versions import embed_texts
 from service import artifacts as A
+from service.zeroshot import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +75,7 @@ def text_tower(projection: TextProjection) -> TextTower:
     return TextTower(bert, projection).eval()
 
 
-def tokenizer(path: Path):  # type: ignore[no-untyped-def]
-    from service.zeroshot import load_tokenizer
-
+def tokenizer(path: Path) -> Tokenizer:
     return load_tokenizer(path, MAX_TOKENS)
 
 
@@ -112,8 +118,24 @@ def script_fusion(fusion: Fusion, query: np.ndarray, neighbours: np.ndarray, pat
     scripted.save(str(path))
 
 
-def build_zero_shot(prep: Prepared, memory: Memory, out: Path, cfg: ZeroShotConfig) -> A.ZeroShotInfo:
-    """Train the text projection and both fusion modules on the memory, then write their files to `out`."""
+def user_text_tower(pair: UserPair, out: Path) -> tuple[Callable[[list[str]], np.ndarray], dict[str, object]]:
+    """Install a user's text tower and tokenizer in `out` (models/user_pair.py); returns the frozen text
+    embedding it gives memory texts (its `search` output, through the service's own code) and the
+    tokenizer's settings for the manifest."""
+    text = pair.spec.text
+    wrap_text_tower(pair.text_tower, text, out / A.ZS_TEXT_TOWER)
+    shutil.copyfile(pair.tokenizer, out / A.ZS_TOKENIZER)
+    settings: dict[str, object] = {"max_tokens": text.max_length, "pad_id": text.pad_id}
+    settings |= {"pad_token": text.pad_token, "pad_to_max": text.fixed_length}
+    tok = load_tokenizer(out / A.ZS_TOKENIZER, text.max_length, text.pad_id, text.pad_token, text.fixed_length)
+    return lambda texts: embed_texts(out / A.ZS_TEXT_TOWER, tok, list(texts))[1], settings
+
+
+def build_zero_shot(
+    prep: Prepared, memory: Memory, out: Path, cfg: ZeroShotConfig, pair: UserPair | None = None
+) -> A.ZeroShotInfo:
+    """Train the text projection (none for a user's aligned pair) and both fusion modules on the memory,
+    then write their files to `out`."""
     from models.encoders import TextEncoder
 
     k = cfg.fusion.k
@@ -121,11 +143,15 @@ def build_zero_shot(prep: Prepared, memory: Memory, out: Path, cfg: ZeroShotConf
     s = prep.splits
     val, test = ((prep.emb[p.pool][p.index], prep.dataset.labels(p)) for p in (s.val, s.test))
     classes = prep.dataset.classes
-    data = prepare_data(classes, memory.items, memory.keys, memory.index, val, test, TextEncoder(), cfg)
+    embed_text, tokens = (TextEncoder(), {"max_tokens": MAX_TOKENS}) if pair is None else user_text_tower(pair, out)
+    data = prepare_data(classes, memory.items, memory.keys, memory.index, val, test, embed_text, cfg)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small batches: a second thread is slower where the cores are shared
     try:
-        proj = align(data, cfg.align)
+        if pair is None:
+            proj = align(data, cfg.align)
+        else:
+            proj = identity_projection(memory.keys.shape[1], pair.spec.logit_scale)
         reco = fit_reco(data, proj, cfg.fusion)
     finally:
         torch.set_num_threads(threads)
@@ -133,9 +159,11 @@ def build_zero_shot(prep: Prepared, memory: Memory, out: Path, cfg: ZeroShotConf
     log.info("zero-shot test top-1: %s", evaluation)
     assert reco.image is not None and reco.text is not None
 
-    shutil.copyfile(minilm_dir() / "tokenizer.json", out / A.ZS_TOKENIZER)
-    prompts = [cfg.template.format(c.lower()) for c in classes]
-    export_text_tower(text_tower(proj), out / A.ZS_TOKENIZER, out / A.ZS_TEXT_TOWER, prompts + memory.items.text[:8])
+    if pair is None:
+        shutil.copyfile(minilm_dir() / "tokenizer.json", out / A.ZS_TOKENIZER)
+        prompts = [cfg.template.format(c.lower()) for c in classes]
+        check = prompts + memory.items.text[:8]
+        export_text_tower(text_tower(proj), out / A.ZS_TOKENIZER, out / A.ZS_TEXT_TOWER, check)
     index, order = text_index(data.table[data.item_text], seed=0)
     faiss.write_index(index, str(out / A.ZS_TEXT_INDEX))
     np.save(out / A.ZS_TEXT_ORDER, order)
@@ -146,17 +174,19 @@ def build_zero_shot(prep: Prepared, memory: Memory, out: Path, cfg: ZeroShotConf
     script_fusion(reco.image, data.val.z[:16], aligned[nb], out / A.ZS_FUSION_IMAGE)
     prompt_nb = data.prompt_nb[:, :k]
     script_fusion(reco.text, aligned[: len(prompt_nb)], memory.keys[prompt_nb], out / A.ZS_FUSION_TEXT)
-    return A.ZeroShotInfo(
-        text_encoder="all-MiniLM-L6-v2",
-        dim=memory.keys.shape[1],
-        search_dim=data.table.shape[1],
-        max_tokens=MAX_TOKENS,
-        k=k,
-        scale=float(reco.scale.detach()),
-        template=cfg.template,
-        held_out=[classes[c] for c in cfg.held_out],
-        align=replace(cfg.align).to_dict(),
-        fusion=cfg.fusion.to_dict(),
-        files={name: A.digest(out / name) for name in A.ZS_FILES},
-        evaluation=evaluation,
+    return A.ZeroShotInfo.model_validate(
+        {
+            "text_encoder": "all-MiniLM-L6-v2" if pair is None else f"user: {pair.text_tower.name}",
+            "dim": memory.keys.shape[1],
+            "search_dim": data.table.shape[1],
+            "k": k,
+            "scale": float(reco.scale.detach()),
+            "template": cfg.template,
+            "held_out": [classes[c] for c in cfg.held_out],
+            "align": cfg.align.to_dict() if pair is None else {"user_pair": True, "logit_scale": pair.spec.logit_scale},
+            "fusion": cfg.fusion.to_dict(),
+            "files": {name: A.digest(out / name) for name in A.ZS_FILES},
+            "evaluation": evaluation,
+        }
+        | tokens
     )

@@ -241,7 +241,7 @@ async def info(pipeline: PipelineDep) -> Response:
             "created": m.created,
             "supports": {
                 "closed_set": True,
-                "zero_shot": pipeline.zero_shot is not None and pipeline.zero_shot.built_for is pipeline.version,
+                "zero_shot": pipeline.zero_shot is not None and pipeline.zero_shot.missing(pipeline.version) is None,
             },
             "zero_shot": m.zero_shot.model_dump(exclude={"files"}) if m.zero_shot is not None else None,
         }

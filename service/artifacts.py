@@ -29,7 +29,9 @@ ZS_TEXT_ORDER = "text_order.npy"
 ZS_TEXT_ALIGNED = "text_aligned.npy"
 ZS_FUSION_IMAGE = "fusion_image.pt"
 ZS_FUSION_TEXT = "fusion_text.pt"
-ZS_FILES = (ZS_TEXT_TOWER, ZS_TOKENIZER, ZS_TEXT_INDEX, ZS_TEXT_ORDER, ZS_TEXT_ALIGNED, ZS_FUSION_IMAGE, ZS_FUSION_TEXT)
+ZS_MODEL_FILES = (ZS_TEXT_TOWER, ZS_TOKENIZER, ZS_FUSION_IMAGE, ZS_FUSION_TEXT)  # fixed, as encoder and head
+ZS_MEMORY_FILES = (ZS_TEXT_INDEX, ZS_TEXT_ORDER, ZS_TEXT_ALIGNED)  # index one memory version's items
+ZS_FILES = ZS_MODEL_FILES + ZS_MEMORY_FILES
 CURRENT = "current"  # in a serving root: the symlink to the version directory being served
 
 
@@ -77,6 +79,9 @@ class ZeroShotInfo(BaseModel):
     fusion: dict[str, Any]
     files: dict[str, str]  # file name -> blake2b digest
     evaluation: dict[str, Any]  # val / test zero-shot top-1 when built
+    pad_id: int = 0  # the tokenizer's padding (a user's text tower may want another, or a fixed length)
+    pad_token: str = "[PAD]"
+    pad_to_max: bool = False  # pad every text to max_tokens, not to the longest of its batch
 
 
 class Manifest(BaseModel):

@@ -292,7 +292,7 @@ class Pipeline:
         key = cache_key(data, version.id, self.k, self.encoder.dim)
         with self.batcher.coming():
             entry = await self.cache.get(key)
-            if entry is not None and not self._fits(entry, version):
+            if entry is not None and not self.fits(entry, version):
                 self.metrics.cache.labels("stale").inc()  # counted as a hit by the cache: ignore it, recompute
                 entry = None
         queued = time.perf_counter()
@@ -317,7 +317,7 @@ class Pipeline:
             timings_ms={name: round(1000 * s, 3) for name, s in timings.items()},
         )
 
-    def _fits(self, entry: Entry, version: MemoryVersion) -> bool:
+    def fits(self, entry: Entry, version: MemoryVersion) -> bool:
         """An entry's shape and ids fit this memory (a key collision or another writer's entry does not)."""
         return (
             entry.z.shape == (self.encoder.dim,)

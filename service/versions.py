@@ -21,6 +21,7 @@ from service import artifacts as A
 from service.memory import Memory
 from service.metrics import Metrics
 from service.settings import Settings
+from service.zeroshot_memory import ZsMemory, load_zs_memory
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class MemoryVersion:
     directory: Path
     manifest: A.Manifest
     memory: Memory
+    zero_shot: ZsMemory | None = None  # its text index and aligned texts, where it has zero-shot parts
     refs: int = 0  # requests holding it (changed on the event loop only)
     retired: bool = False  # no longer served: closed when the last request lets go
 
@@ -66,6 +68,10 @@ def load_version(directory: Path, settings: Settings, model: A.Manifest | None, 
     memory = Memory(directory, manifest.index.nprobe, settings.search_threads)
     try:
         check_memory(directory, manifest, memory, encoder_dim)
+        zs = manifest.zero_shot
+        zero_shot = (
+            None if zs is None else load_zs_memory(directory, zs, memory.size, memory.dim, settings.verify_checksums)
+        )
     except A.ArtifactError:
         memory.close()
         raise
@@ -73,7 +79,7 @@ def load_version(directory: Path, settings: Settings, model: A.Manifest | None, 
         memory.prefault()  # before it serves (at start-up: before /readyz): no cold page inside a request
     else:
         memory.willneed()
-    return MemoryVersion(directory, manifest, memory)
+    return MemoryVersion(directory, manifest, memory, zero_shot)
 
 
 def check_memory(directory: Path, m: A.Manifest, mem: Memory, encoder_dim: int) -> None:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 import onnxruntime as ort
 import torch
@@ -31,10 +30,10 @@ from service import artifacts as A
 from service.batching import Batcher
 from service.cache import CacheUnavailable, Entry, cache_key
 from service.decode import DecodeError, decode
-from service.memory import Memory
 
 if TYPE_CHECKING:
     from service.pipeline import Pipeline
+    from service.versions import MemoryVersion
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +46,32 @@ class LabelError(Exception):
         self.status, self.message = status, message
 
 
-def load_tokenizer(path: Path, max_tokens: int) -> Tokenizer:
+def load_tokenizer(
+    path: Path, max_tokens: int, pad_id: int = 0, pad_token: str = "[PAD]", fixed: bool = False
+) -> Tokenizer:
     tok = Tokenizer.from_file(str(path))
     tok.enable_truncation(max_tokens)
-    tok.enable_padding(pad_id=0, pad_token="[PAD]")
+    tok.enable_padding(pad_id=pad_id, pad_token=pad_token, length=max_tokens if fixed else None)
     return tok
+
+
+def text_tokenizer(directory: Path, info: A.ZeroShotInfo) -> Tokenizer:
+    """The tokenizer of an artifact directory's text tower, set up as its manifest says."""
+    return load_tokenizer(directory / A.ZS_TOKENIZER, info.max_tokens, info.pad_id, info.pad_token, info.pad_to_max)
+
+
+def run_text_tower(
+    tower: ort.InferenceSession, tokenizer: Tokenizer, texts: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> aligned (n, d) and search (n, dt) embeddings, float32: what the service does with a prompt,
+    and what the offline side does with memory texts."""
+    enc = tokenizer.encode_batch(texts)
+    feeds = {
+        "input_ids": np.asarray([e.ids for e in enc], np.int64),
+        "attention_mask": np.asarray([e.attention_mask for e in enc], np.int64),
+    }
+    aligned, search = tower.run(["embedding", "search"], feeds)
+    return np.asarray(aligned, np.float32), np.asarray(search, np.float32)
 
 
 def check_labels(labels: list[str], template: str, max_labels: int, max_chars: int) -> list[str]:
@@ -81,6 +101,7 @@ def check_labels(labels: list[str], template: str, max_labels: int, max_chars: i
 class ZsJob:
     pixels: np.ndarray | None  # (3, S, S) to encode; None on a cache hit
     cached: Entry | None
+    version: MemoryVersion  # the memory the request holds (its zero-shot parts included)
 
 
 @dataclass
@@ -92,52 +113,59 @@ class ZsOutput:
 
 
 class ZeroShot:
-    """The zero-shot parts of one artifact directory, beside the pipeline that owns the encoder and memory."""
+    """The zero-shot model (text tower, tokenizer, fusion modules), beside the pipeline that owns the encoder
+    and the memory. The parts that index a memory's items (text index, aligned texts) belong to each memory
+    version (service/zeroshot_memory.py), so a swapped-in version that carries them is served too."""
 
     def __init__(self, pipeline: Pipeline, info: A.ZeroShotInfo):
         self.pipeline, self.info = pipeline, info
-        # The zero-shot parts index one memory version's items: they serve that version only.
-        self.built_for = pipeline.version
         directory, s = pipeline.version.directory, pipeline.settings
         if s.verify_checksums:
-            for name in A.ZS_FILES:
+            for name in A.ZS_MODEL_FILES:
                 if A.digest(directory / name) != info.files.get(name):
                     raise A.ArtifactError(f"{directory / name} does not match the checksum in {A.MANIFEST}")
+        self.model_files = {name: info.files.get(name, "?") for name in A.ZS_MODEL_FILES}
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         self.tower = ort.InferenceSession(str(directory / A.ZS_TEXT_TOWER), options, providers=["CPUExecutionProvider"])
-        self.tokenizer = load_tokenizer(directory / A.ZS_TOKENIZER, info.max_tokens)
-        self.text_index = faiss.read_index(str(directory / A.ZS_TEXT_INDEX))
-        self.text_order = np.load(directory / A.ZS_TEXT_ORDER)
-        self.text_aligned = np.load(directory / A.ZS_TEXT_ALIGNED, mmap_mode="r")  # (N, d) float16
+        self.tokenizer = text_tokenizer(directory, info)
         self.fuse_image = torch.jit.load(str(directory / A.ZS_FUSION_IMAGE), map_location="cpu").eval()
         self.fuse_text = torch.jit.load(str(directory / A.ZS_FUSION_TEXT), map_location="cpu").eval()
-        n = self.memory.size
-        for what, size in (("text index", self.text_index.ntotal), ("aligned texts", len(self.text_aligned))):
-            if size != n:
-                raise A.ArtifactError(f"zero-shot {what} holds {size} items, the memory {n}: rebuild")
-        if info.dim != self.memory.dim or info.k > pipeline.k:
+        if info.dim != pipeline.version.memory.dim or info.k > pipeline.k:
             raise A.ArtifactError(f"zero-shot parts are {info.dim}-d with k={info.k}: they do not fit this memory")
-        self.parts_id = hashlib.blake2b("".join(sorted(info.files.values())).encode(), digest_size=6).hexdigest()
+        self.parts_id = hashlib.blake2b("".join(sorted(self.model_files.values())).encode(), digest_size=6).hexdigest()
         self.text_worker = ThreadPoolExecutor(1, thread_name_prefix="zs-text")
         self.batcher: Batcher[ZsJob, ZsOutput] = Batcher(
             self.run_batch, s.max_batch, s.max_wait_ms / 1000, pipeline.metrics
         )
-
-    @property
-    def memory(self) -> Memory:
-        return self.built_for.memory
 
     @classmethod
     def load(cls, pipeline: Pipeline) -> ZeroShot | None:
         info = pipeline.version.manifest.zero_shot
         return None if info is None else cls(pipeline, info)
 
+    def missing(self, version: MemoryVersion) -> str | None:
+        """None where `version` carries zero-shot parts made for this model; else why it cannot be served."""
+        if version.zero_shot is None:
+            return (
+                f"memory version {version.id} has no zero-shot parts: derive it with `rac memory add` / `remove` "
+                "from a version that has them, or build them with `rac build --zero-shot`"
+            )
+        if version.zero_shot.model_files != self.model_files:
+            return (
+                f"the zero-shot parts of memory version {version.id} were made for another text tower or fusion "
+                "modules than this process serves: restart the service to serve them"
+            )
+        return None
+
     def warmup(self, pixels: np.ndarray) -> None:
         """TorchScript optimises a module on its first runs: pay that here, not in the first requests."""
+        version = self.pipeline.version
+        if self.missing(version) is not None:
+            return
         for n in (1, 2, 1, 2):
-            self.run_batch([ZsJob(pixels, None)] * n)
-            self.embed_labels(["warm-up"] * n)
+            self.run_batch([ZsJob(pixels, None, version)] * n)
+            self.embed_labels(["warm-up"] * n, version)
 
     async def start(self) -> None:
         self.batcher.start()
@@ -151,20 +179,28 @@ class ZeroShot:
     def run_batch(self, jobs: list[ZsJob]) -> list[ZsOutput]:
         started = time.perf_counter()
         p, k = self.pipeline, self.pipeline.k
-        memory = self.memory
         z, sims, ids, misses, encode_s = p.embed(jobs)
-        seconds = {"encode": encode_s, "search": 0.0}
-        if misses:
+        seconds = {"encode": encode_s, "search": 0.0, "fuse_image": 0.0}
+        refined = np.empty_like(z)  # (B, d)
+        # Per memory version: one group, except in the batch that straddles a swap.
+        groups: dict[int, tuple[MemoryVersion, list[int]]] = {}
+        for i, j in enumerate(jobs):
+            groups.setdefault(id(j.version), (j.version, []))[1].append(i)
+        for v, rows in groups.values():
+            search_rows = [i for i in rows if jobs[i].cached is None]
+            if search_rows:
+                t = time.perf_counter()
+                sims[search_rows], ids[search_rows] = v.memory.search(z[search_rows], k)
+                seconds["search"] += time.perf_counter() - t
             t = time.perf_counter()
-            sims[misses], ids[misses] = memory.search(z[misses], k)
-            seconds["search"] = time.perf_counter() - t
+            assert v.zero_shot is not None  # checked when the request started
+            nb = ids[rows, : self.info.k]  # (b, k)
+            texts = np.take(v.zero_shot.text_aligned, nb.ravel(), axis=0).reshape(*nb.shape, -1)  # (b, k, d)
+            with torch.inference_mode():
+                refined[rows] = self.fuse_image(torch.from_numpy(z[rows]), torch.from_numpy(texts).float()).numpy()
+            seconds["fuse_image"] += time.perf_counter() - t
+        if misses:
             p.metrics.stage_seconds.labels("search").observe(seconds["search"])
-        t = time.perf_counter()
-        nb = ids[:, : self.info.k]
-        texts = np.take(self.text_aligned, nb.ravel(), axis=0).reshape(*nb.shape, -1)
-        with torch.inference_mode():
-            refined = self.fuse_image(torch.from_numpy(z), torch.from_numpy(texts).float()).numpy()
-        seconds["fuse_image"] = time.perf_counter() - t
         p.metrics.stage_seconds.labels("zs_fuse_image").observe(seconds["fuse_image"])
         return [
             ZsOutput(refined[i], Entry(z[i].copy(), ids[i].copy(), sims[i].copy()), started, seconds)
@@ -173,28 +209,26 @@ class ZeroShot:
 
     # ------------------------------------------------------------ labels, in the text worker thread
 
-    def embed_labels(self, prompts: list[str]) -> np.ndarray:
-        """Prompts -> refined label embeddings (n, d): text tower, text search, fusion of neighbour images."""
-        enc = self.tokenizer.encode_batch(prompts)
-        feeds = {
-            "input_ids": np.asarray([e.ids for e in enc], np.int64),
-            "attention_mask": np.asarray([e.attention_mask for e in enc], np.int64),
-        }
-        aligned, search = self.tower.run(None, feeds)
-        _, pos = self.text_index.search(np.ascontiguousarray(search, dtype=np.float32), self.info.k)
-        images = self.memory.gather(self.text_order[pos], True, False)[0]  # (n, k, d) float16
+    def embed_labels(self, prompts: list[str], version: MemoryVersion) -> np.ndarray:
+        """Prompts -> refined label embeddings (n, d): text tower, text search in `version`'s text index,
+        fusion of its neighbours' images."""
+        aligned, search = run_text_tower(self.tower, self.tokenizer, prompts)
+        zs = version.zero_shot
+        assert zs is not None  # checked when the request started
+        _, pos = zs.text_index.search(np.ascontiguousarray(search, dtype=np.float32), self.info.k)
+        images = version.memory.gather(zs.text_order[pos], True, False)[0]  # (n, k, d) float16
         with torch.inference_mode():
             refined = self.fuse_text(torch.from_numpy(aligned), torch.from_numpy(images).float())
         return np.asarray(refined.numpy(), np.float32)
 
-    def _label_key(self, label: str, template: str) -> str:
+    def _label_key(self, label: str, template: str, version: MemoryVersion) -> str:
         h = hashlib.blake2b(f"{template}\0{label}".encode(), digest_size=16).hexdigest()
-        return f"rac:zs:{self.built_for.id}:{self.parts_id}:{h}"
+        return f"rac:zs:{version.id}:{self.parts_id}:{h}"
 
-    async def labels(self, labels: list[str], template: str) -> tuple[np.ndarray, int]:
+    async def labels(self, labels: list[str], template: str, version: MemoryVersion) -> tuple[np.ndarray, int]:
         """(n, d) refined label embeddings and how many came from the cache."""
         store, d = self.pipeline.cache.store, self.info.dim
-        keys = [self._label_key(label, template) for label in labels]
+        keys = [self._label_key(label, template, version) for label in labels]
         out = np.empty((len(labels), d), np.float32)
         missing = []
         for i, key in enumerate(keys):
@@ -210,7 +244,7 @@ class ZeroShot:
         if missing:
             prompts = [template.format(labels[i]) for i in missing]
             loop = asyncio.get_running_loop()
-            out[missing] = await loop.run_in_executor(self.text_worker, self.embed_labels, prompts)
+            out[missing] = await loop.run_in_executor(self.text_worker, self.embed_labels, prompts, version)
             for i in missing:
                 try:
                     await store.set(keys[i], out[i].astype("<f4").tobytes(), self.pipeline.cache.ttl_s)
@@ -224,22 +258,19 @@ class ZeroShot:
         """The answer's fields; raises DecodeError for a bad image, Overloaded when the server is full."""
         p = self.pipeline
         t0 = time.perf_counter()
-        if p.version is not self.built_for:
-            raise LabelError(
-                404,
-                f"the memory was swapped to version {p.memory_version}, which has no zero-shot parts (they index "
-                f"version {self.built_for.id}): build them for it with `rac build --zero-shot`",
-            )
         if len(data) > p.settings.max_image_bytes:
             raise DecodeError(413, f"image is {len(data)} bytes; the limit is {p.settings.max_image_bytes}")
-        with p.admission.admit(1), self._holding():
-            label_task = asyncio.ensure_future(self._timed_labels(labels, template))
+        with p.admission.admit(1), self._holding() as version:
+            if (why := self.missing(version)) is not None:
+                raise LabelError(404, why)
+            label_task = asyncio.ensure_future(self._timed_labels(labels, template, version))
             try:
-                image, timings = await self._image(data)
+                image, timings = await self._image(data, version)
             except BaseException:
                 label_task.cancel()
                 raise
             (label_emb, from_cache), label_s = await label_task
+            answer_neighbors = self._neighbors(image.entry, neighbors, version)
         t = time.perf_counter()
         logits = self.info.scale * label_emb @ image.refined
         probs = np.exp(logits - logits.max())
@@ -252,31 +283,38 @@ class ZeroShot:
         timings |= {**image.seconds, "labels": label_s, "score": score_s, "total": total}
         return {
             "predictions": [{"label": labels[i], "probability": float(probs[i])} for i in order],
-            "neighbors": self._neighbors(image.entry, neighbors),
+            "neighbors": answer_neighbors,
+            "memory_version": version.id,
             "template": template,
             "cached": {"image": timings.get("decode") is None, "labels": from_cache},
             "timings_ms": {name: round(1000 * s, 3) for name, s in timings.items() if s is not None},
         }
 
     @contextlib.contextmanager
-    def _holding(self) -> Iterator[None]:
-        """Hold the memory version for the request, so that a swap never closes it under a batch."""
-        self.built_for.acquire()
+    def _holding(self) -> Iterator[MemoryVersion]:
+        """Hold the served memory version for the request: its neighbours, label embeddings and answer all
+        come from it, and a swap never closes it under a batch."""
+        version = self.pipeline.version.acquire()
         try:
-            yield
+            yield version
         finally:
-            self.built_for.release()
+            version.release()
 
-    async def _timed_labels(self, labels: list[str], template: str) -> tuple[tuple[np.ndarray, int], float]:
+    async def _timed_labels(
+        self, labels: list[str], template: str, version: MemoryVersion
+    ) -> tuple[tuple[np.ndarray, int], float]:
         t = time.perf_counter()
-        result = await self.labels(labels, template)
+        result = await self.labels(labels, template, version)
         return result, time.perf_counter() - t
 
-    async def _image(self, data: bytes) -> tuple[ZsOutput, dict[str, float | None]]:
+    async def _image(self, data: bytes, version: MemoryVersion) -> tuple[ZsOutput, dict[str, float | None]]:
         p = self.pipeline
-        key = cache_key(data, self.built_for.id)
+        key = cache_key(data, version.id, p.k, p.encoder.dim)  # /classify's key: the same entry serves both
         with self.batcher.coming():  # a batch being gathered may wait for this image, until it is queued
             entry = await p.cache.get(key)
+            if entry is not None and not p.fits(entry, version):
+                p.metrics.cache.labels("stale").inc()
+                entry = None
             pixels, decode_s = None, None
             if entry is None:
                 t = time.perf_counter()
@@ -290,7 +328,7 @@ class ZeroShot:
                 decode_s = time.perf_counter() - t
                 p.metrics.stage_seconds.labels("decode").observe(decode_s)
         queued = time.perf_counter()
-        out = await self.batcher.submit(ZsJob(pixels, entry))
+        out = await self.batcher.submit(ZsJob(pixels, entry, version))
         if entry is None:
             p.cache.put(key, out.entry)
         wait = max(0.0, out.started - queued)
@@ -298,7 +336,7 @@ class ZeroShot:
         p.metrics.images.labels("hit" if entry is not None else "miss").inc()
         return out, {"decode": decode_s, "queue": wait}
 
-    def _neighbors(self, entry: Entry, count: int) -> list[dict[str, object]]:
+    def _neighbors(self, entry: Entry, count: int, version: MemoryVersion) -> list[dict[str, object]]:
         ids = [int(i) for i in entry.ids[: min(count, self.info.k)]]
-        items = self.memory.items(ids)
+        items = version.memory.items(ids)
         return [{"id": i, "text": items[i].text, "similarity": float(s)} for i, s in zip(ids, entry.sims, strict=False)]

@@ -90,4 +90,4 @@ async def classify_zero_shot(request: Request, pipeline: PipelineDep, neighbors:
         return error(422, "labels and template must be UTF-8 text")
     except (LabelError, DecodeError) as e:
         return error(e.status, e.message)
-    return _json({**answer, "memory_version": zs.built_for.id})
+    return _json(answer)
