@@ -136,6 +136,21 @@ def test_scale_memory_serves_and_prefaults(scale_dir: Path) -> None:
     assert pipeline.version.memory.values.shape[0] == SIZE
 
 
+def test_prefault_only_what_the_page_cache_can_hold(tmp_path: Path) -> None:
+    from service import paging
+
+    gib = 1 << 30
+    # 24 GiB machine with 20 available: the reserve is 3 GiB, so 17 GiB fit and 17 GiB + 1 byte does not.
+    assert paging.fits(17 * gib, 20 * gib, 24 * gib)
+    assert not paging.fits(17 * gib + 1, 20 * gib, 24 * gib)
+    assert not paging.fits(gib // 2, gib, 4 * gib)  # a small machine keeps at least 1 GiB
+    assert paging.fits(10 * gib, 0, 0)  # no /proc/meminfo: pre-fault
+    info = tmp_path / "meminfo"
+    info.write_text("MemTotal:       25165824 kB\nMemAvailable:   20971520 kB\n")
+    assert paging.meminfo("MemAvailable", info) == 20 * gib
+    assert paging.meminfo("Missing", info) == 0
+
+
 def _rss_of(path: Path) -> int:
     """kB of this process's mapping of `path` that are resident (from /proc/self/smaps)."""
     total, inside = 0, False
