@@ -41,6 +41,31 @@ def quick_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def zs_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`rac build --quick --zero-shot`: the quick build with the zero-shot parts beside it."""
+    out = tmp_path_factory.mktemp("zs") / "artifacts"
+    cache = tmp_path_factory.mktemp("zs-cache")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "models.cli",
+            "build",
+            "--quick",
+            "--zero-shot",
+            "--out",
+            str(out),
+            "--cache",
+            str(cache),
+        ],
+        check=True,
+        cwd=ROOT,
+        env=os.environ | {"TQDM_DISABLE": "1"},
+    )
+    return out
+
+
 def wait_until(check, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +21,6 @@ from models.align import AlignConfig, Pairs, project, seen_rows, train_alignment
 from models.reco import Fusion, FusionConfig, FusionData, MemoryViews, train_reco
 from service import artifacts as A
 from service.zeroshot import LabelError, check_labels, load_tokenizer
-from tests.conftest import ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -109,30 +105,6 @@ def test_labels_are_checked() -> None:
 
 
 # ---------------------------------------------------------------- a quick --zero-shot build, served
-
-
-@pytest.fixture(scope="module")
-def zs_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("zs") / "artifacts"
-    cache = tmp_path_factory.mktemp("zs-cache")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "models.cli",
-            "build",
-            "--quick",
-            "--zero-shot",
-            "--out",
-            str(out),
-            "--cache",
-            str(cache),
-        ],
-        check=True,
-        cwd=ROOT,
-        env=os.environ | {"TQDM_DISABLE": "1"},
-    )
-    return out
 
 
 @pytest.fixture(scope="module")
