@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,3 +242,18 @@ def test_absent_without_zero_shot_parts_and_after_a_swap_that_drops_them(zs_arti
         r = c.get("/v2/models/other")
         assert r.status_code == 404 and r.json()["error"] == "unknown model 'other': this server serves 'rac'"
         assert c.get("/v2/models/rac/ready").status_code == 200
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_the_readme_client_example_runs(server: Server, zs_artifacts: Path, protocol: str) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Open Inference Protocol", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n")[2].split("```", 1)[0]
+    assert '"rac-zero-shot"' in code
+    code = code.replace("/tmp/zs", str(zs_artifacts))
+    if protocol == "http":  # what the example's first comment says to change
+        code = code.replace("tritonclient.grpc", "tritonclient.http").replace("127.0.0.1:8001", server.http)
+    code = code.replace("127.0.0.1:8001", server.grpc)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("'")[1] in ("sneaker", "ankle boot", "sandal")
