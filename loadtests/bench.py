@@ -10,7 +10,7 @@
    driven by wrk (one thread, a Lua script cycling through prepared multipart bodies), with the CPU wrk used
 4. the same for the Open Inference Protocol, at each concurrency right after /classify: v2 REST driven by wrk
    with prepared binary-tensor bodies (as tritonclient.http sends them), and gRPC driven by a separate process
-   (loadtests/v2load.py: grpc.aio in 4 processes, one connection per caller, prepared requests)
+   (loadtests/v2load.py: grpc.aio, one connection per caller, prepared requests)
 5. cache-hit latency: one image, over and over, one connection
 6. overload: 64 to 1024 connections of distinct images (loadtests/overload.py): successful and refused
    requests per second, latency of each kind apart, /readyz latency meanwhile, cache errors, server memory
@@ -148,10 +148,10 @@ def v2_http(url: str, images: list[bytes], connections: int, seconds: float, wor
 
 
 def v2_grpc(
-    target: str, images: list[bytes], concurrency: int, seconds: float, workdir: Path, processes: int = 4
+    target: str, images: list[bytes], concurrency: int, seconds: float, workdir: Path, processes: int = 1
 ) -> dict[str, Any]:
-    """ModelInfer, one image a request, from separate processes (loadtests/v2load.py; it reports the CPU they
-    used while measuring as client_cores)."""
+    """ModelInfer, one image a request, from a separate process (or several: loadtests/v2load.py; it reports
+    the CPU it used while measuring as client_cores)."""
     requests, out = workdir / f"grpc-{concurrency}.bin", workdir / f"grpc-{concurrency}.json"
     write_bodies(requests, [v2load.grpc_request(png) for png in images])
     cmd = [sys.executable, "-m", "loadtests.v2load", "--target", target, "--requests", str(requests)]

@@ -36,6 +36,18 @@ from loadtests.server import ROOT, free_port, scrape, serving
 SHARE = 1_500  # distinct images per second of measurement and API: every request a cache miss
 
 
+def server_tree(url: str) -> list[psutil.Process]:
+    """Every process of the server: uvicorn's supervisor (`python -m service`) and all its children (its
+    workers share one listening socket, which the kernel names under one of them only)."""
+    tree: dict[int, psutil.Process] = {}
+    for p in server_processes(url):
+        parent = p.parent()
+        top = parent if parent is not None and "service" in parent.cmdline() else p
+        for q in [top, *top.children(recursive=True)]:
+            tree[q.pid] = q
+    return list(tree.values())
+
+
 def measured(url: str, processes: list[psutil.Process], drive: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """One load run, with what it cost per request: the server's CPU (all its processes), the generator's, and
     the mean size of the batches the server ran meanwhile (rac_batch_size)."""
@@ -70,7 +82,7 @@ def run(
             with served as url, tempfile.TemporaryDirectory() as t:
                 runs: dict[str, Any] = {"v2_http": {}} | {f"v2_grpc_p{p}": {} for p in drivers}
                 runs["grpc_over_http"] = {}
-                processes = server_processes(url)
+                processes = server_tree(url)
                 for c in levels:
                     print(f"round {n + 1}, {name}, {c} connections ...", flush=True)
                     rest = list(itertools.islice(images, share))
@@ -102,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", default="16", help="comma-separated")
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--grpc-processes", default="4", help="comma-separated: the gRPC driver's process counts")
+    p.add_argument("--grpc-processes", default="1", help="comma-separated: the gRPC driver's process counts")
     p.add_argument("--json", type=Path, default=Path("results/protocols.json"))
     a = p.parse_args(argv)
     checkouts = {name: Path(d).resolve() for name, d in (c.split("=", 1) for c in a.checkout)} or {"this": ROOT}

@@ -2,14 +2,12 @@
 
     python -m loadtests.v2load --target 127.0.0.1:8001 --requests FILE --concurrency 16 --seconds 10 --out OUT.json
 
-The driver is its own processes (so its CPU is its own, as wrk's is): `concurrency` callers spread over
-`--processes` processes (default 4), each process grpc.aio, each caller on its own connection (a channel
-with a local subchannel pool: the kernel spreads connections over the server processes), sending prepared,
-already serialised ModelInferRequests in turn (no per-call serialisation), timing each call. One Python event
-loop for all sixteen callers of a run is itself a queue: an answer waits for the loop before its caller sends
-the next request, so requests reach the server one by one, in smaller batches that cost it more CPU per
-image than wrk's (measured: loadtests/protocols.py). FILE holds the requests as `<length>\\n<bytes>` records
-(loadtests/overload.py writes and reads them).
+The driver is its own process (so its CPU is its own, as wrk's is): grpc.aio, `concurrency` callers, each on
+its own connection (a channel with a local subchannel pool: the kernel spreads connections over the server
+processes), sending prepared, already serialised ModelInferRequests in turn (no per-call serialisation), timing
+each call. `--processes` spreads the callers over several such processes (loadtests/protocols.py compares:
+on the 2-core host, 4 processes cost more client CPU per request than one and were no faster). FILE holds
+the requests as `<length>\\n<bytes>` records (loadtests/overload.py writes and reads them).
 """
 
 from __future__ import annotations
@@ -127,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=Path, required=True)
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--processes", type=int, default=4, help="processes the callers are spread over")
+    p.add_argument("--processes", type=int, default=1, help="processes the callers are spread over")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     stats = run(a.target, a.requests, a.concurrency, a.seconds, a.processes)
