@@ -131,8 +131,8 @@ async def model_metadata(request: Request, model_name: str, model_version: str =
     return _json(v2.model_metadata(pipeline, model_name))
 
 
-@router.get("/v2/models/{model_name}/ready", responses=NOT_READY | _errors(404))
-@router.get("/v2/models/{model_name}/versions/{model_version}/ready", responses=NOT_READY | _errors(404))
+@router.get("/v2/models/{model_name}/ready", responses=NOT_READY | _errors(404, 503))
+@router.get("/v2/models/{model_name}/versions/{model_version}/ready", responses=NOT_READY | _errors(404, 503))
 @protocol_errors
 async def model_ready(request: Request, model_name: str, model_version: str = "") -> Response:
     v2.check_model(model_name, model_version, _loaded(request))
