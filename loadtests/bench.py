@@ -147,13 +147,16 @@ def v2_http(url: str, images: list[bytes], connections: int, seconds: float, wor
     return wrk(target, list(bodies), connections, seconds, workdir, "application/octet-stream", header)
 
 
-def v2_grpc(target: str, images: list[bytes], concurrency: int, seconds: float, workdir: Path) -> dict[str, Any]:
-    """ModelInfer, one image a request, from a separate process (loadtests/v2load.py; it reports the CPU it
-    used while measuring as client_cores)."""
+def v2_grpc(
+    target: str, images: list[bytes], concurrency: int, seconds: float, workdir: Path, processes: int = 1
+) -> dict[str, Any]:
+    """ModelInfer, one image a request, from a separate process (or several: loadtests/v2load.py; it reports
+    the CPU it used while measuring as client_cores)."""
     requests, out = workdir / f"grpc-{concurrency}.bin", workdir / f"grpc-{concurrency}.json"
     write_bodies(requests, [v2load.grpc_request(png) for png in images])
     cmd = [sys.executable, "-m", "loadtests.v2load", "--target", target, "--requests", str(requests)]
     cmd += ["--concurrency", str(concurrency), "--seconds", str(seconds), "--out", str(out)]
+    cmd += ["--processes", str(processes)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"the gRPC load driver failed: {done.stdout}{done.stderr}")

@@ -35,10 +35,10 @@ def scrape(url: str) -> dict[str, float]:
 
 
 @contextmanager
-def serving(artifacts: Path, **env: str) -> Iterator[str]:
-    """Start `python -m service` (uvicorn, RAC_WORKERS processes) on a free port with RAC_ARTIFACTS=artifacts
-    and `env` (and no RAC_* or REDIS_URL of the caller's; gRPC off unless env names RAC_GRPC_PORT); yield its
-    base URL once /readyz answers 200."""
+def serving(artifacts: Path, root: Path = ROOT, /, **env: str) -> Iterator[str]:
+    """Start `python -m service` (uvicorn, RAC_WORKERS processes) of the checkout at `root` on a free port with
+    RAC_ARTIFACTS=artifacts and `env` (and no RAC_* or REDIS_URL of the caller's; gRPC off unless env names
+    RAC_GRPC_PORT); yield its base URL once /readyz answers 200."""
     port = free_port()
     environ = {k: v for k, v in os.environ.items() if not k.startswith("RAC_") and k != "REDIS_URL"}
     environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -49,7 +49,7 @@ def serving(artifacts: Path, **env: str) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     # The log goes to a file, not a pipe: a long run's log would fill a pipe and stall the server.
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, cwd=root, env=environ, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
             deadline = time.monotonic() + STARTUP_S
             while proc.poll() is None:

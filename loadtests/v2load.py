@@ -5,7 +5,9 @@
 The driver is its own process (so its CPU is its own, as wrk's is): grpc.aio, `concurrency` callers, each on
 its own connection (a channel with a local subchannel pool: the kernel spreads connections over the server
 processes), sending prepared, already serialised ModelInferRequests in turn (no per-call serialisation), timing
-each call. FILE holds the requests as `<length>\\n<bytes>` records (loadtests/overload.py writes and reads them).
+each call. `--processes` spreads the callers over several such processes (loadtests/protocols.py compares:
+on the 2-core host, 4 processes cost more client CPU per request than one and were no faster). FILE holds
+the requests as `<length>\\n<bytes>` records (loadtests/overload.py writes and reads them).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import argparse
 import asyncio
 import itertools
 import json
+import multiprocessing
 import resource
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,7 @@ def grpc_request(png: bytes) -> bytes:
 
 
 async def drive(target: str, requests: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
+    """One process's callers; the stats of their calls, with the raw latencies (seconds) under "latencies"."""
     options = [("grpc.use_local_subchannel_pool", 1)]  # else channels to one address share one connection
     channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(concurrency)]
     calls = [c.unary_unary(METHOD) for c in channels]  # bytes in, bytes out: nothing serialised per call
@@ -77,16 +82,40 @@ async def drive(target: str, requests: list[bytes], concurrency: int, seconds: f
     used = resource.getrusage(resource.RUSAGE_SELF)
     for c in channels:
         await c.close()
+    cores = (used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime) / elapsed
+    return {"latencies": latencies, "seconds": elapsed, "errors": dict(errors), "client_cores": cores}
+
+
+def _share(target: str, path: Path, concurrency: int, seconds: float, offset: int) -> dict[str, Any]:
+    requests = read_bodies(path)
+    requests = requests[offset:] + requests[:offset]  # each process starts at its own place in the images
+    return asyncio.run(drive(target, requests, concurrency, seconds))
+
+
+def run(target: str, path: Path, concurrency: int, seconds: float, processes: int) -> dict[str, Any]:
+    """`concurrency` callers over `processes` processes (at most one per caller), their figures together."""
+    processes = max(1, min(processes, concurrency))
+    counts = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+    step = len(read_bodies(path)) // processes
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [pool.submit(_share, target, path, n, seconds, i * step) for i, n in enumerate(counts)]
+        parts = [j.result() for j in jobs]
+    latencies = [x for p in parts for x in p["latencies"]]
+    errors: Counter[str] = Counter()
+    for p in parts:
+        errors.update(p["errors"])
+    elapsed = max(p["seconds"] for p in parts)
     ms = np.array(latencies or [0.0]) * 1000
     return {
         "requests": len(latencies),
         "seconds": elapsed,
-        "req_per_s": len(latencies) / elapsed,
+        "req_per_s": sum(len(p["latencies"]) / p["seconds"] for p in parts),
         "errors": dict(errors),
         "non_ok": sum(errors.values()),
         **{f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 99)},
         "max_ms": float(ms.max()),
-        "client_cores": (used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime) / elapsed,
+        "client_cores": sum(p["client_cores"] for p in parts),
+        "processes": processes,
     }
 
 
@@ -96,9 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=Path, required=True)
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--processes", type=int, default=1, help="processes the callers are spread over")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
-    stats = asyncio.run(drive(a.target, read_bodies(a.requests), a.concurrency, a.seconds))
+    stats = run(a.target, a.requests, a.concurrency, a.seconds, a.processes)
     a.out.write_text(json.dumps(stats))
 
 

@@ -2,8 +2,9 @@
 
 service/v2_rest.py (HTTP/JSON with the binary tensor data extension) and service/v2_grpc.py
 (`inference.GRPCInferenceService`) only translate their wire format into an `InferRequest` and the `Output`s
-back. This module holds what the model looks like (its metadata), every check on a request, and the one
-`Pipeline.classify` call a request makes: batching, caching and metrics stay the pipeline's.
+back (service/v2_types.py). This module holds which models the server has, what model `rac` looks like (its
+metadata), every check on its requests, and the one `Pipeline.classify` call a request makes: batching,
+caching and metrics stay the pipeline's. Model `rac-zero-shot` is service/v2_zeroshot.py's.
 
 Model `rac`, version `1`:
   input   IMAGE                  BYTES [B]      encoded images (PNG, JPEG or WebP)
@@ -17,16 +18,17 @@ Model `rac`, version `1`:
 
 from __future__ import annotations
 
-import struct
-from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
 
+from service import v2_zeroshot
 from service.decode import DecodeError
 from service.pipeline import Classification, Pipeline
+from service.settings import Settings
+from service.v2_types import VERSION, InferRequest, Output, V2Error, bytes_inputs, int_parameter, outputs_asked
 
-MODEL, VERSION, PLATFORM = "rac", "1", "rac_retrieval_augmented"
+MODEL, PLATFORM = "rac", "rac_retrieval_augmented"
 SERVER, SERVER_VERSION = "rac", "0.1.0"
 EXTENSIONS = ["binary_tensor_data"]
 IMAGE = "IMAGE"
@@ -41,92 +43,43 @@ NUMPY = {"FP32": np.float32, "INT64": np.int64}
 DEFAULT_TOP_K, DEFAULT_NEIGHBORS = 5, 0
 
 
-class V2Error(Exception):
-    """A request the protocol refuses; `status` is the HTTP status (the gRPC front-end maps it to a code)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
+# ---------------------------------------------------------------- the models
 
 
-@dataclass
-class InputTensor:
-    name: str
-    datatype: str
-    shape: list[int]
-    elements: list[bytes]  # a BYTES tensor's elements, row-major; empty for other datatypes (refused anyway)
+def models(pipeline: Pipeline | None) -> list[str]:
+    """The models this server answers for now (the zero-shot one only while its parts fit the memory served)."""
+    zero_shot = pipeline is not None and v2_zeroshot.available(pipeline) is None
+    return [MODEL, v2_zeroshot.MODEL] if zero_shot else [MODEL]
 
 
-@dataclass
-class InferRequest:
-    model: str
-    version: str
-    inputs: list[InputTensor]
-    parameters: dict[str, object] = field(default_factory=dict)
-    outputs: list[str] = field(default_factory=list)  # the outputs asked for, in order; empty: all of them
-    id: str = ""
-
-
-@dataclass
-class Output:
-    name: str
-    datatype: str
-    array: np.ndarray  # FP32 / INT64, or an object array of bytes for BYTES
-
-    @property
-    def shape(self) -> list[int]:
-        return list(self.array.shape)
-
-    def raw(self) -> bytes:
-        """The binary form: little-endian values, or for BYTES each element as a 4-byte length and its bytes."""
-        if self.datatype == "BYTES":
-            return serialize_bytes(list(self.array.ravel()))
-        return self.array.astype(self.array.dtype.newbyteorder("<"), copy=False).tobytes()
-
-    def data(self) -> list[object]:
-        """The JSON form: the values flattened row-major (BYTES as UTF-8 strings: labels are text)."""
-        if self.datatype == "BYTES":
-            return [b.decode("utf-8") for b in self.array.ravel()]
-        return cast(list[object], self.array.ravel().tolist())
-
-
-# ---------------------------------------------------------------- wire helpers both front-ends use
-
-
-def serialize_bytes(elements: list[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
-
-
-def parse_bytes(raw: bytes | memoryview, what: str, limit: int) -> list[bytes]:
-    """A BYTES tensor's binary form -> its elements; V2Error (400) when the lengths do not add up, or past
-    `limit` elements (before the loop spends long on a body of empty elements)."""
-    view, out, pos = memoryview(raw), list[bytes](), 0
-    while pos < len(view):
-        if len(out) == limit:
-            raise V2Error(400, f"{what}: more than {limit} elements; the limit is {limit} images")
-        if pos + 4 > len(view):
-            raise V2Error(400, f"{what}: binary BYTES data ends inside an element's 4-byte length")
-        (n,) = struct.unpack_from("<I", view, pos)
-        pos += 4
-        if pos + n > len(view):
-            raise V2Error(400, f"{what}: binary BYTES element {len(out)} claims {n} bytes; {len(view) - pos} remain")
-        out.append(bytes(view[pos : pos + n]))
-        pos += n
-    return out
-
-
-def check_model(name: str, version: str = "") -> None:
-    if name != MODEL:
-        raise V2Error(404, f"unknown model '{name}': this server serves '{MODEL}'")
+def check_model(name: str, version: str, pipeline: Pipeline | None) -> None:
+    """V2Error 404 for a model or version the server does not have (503 while it is still loading, for the
+    model whose presence depends on the artifacts)."""
+    if name == v2_zeroshot.MODEL:
+        if pipeline is None:
+            raise V2Error(503, "not ready: the artifacts are still loading")
+        why = v2_zeroshot.available(pipeline)
+        if why is not None:
+            raise V2Error(404, f"unknown model '{name}': {why}")
+    elif name != MODEL:
+        served = ", ".join(f"'{m}'" for m in models(pipeline))
+        raise V2Error(404, f"unknown model '{name}': this server serves {served}")
     if version not in ("", VERSION):
         raise V2Error(404, f"unknown version '{version}' of model '{name}': it has version '{VERSION}'")
+
+
+def element_limits(settings: Settings) -> dict[str, int]:
+    """How many elements each model's BYTES inputs may hold: refused past that while they are still read."""
+    return {IMAGE: settings.max_batch_images, v2_zeroshot.LABELS: settings.zero_shot_max_labels}
 
 
 def server_metadata() -> dict[str, object]:
     return {"name": SERVER, "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
 
-def model_metadata(pipeline: Pipeline) -> dict[str, object]:
+def model_metadata(pipeline: Pipeline, name: str) -> dict[str, object]:
+    if name == v2_zeroshot.MODEL:
+        return v2_zeroshot.model_metadata()
     classes = len(pipeline.manifest.classes)
     shapes = {"PROBABILITIES": [-1, classes]}
     return {
@@ -141,52 +94,22 @@ def model_metadata(pipeline: Pipeline) -> dict[str, object]:
 # ---------------------------------------------------------------- one request
 
 
-def _int_parameter(parameters: dict[str, object], name: str, default: int, low: int, high: int | None) -> int:
-    value = parameters.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise V2Error(400, f"parameter '{name}' must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f"from {low} to {high}" if high is not None else f"at least {low}"
-        raise V2Error(400, f"parameter '{name}' is {value}; it must be {bound}")
-    return value
-
-
-def _images(req: InferRequest, limit: int) -> list[bytes]:
-    if len(req.inputs) != 1 or req.inputs[0].name != IMAGE:
-        names = [t.name for t in req.inputs]
-        raise V2Error(400, f"inputs {names}: model '{MODEL}' takes exactly one input, '{IMAGE}'")
-    tensor = req.inputs[0]
-    if tensor.datatype != "BYTES":
-        raise V2Error(400, f"input '{IMAGE}' has datatype {tensor.datatype}; it must be BYTES (encoded images)")
-    if len(tensor.shape) != 1 or tensor.shape[0] < 1:
-        raise V2Error(400, f"input '{IMAGE}' has shape {tensor.shape}; it must be [B], B >= 1 images")
-    if tensor.shape[0] != len(tensor.elements):
-        raise V2Error(400, f"input '{IMAGE}' has shape {tensor.shape} but holds {len(tensor.elements)} elements")
-    if len(tensor.elements) > limit:
-        raise V2Error(400, f"input '{IMAGE}' holds {len(tensor.elements)} images; the limit is {limit}")
-    return tensor.elements
-
-
-def _outputs(req: InferRequest) -> list[str]:
-    unknown = [n for n in req.outputs if n not in OUTPUTS]
-    if unknown:
-        raise V2Error(400, f"unknown outputs {unknown}: model '{MODEL}' has {list(OUTPUTS)}")
-    return list(dict.fromkeys(req.outputs)) or list(OUTPUTS)
-
-
 async def infer(pipeline: Pipeline, req: InferRequest) -> tuple[list[Output], str]:
-    """Check `req`, classify its images in one pipeline call, and return the outputs it asked for and the
+    """Check `req`, classify its images in one pipeline call (model `rac`; `rac-zero-shot`'s are answered by
+    service/v2_zeroshot.py), and return the outputs it asked for and the
     memory version that answered (each image holds one version throughout; a batch that straddles a swap names
     both, in the order of its images, comma-separated).
 
     Raises V2Error for anything the request got wrong (a bad image fails the whole request, naming the item),
     and lets the pipeline's Overloaded through (the front-ends answer 503 / UNAVAILABLE)."""
-    check_model(req.model, req.version)
-    images = _images(req, pipeline.settings.max_batch_images)
+    check_model(req.model, req.version, pipeline)
+    if req.model == v2_zeroshot.MODEL:
+        return await v2_zeroshot.infer(pipeline, req)
+    images = bytes_inputs(req, [IMAGE], {IMAGE: pipeline.settings.max_batch_images})[IMAGE]
     classes = pipeline.manifest.classes
-    top_k = min(_int_parameter(req.parameters, "top_k", DEFAULT_TOP_K, 1, None), len(classes))
-    neighbors = _int_parameter(req.parameters, "neighbors", DEFAULT_NEIGHBORS, 0, pipeline.k)
-    names = _outputs(req)
+    top_k = min(int_parameter(req.parameters, "top_k", DEFAULT_TOP_K, 1, None), len(classes))
+    neighbors = int_parameter(req.parameters, "neighbors", DEFAULT_NEIGHBORS, 0, pipeline.k)
+    names = outputs_asked(req, list(OUTPUTS))
     # Every class's probability comes back as a prediction when top_k is the number of classes.
     results = await pipeline.classify(images, len(classes) if "PROBABILITIES" in names else top_k, neighbors)
     bad = [f"{IMAGE}[{i}]: {r.message}" for i, r in enumerate(results) if isinstance(r, DecodeError)]

@@ -31,7 +31,7 @@ from service.batching import Overloaded
 from service.metrics import Metrics
 from service.pipeline import Pipeline
 from service.settings import Settings
-from service.v2 import V2Error
+from service.v2_types import VERSION, InferRequest, InputTensor, V2Error, parse_bytes
 
 log = logging.getLogger(__name__)
 SERVICE = "/inference.GRPCInferenceService/"
@@ -72,8 +72,12 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             self.metrics.requests.labels(SERVICE + method, str(status)).inc()
         raise AssertionError("context.abort returned")  # it always raises
 
-    def _pipeline(self) -> Pipeline:
+    def _loaded(self) -> Pipeline | None:
         pipeline: Pipeline | None = getattr(self.state, "pipeline", None)
+        return pipeline
+
+    def _pipeline(self) -> Pipeline:
+        pipeline = self._loaded()
         if pipeline is None:
             raise V2Error(503, "not ready: the artifacts are still loading")
         return pipeline
@@ -95,7 +99,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: Any, context: Context) -> Any:
         async def call() -> Any:
-            v2.check_model(request.name, request.version)
+            v2.check_model(request.name, request.version, self._loaded())
             return pb.ModelReadyResponse(ready=self._ready())
 
         return await self._answer("ModelReady", context, call)
@@ -108,17 +112,19 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: Any, context: Context) -> Any:
         async def call() -> Any:
-            v2.check_model(request.name, request.version)
-            return json_format.ParseDict(v2.model_metadata(self._pipeline()), pb.ModelMetadataResponse())
+            v2.check_model(request.name, request.version, self._loaded())
+            metadata = v2.model_metadata(self._pipeline(), request.name)
+            return json_format.ParseDict(metadata, pb.ModelMetadataResponse())
 
         return await self._answer("ModelMetadata", context, call)
 
     async def ModelInfer(self, request: Any, context: Context) -> Any:
         async def call() -> Any:
-            v2.check_model(request.model_name, request.model_version)
+            v2.check_model(request.model_name, request.model_version, self._loaded())
             pipeline = self._pipeline()
-            outputs, memory_version = await v2.infer(pipeline, parse(request, pipeline.settings.max_batch_images))
-            response = pb.ModelInferResponse(model_name=v2.MODEL, model_version=v2.VERSION, id=request.id)
+            req = parse(request, v2.element_limits(pipeline.settings))
+            outputs, memory_version = await v2.infer(pipeline, req)
+            response = pb.ModelInferResponse(model_name=req.model, model_version=VERSION, id=request.id)
             response.parameters["memory_version"].string_param = memory_version
             for out in outputs:
                 response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
@@ -128,9 +134,10 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self._answer("ModelInfer", context, call)
 
 
-def parse(request: Any, limit: int) -> v2.InferRequest:
+def parse(request: Any, limits: dict[str, int]) -> InferRequest:
     """A ModelInferRequest -> the request. An input's data is in raw_input_contents (the same index as the
-    input; what tritonclient sends) or in contents.bytes_contents. At most `limit` elements are read."""
+    input; what tritonclient sends) or in contents.bytes_contents. At most as many elements are read as
+    `limits` gives the input's name (or the largest of them, for other names)."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise V2Error(400, f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: give one per input")
@@ -138,14 +145,14 @@ def parse(request: Any, limit: int) -> v2.InferRequest:
     for i, t in enumerate(request.inputs):
         elements: list[bytes] = []
         if t.datatype == "BYTES":
-            what = f"input '{t.name}'"
-            elements = v2.parse_bytes(raw[i], what, limit) if raw else list(t.contents.bytes_contents)
-        inputs.append(v2.InputTensor(t.name, t.datatype, list(t.shape), elements))
+            limit = limits.get(t.name, max(limits.values()))
+            elements = parse_bytes(raw[i], f"input '{t.name}'", limit) if raw else list(t.contents.bytes_contents)
+        inputs.append(InputTensor(t.name, t.datatype, list(t.shape), elements))
     parameters = {
         k: getattr(p, p.WhichOneof("parameter_choice") or "string_param") for k, p in request.parameters.items()
     }
     outputs = [o.name for o in request.outputs]
-    return v2.InferRequest(request.model_name, request.model_version, inputs, parameters, outputs, request.id)
+    return InferRequest(request.model_name, request.model_version, inputs, parameters, outputs, request.id)
 
 
 async def start(state: State, settings: Settings, metrics: Metrics) -> grpc.aio.Server | None:

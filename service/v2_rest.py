@@ -28,7 +28,7 @@ from starlette.requests import ClientDisconnect
 from service import v2
 from service.batching import Overloaded
 from service.pipeline import Pipeline
-from service.v2 import V2Error
+from service.v2_types import VERSION, InferRequest, InputTensor, V2Error, parse_bytes
 
 router = APIRouter(tags=["Open Inference Protocol (KServe v2)"])
 
@@ -84,8 +84,13 @@ def protocol_errors(route: Callable[P, Awaitable[Response]]) -> Callable[P, Awai
     return wrapper
 
 
-def _pipeline(request: Request) -> Pipeline:
+def _loaded(request: Request) -> Pipeline | None:
     pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
+    return pipeline
+
+
+def _pipeline(request: Request) -> Pipeline:
+    pipeline = _loaded(request)
     if pipeline is None:
         raise V2Error(503, "not ready: the artifacts are still loading")
     return pipeline
@@ -120,16 +125,17 @@ async def server_ready(request: Request) -> Response:
 @router.get("/v2/models/{model_name}/versions/{model_version}", responses=_errors(404, 503))
 @protocol_errors
 async def model_metadata(request: Request, model_name: str, model_version: str = "") -> Response:
-    """The model's input and outputs: names, datatypes and shapes (-1: any size)."""
-    v2.check_model(model_name, model_version)
-    return _json(v2.model_metadata(_pipeline(request)))
+    """The model's inputs and outputs: names, datatypes and shapes (-1: any size)."""
+    v2.check_model(model_name, model_version, _loaded(request))
+    pipeline = _pipeline(request)
+    return _json(v2.model_metadata(pipeline, model_name))
 
 
-@router.get("/v2/models/{model_name}/ready", responses=NOT_READY | _errors(404))
-@router.get("/v2/models/{model_name}/versions/{model_version}/ready", responses=NOT_READY | _errors(404))
+@router.get("/v2/models/{model_name}/ready", responses=NOT_READY | _errors(404, 503))
+@router.get("/v2/models/{model_name}/versions/{model_version}/ready", responses=NOT_READY | _errors(404, 503))
 @protocol_errors
 async def model_ready(request: Request, model_name: str, model_version: str = "") -> Response:
-    v2.check_model(model_name, model_version)
+    v2.check_model(model_name, model_version, _loaded(request))
     ready = _ready(request)
     return _json({"name": model_name, "ready": ready}, 200 if ready else 400)
 
@@ -162,14 +168,15 @@ INFER_ERRORS = _errors(400, 404, 413, 415, 503)
 @router.post("/v2/models/{model_name}/versions/{model_version}/infer", openapi_extra=INFER_BODY, responses=INFER_ERRORS)
 @protocol_errors
 async def model_infer(request: Request, model_name: str, model_version: str = "") -> Response:
-    """Classify the images of input IMAGE (BYTES [B]); JSON or the binary tensor data extension."""
-    v2.check_model(model_name, model_version)
+    """Classify the images of input IMAGE (BYTES [B]; model `rac-zero-shot`: among the labels of input LABELS,
+    BYTES [L]); JSON or the binary tensor data extension."""
+    v2.check_model(model_name, model_version, _loaded(request))
     pipeline = _pipeline(request)
     body = await _body(request, pipeline.settings.max_request_bytes)
-    limit = pipeline.settings.max_batch_images
-    req, binary = parse(body, request.headers.get(HEADER_LENGTH), model_name, model_version, limit)
+    limits = v2.element_limits(pipeline.settings)
+    req, binary = parse(body, request.headers.get(HEADER_LENGTH), model_name, model_version, limits)
     outputs, memory_version = await v2.infer(pipeline, req)
-    doc: dict[str, object] = {"model_name": v2.MODEL, "model_version": v2.VERSION}
+    doc: dict[str, object] = {"model_name": req.model, "model_version": VERSION}
     if req.id:
         doc["id"] = req.id
     doc["parameters"] = {"memory_version": memory_version}
@@ -225,10 +232,11 @@ async def _body(request: Request, limit: int) -> bytes:
 
 
 def parse(
-    body: bytes, header_length: str | None, model: str, version: str, limit: int
-) -> tuple[v2.InferRequest, Callable[[str], bool]]:
-    """A request body -> the request, and which outputs to answer in binary. A BYTES input holding more than
-    `limit` elements is refused before they are all read."""
+    body: bytes, header_length: str | None, model: str, version: str, limits: dict[str, int]
+) -> tuple[InferRequest, Callable[[str], bool]]:
+    """A request body -> the request, and which outputs to answer in binary. A BYTES input holding more
+    elements than `limits` gives its name (or the largest of them, for other names) is refused before they are
+    all read."""
     view = memoryview(body)
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) > len(body):
@@ -247,7 +255,7 @@ def parse(
     for tensor in doc["inputs"]:
         if not isinstance(tensor, dict):
             raise V2Error(400, "each input must be a JSON object with name, datatype, shape and data")
-        t, used = _input(tensor, binary, used, limit)
+        t, used = _input(tensor, binary, used, limits)
         inputs.append(t)
     if used != len(binary):
         raise V2Error(400, f"{len(binary) - used} bytes of binary data follow the header that no input claims")
@@ -261,14 +269,15 @@ def parse(
         raise V2Error(400, "'parameters' must be a JSON object")
     default = parameters.get("binary_data_output") is True
     wanted = {str(o["name"]): (o.get("parameters") or {}).get("binary_data", default) is True for o in outputs}
-    req = v2.InferRequest(model, version, inputs, parameters, list(wanted), str(doc.get("id", "")))
+    req = InferRequest(model, version, inputs, parameters, list(wanted), str(doc.get("id", "")))
     return req, lambda name: wanted.get(name, default)
 
 
-def _input(tensor: dict[str, object], binary: memoryview, used: int, limit: int) -> tuple[v2.InputTensor, int]:
+def _input(tensor: dict[str, object], binary: memoryview, used: int, limits: dict[str, int]) -> tuple[InputTensor, int]:
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
     if not isinstance(name, str) or not isinstance(datatype, str):
         raise V2Error(400, "each input needs a string 'name' and 'datatype'")
+    limit = limits.get(name, max(limits.values()))
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise V2Error(400, f"input '{name}': 'shape' must be a list of integers, got {shape!r}")
     parameters = tensor.get("parameters") or {}
@@ -277,20 +286,25 @@ def _input(tensor: dict[str, object], binary: memoryview, used: int, limit: int)
         if isinstance(size, bool) or not isinstance(size, int) or size < 0 or used + size > len(binary):
             raise V2Error(400, f"input '{name}': binary_data_size {size!r}; {len(binary) - used} bytes remain")
         raw = binary[used : used + size]
-        elements = v2.parse_bytes(raw, f"input '{name}'", limit) if datatype == "BYTES" else []
-        return v2.InputTensor(name, datatype, shape, elements), used + size
+        elements = parse_bytes(raw, f"input '{name}'", limit) if datatype == "BYTES" else []
+        return InputTensor(name, datatype, shape, elements), used + size
     if "data" not in tensor:
         raise V2Error(400, f"input '{name}' has neither 'data' nor a binary_data_size parameter")
-    elements = _base64_elements(name, tensor["data"], limit) if datatype == "BYTES" else []
-    return v2.InputTensor(name, datatype, shape, elements), used
+    elements = _json_elements(name, tensor["data"], limit) if datatype == "BYTES" else []
+    return InputTensor(name, datatype, shape, elements), used
 
 
-def _base64_elements(name: str, data: object, limit: int) -> list[bytes]:
-    """JSON data of a BYTES input of shape [B]: a flat list of base64 strings."""
+def _json_elements(name: str, data: object, limit: int) -> list[bytes]:
+    """JSON data of a BYTES input of shape [n]: a flat list of strings, the base64 of each image for IMAGE
+    (images are not text), the text itself for other inputs (LABELS)."""
     if not isinstance(data, list):
-        raise V2Error(400, f"input '{name}': 'data' must be a list of base64 strings")
+        raise V2Error(400, f"input '{name}': 'data' must be a list of strings")
     if len(data) > limit:
-        raise V2Error(400, f"input '{name}' holds {len(data)} elements; the limit is {limit} images")
+        raise V2Error(400, f"input '{name}' holds {len(data)} elements; the limit is {limit}")
+    if name != v2.IMAGE:
+        if not all(isinstance(e, str) for e in data):
+            raise V2Error(400, f"input '{name}': a BYTES element in JSON must be a string")
+        return [e.encode() for e in data]
     out = []
     for i, element in enumerate(data):
         if not isinstance(element, str):

@@ -179,6 +179,10 @@ def test_metadata_and_readiness_over_http_and_grpc(server: Server) -> None:
     assert h.is_server_live() and h.is_server_ready() and h.is_model_ready("rac") and h.is_model_ready("rac", "1")
     assert g.is_server_live() and g.is_server_ready() and g.is_model_ready("rac")
     assert not h.is_model_ready("other")
+    # Artifacts without zero-shot parts have no model rac-zero-shot (tests/test_v2_zeroshot.py: with them).
+    assert not h.is_model_ready("rac-zero-shot")
+    with pytest.raises(InferenceServerException, match="unknown model 'rac-zero-shot': these artifacts have no"):
+        g.get_model_metadata("rac-zero-shot")
     with pytest.raises(InferenceServerException, match="unknown model"):
         g.is_model_ready("other")
     for meta in (h.get_server_metadata(), g.get_server_metadata(as_json=True)):

@@ -1,0 +1,141 @@
+"""The Open Inference Protocol's two front-ends side by side: v2 REST and gRPC throughput, back to back.
+
+    python -m loadtests.protocols --artifacts artifacts/demo --grpc-processes 1,4 --repeat 2 \\
+        --json results/protocols.json
+    python -m loadtests.protocols --artifacts artifacts/demo --checkout before=/tmp/old --checkout after=. \\
+        --repeat 2 --json /tmp/protocols_ab.json
+
+The v2 part of `rac bench` alone (loadtests/bench.py: wrk with prepared binary-tensor bodies for REST, the
+separate loadtests/v2load.py processes for gRPC, every request a new image), without the ceiling, encoder,
+/classify and overload runs that make the whole bench long, with what each request cost: the server's CPU
+(all its processes), the load generator's, and the mean batch the server ran. `--grpc-processes` gives the
+gRPC driver's process counts to measure (each right after REST). Each `--checkout NAME=DIR` is served in turn
+(`python -m service` from DIR, on the same artifacts and settings) and measured at each concurrency, REST then
+gRPC; `--repeat` runs the whole round again, so that two versions of the server are compared on the same
+machine state, interleaved. On a shared host the figures move between rounds: compare within a round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from loadtests.bench import server_processes, v2_grpc, v2_http
+from loadtests.images import pngs
+from loadtests.server import ROOT, free_port, scrape, serving
+
+SHARE = 1_500  # distinct images per second of measurement and API: every request a cache miss
+
+
+def server_tree(url: str) -> list[psutil.Process]:
+    """Every process of the server: uvicorn's supervisor (`python -m service`) and all its children (its
+    workers share one listening socket, which the kernel names under one of them only)."""
+    tree: dict[int, psutil.Process] = {}
+    for p in server_processes(url):
+        parent = p.parent()
+        top = parent if parent is not None and "service" in parent.cmdline() else p
+        for q in [top, *top.children(recursive=True)]:
+            tree[q.pid] = q
+    return list(tree.values())
+
+
+def measured(url: str, processes: list[psutil.Process], drive: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """One load run, with what it cost per request: the server's CPU (all its processes), the generator's, and
+    the mean size of the batches the server ran meanwhile (rac_batch_size)."""
+
+    def cpu() -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+    before, used = scrape(url), cpu()
+    stats = drive()
+    used, after = cpu() - used, scrape(url)
+    batches = after.get("rac_batch_size_count", 0.0) - before.get("rac_batch_size_count", 0.0)
+    images = after.get("rac_batch_size_sum", 0.0) - before.get("rac_batch_size_sum", 0.0)
+    n = max(1, stats["requests"])
+    stats["server_cpu_ms_per_request"] = 1000 * used / n
+    stats["client_cpu_ms_per_request"] = 1000 * stats["client_cores"] * stats["seconds"] / n
+    stats["mean_batch"] = images / batches if batches else None
+    return stats
+
+
+def run(
+    artifacts: Path, checkouts: dict[str, Path], levels: list[int], seconds: float, repeat: int, drivers: list[int]
+) -> dict[str, Any]:
+    share = max(2_000, round(SHARE * seconds))
+    images = iter(pngs())
+    overrides = {k: v for k, v in os.environ.items() if k.startswith("RAC_") and k not in ("RAC_GRPC_PORT",)}
+    rounds: list[dict[str, Any]] = []
+    for n in range(repeat):
+        this: dict[str, Any] = {}
+        for name, root in checkouts.items():
+            port = free_port()
+            served = serving(artifacts, root, RAC_GRPC_PORT=str(port), **overrides)
+            with served as url, tempfile.TemporaryDirectory() as t:
+                runs: dict[str, Any] = {"v2_http": {}} | {f"v2_grpc_p{p}": {} for p in drivers}
+                runs["grpc_over_http"] = {}
+                processes = server_tree(url)
+                for c in levels:
+                    print(f"round {n + 1}, {name}, {c} connections ...", flush=True)
+                    rest = list(itertools.islice(images, share))
+                    drive = functools.partial(v2_http, url, rest, c, seconds, Path(t))
+                    runs["v2_http"][str(c)] = measured(url, processes, drive)
+                    runs["grpc_over_http"][str(c)] = {}
+                    for p in drivers:
+                        grpc = list(itertools.islice(images, share))
+                        drive = functools.partial(v2_grpc, f"127.0.0.1:{port}", grpc, c, seconds, Path(t), p)
+                        runs[f"v2_grpc_p{p}"][str(c)] = stats = measured(url, processes, drive)
+                        runs["grpc_over_http"][str(c)][f"p{p}"] = (
+                            stats["req_per_s"] / runs["v2_http"][str(c)]["req_per_s"]
+                        )
+                this[name] = runs
+        rounds.append(this)
+    return {
+        "command": "python -m loadtests.protocols",
+        "machine": {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg()},
+        "settings": {"seconds": seconds, "concurrency": levels, **overrides},
+        "checkouts": {name: str(root) for name, root in checkouts.items()},
+        "rounds": rounds,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", type=Path, default=Path("artifacts/demo"))
+    p.add_argument("--checkout", action="append", default=[], help="NAME=DIR: a checkout to serve (default: this one)")
+    p.add_argument("--concurrency", default="16", help="comma-separated")
+    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--grpc-processes", default="1", help="comma-separated: the gRPC driver's process counts")
+    p.add_argument("--json", type=Path, default=Path("results/protocols.json"))
+    a = p.parse_args(argv)
+    checkouts = {name: Path(d).resolve() for name, d in (c.split("=", 1) for c in a.checkout)} or {"this": ROOT}
+    levels = [int(c) for c in a.concurrency.split(",")]
+    drivers = [int(p) for p in a.grpc_processes.split(",")]
+    results = run(a.artifacts.resolve(), checkouts, levels, a.seconds, a.repeat, drivers)
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(results, indent=1))
+    for n, r in enumerate(results["rounds"], 1):
+        for name, runs in r.items():
+            for c, ratios in runs["grpc_over_http"].items():
+                line = f"round {n} {name} c={c}:"
+                for api in [k for k in runs if k.startswith("v2_")]:
+                    r = runs[api][c]
+                    line += f"  {api} {r['req_per_s']:6.1f} req/s, server {r['server_cpu_ms_per_request']:.2f} ms"
+                    line += (
+                        f" client {r['client_cpu_ms_per_request']:.2f} ms CPU/req, batch {r['mean_batch'] or 0:.1f};"
+                    )
+                print(f"{line} gRPC/REST {', '.join(f'{k} {v:.3f}' for k, v in ratios.items())}")
+    print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()
