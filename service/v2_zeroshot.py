@@ -45,12 +45,7 @@ def available(pipeline: Pipeline) -> str | None:
     zs = pipeline.zero_shot
     if zs is None:
         return "these artifacts have no zero-shot parts: rebuild them with `rac build --zero-shot --out DIR`"
-    if pipeline.version is not zs.built_for:
-        return (
-            f"the memory was swapped to version {pipeline.memory_version}, which has no zero-shot parts (they "
-            f"index version {zs.built_for.id}): build them for it with `rac build --zero-shot`"
-        )
-    return None
+    return zs.missing(pipeline.version)
 
 
 def model_metadata() -> dict[str, object]:
@@ -93,7 +88,7 @@ async def infer(pipeline: Pipeline, req: InferRequest) -> tuple[list[Output], st
     if bad:
         raise V2Error(400, "; ".join(bad))
     answers = cast(list[dict[str, object]], results)
-    return [_tensor(name, answers, labels) for name in names], zs.built_for.id
+    return [_tensor(name, answers, labels) for name in names], str(answers[0]["memory_version"])
 
 
 def _text(element: bytes, i: int) -> str:

@@ -20,6 +20,7 @@ import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
 from loadtests.server import free_port, serving
+from service import artifacts as A
 from tests.conftest import wait_until
 from tests.synthetic import png
 
@@ -217,8 +218,8 @@ def test_other_refusals_in_the_protocols_error_shape(server: Server) -> None:
 
 
 def test_absent_without_zero_shot_parts_and_after_a_swap_that_drops_them(zs_artifacts: Path, tmp_path: Path) -> None:
-    """A derived memory version (`rac memory remove`) has no zero-shot parts: once it is served, the model is
-    unknown over REST and gRPC (404, saying why) while model `rac` goes on."""
+    """A memory version without zero-shot parts (here: a derived one whose manifest lost its section): once it
+    is served, the model is unknown over REST and gRPC (404, saying why) while model `rac` goes on."""
     from models import memory_ops as ops
     from tests.test_service import client
 
@@ -226,6 +227,9 @@ def test_absent_without_zero_shot_parts_and_after_a_swap_that_drops_them(zs_arti
     ops.publish(zs_artifacts, root)
     (tmp_path / "ids.txt").write_text("0\n1\n2\n")
     ops.remove(zs_artifacts, tmp_path / "ids.txt", root / "v2")
+    manifest = json.loads((root / "v2" / A.MANIFEST).read_text())
+    manifest.pop("zero_shot")
+    (root / "v2" / A.MANIFEST).write_text(json.dumps(manifest))
     port = free_port()
     with client(root, memory_poll_s=0.05, max_wait_ms=20, grpc_port=port) as c:
         g = tg.InferenceServerClient(f"127.0.0.1:{port}")
@@ -233,12 +237,14 @@ def test_absent_without_zero_shot_parts_and_after_a_swap_that_drops_them(zs_arti
         ops.publish(root / "v2", root)
         wait_until(lambda: c.get(f"/v2/models/{MODEL}/ready").status_code == 404, 20, "the swap")
         r = c.get(f"/v2/models/{MODEL}")
-        assert r.status_code == 404 and "unknown model" in r.json()["error"] and "swapped" in r.json()["error"]
+        assert (
+            r.status_code == 404 and "unknown model" in r.json()["error"] and "no zero-shot parts" in r.json()["error"]
+        )
         body = {"inputs": [{"name": "LABELS", "datatype": "BYTES", "shape": [1], "data": ["cat"]}]}
         assert c.post(f"/v2/models/{MODEL}/infer", json=body).status_code == 404
         with pytest.raises(InferenceServerException) as e:
             g.infer(MODEL, grpc_inputs([png(1)], ["cat"]))
-        assert e.value.status() == "StatusCode.NOT_FOUND" and "swapped" in e.value.message()
+        assert e.value.status() == "StatusCode.NOT_FOUND" and "no zero-shot parts" in e.value.message()
         r = c.get("/v2/models/other")
         assert r.status_code == 404 and r.json()["error"] == "unknown model 'other': this server serves 'rac'"
         assert c.get("/v2/models/rac/ready").status_code == 200
