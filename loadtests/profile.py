@@ -5,7 +5,7 @@ parts (inclusive: a frame counts for every part on its stack, the first that mat
     python -m loadtests.profile --artifacts artifacts/demo --json results/profile.json
 
 Writes the JSON (share of samples per part, per process, and the top leaf functions) and the collapsed stacks
-beside it (`<json stem>-<pid>.txt`, flamegraph input). py-spy samples at 200 Hz without `--native`: the
+beside it (`<json stem>-process<i>.txt`, flamegraph input). py-spy samples at 200 Hz without `--native`: the
 onnxruntime and FAISS calls show as their Python caller, which is what a part is named after anyway.
 """
 
@@ -101,7 +101,7 @@ def main(artifacts: Path, out: Path, seconds: int, connections: int) -> dict[str
     with serving(artifacts) as url, tempfile.TemporaryDirectory() as tmp:
         wrk(f"{url}/classify", bodies[:2_000], connections, 2, Path(tmp))  # warm: first batches, page faults
         procs = workers(url)
-        stacks = {p.pid: out.with_name(f"{out.stem}-{p.pid}.txt") for p in procs}
+        stacks = {p.pid: out.with_name(f"{out.stem}-process{i}.txt") for i, p in enumerate(procs)}
         spies = [record(pid, seconds, path) for pid, path in stacks.items()]
         cpu = {p.pid: p.cpu_times() for p in procs}
         result["load"] = wrk(f"{url}/classify", bodies[2_000:], connections, seconds, Path(tmp))

@@ -1,9 +1,11 @@
-"""The Open Inference Protocol's two front-ends side by side: v2 REST and gRPC throughput, back to back.
+"""The front-ends side by side: v2 REST and gRPC throughput (and `POST /classify` with --classify), back to back.
 
     python -m loadtests.protocols --artifacts artifacts/demo --grpc-processes 1,4 --repeat 2 \\
         --json results/protocols.json
     python -m loadtests.protocols --artifacts artifacts/demo --checkout before=/tmp/old --checkout after=. \\
         --repeat 2 --json /tmp/protocols_ab.json
+    python -m loadtests.protocols --classify --grpc-processes '' --checkout before=/tmp/old --checkout after=. \
+        --repeat 3 --json results/classify_ab.json
 
 The v2 part of `rac bench` alone (loadtests/bench.py: wrk with prepared binary-tensor bodies for REST, the
 separate loadtests/v2load.py processes for gRPC, every request a new image), without the ceiling, encoder,
@@ -29,7 +31,8 @@ from typing import Any
 
 import psutil
 
-from loadtests.bench import server_processes, v2_grpc, v2_http
+from loadtests import multipart
+from loadtests.bench import server_processes, v2_grpc, v2_http, wrk
 from loadtests.images import pngs
 from loadtests.server import ROOT, free_port, scrape, serving
 
@@ -68,7 +71,13 @@ def measured(url: str, processes: list[psutil.Process], drive: Callable[[], dict
 
 
 def run(
-    artifacts: Path, checkouts: dict[str, Path], levels: list[int], seconds: float, repeat: int, drivers: list[int]
+    artifacts: Path,
+    checkouts: dict[str, Path],
+    levels: list[int],
+    seconds: float,
+    repeat: int,
+    drivers: list[int],
+    classify: bool = False,
 ) -> dict[str, Any]:
     share = max(2_000, round(SHARE * seconds))
     images = iter(pngs())
@@ -85,6 +94,10 @@ def run(
                 processes = server_tree(url)
                 for c in levels:
                     print(f"round {n + 1}, {name}, {c} connections ...", flush=True)
+                    if classify:  # multipart, as /classify's clients send it, by wrk
+                        bodies = [multipart.encode([("image", b)]) for b in itertools.islice(images, share)]
+                        drive = functools.partial(wrk, f"{url}/classify", bodies, c, seconds, Path(t))
+                        runs.setdefault("classify", {})[str(c)] = measured(url, processes, drive)
                     rest = list(itertools.islice(images, share))
                     drive = functools.partial(v2_http, url, rest, c, seconds, Path(t))
                     runs["v2_http"][str(c)] = measured(url, processes, drive)
@@ -115,19 +128,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--grpc-processes", default="1", help="comma-separated: the gRPC driver's process counts")
+    p.add_argument("--classify", action="store_true", help="also POST /classify, first at each concurrency")
     p.add_argument("--json", type=Path, default=Path("results/protocols.json"))
     a = p.parse_args(argv)
     checkouts = {name: Path(d).resolve() for name, d in (c.split("=", 1) for c in a.checkout)} or {"this": ROOT}
     levels = [int(c) for c in a.concurrency.split(",")]
-    drivers = [int(p) for p in a.grpc_processes.split(",")]
-    results = run(a.artifacts.resolve(), checkouts, levels, a.seconds, a.repeat, drivers)
+    drivers = [int(p) for p in a.grpc_processes.split(",") if p]
+    results = run(a.artifacts.resolve(), checkouts, levels, a.seconds, a.repeat, drivers, a.classify)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(results, indent=1))
     for n, r in enumerate(results["rounds"], 1):
         for name, runs in r.items():
             for c, ratios in runs["grpc_over_http"].items():
                 line = f"round {n} {name} c={c}:"
-                for api in [k for k in runs if k.startswith("v2_")]:
+                for api in [k for k in runs if k.startswith("v2_") or k == "classify"]:
                     r = runs[api][c]
                     line += f"  {api} {r['req_per_s']:6.1f} req/s, server {r['server_cpu_ms_per_request']:.2f} ms"
                     line += (
