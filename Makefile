@@ -47,7 +47,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-	$(BIN)/pip install -q -e '.[build,dev]' 2>&1 | grep -v "is ignored" || true
+	$(BIN)/pip install -q -e '.[build,dev,ray]' 2>&1 | grep -v "is ignored" || true
 	$(BIN)/python -c "import torch, onnxruntime, faiss, fastapi, efficientnet_lite_pytorch"
 	touch $@
 

@@ -29,6 +29,7 @@ from service.metrics import Metrics
 from service.pipeline import Pipeline
 from service.settings import Settings
 from service.upload import UploadError
+from service.versions import OpenMemory, load_version
 
 log = logging.getLogger("service")
 
@@ -58,14 +59,15 @@ class RequestMetrics:
             self.metrics.requests.labels(getattr(scope.get("route"), "path", path), str(status)).inc()
 
 
-def create_app(settings: Settings, metrics_dir: str | None = None) -> FastAPI:
-    """metrics_dir: where every server process writes its metrics, when there are several."""
+def create_app(settings: Settings, metrics_dir: str | None = None, open_memory: OpenMemory = load_version) -> FastAPI:
+    """metrics_dir: where every server process writes its metrics, when there are several; open_memory: how
+    the pipeline opens its memory (service/ray_app.py passes a sharded memory's opener)."""
     metrics = Metrics(metrics_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            pipeline = await asyncio.to_thread(Pipeline, settings, metrics)
+            pipeline = await asyncio.to_thread(Pipeline, settings, metrics, open_memory)
         except ArtifactError as e:
             log.error("refusing to start: %s", e)
             raise

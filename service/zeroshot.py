@@ -32,6 +32,7 @@ from service.batching import Batcher
 from service.cache import CacheUnavailable, Entry, cache_key
 from service.decode import DecodeError, decode
 from service.memory import Memory
+from service.shards import ShardedMemory
 
 if TYPE_CHECKING:
     from service.pipeline import Pipeline
@@ -125,7 +126,7 @@ class ZeroShot:
         )
 
     @property
-    def memory(self) -> Memory:
+    def memory(self) -> Memory | ShardedMemory:
         return self.built_for.memory
 
     @classmethod

@@ -13,8 +13,13 @@ import pytest
 from models.scale import SynthConfig, exact_search, synth
 from models.shards import shard, split
 from service import artifacts as A
+from service.cache import Entry
 from service.memory import Memory
-from service.shards import Answer, Shard, merge
+from service.metrics import Metrics
+from service.pipeline import Job, Pipeline
+from service.settings import Settings
+from service.shards import Answer, LocalShards, Shard, merge
+from service.versions import sharded
 
 SIZE = 20_000
 
@@ -88,3 +93,38 @@ def test_sharded_search_answers_as_the_served_memory(memory_dir: Path, tmp_path:
 
         assert recall(merged.ids) >= recall(ids) - 1e-9
         assert (merged.ids == ids).mean() > 0.95
+
+
+def test_pipeline_over_shards_answers_as_over_the_memory(memory_dir: Path, tmp_path: Path) -> None:
+    """The whole pipeline with its memory in shards (what the Ray ingress runs, in one process here): the same
+    neighbours, similarities and probabilities as over the unsharded memory, searched or from the cache."""
+    sharded_dir = tmp_path / "sharded"
+    dirs = shard(memory_dir, sharded_dir, 3)
+    nprobe = A.read_manifest(memory_dir).index.nprobe
+    settings = Settings(artifacts=memory_dir, max_batch=16, verify_checksums=False)
+    whole = Pipeline(settings, Metrics())
+    split = Pipeline(
+        settings.model_copy(update={"artifacts": sharded_dir}),
+        Metrics(),
+        sharded(LocalShards([Shard(d, nprobe) for d in dirs])),
+    )
+    size = whole.spec.size
+    pixels = np.random.default_rng(1).standard_normal((12, 3, size, size)).astype(np.float32)
+    want = whole.run_batch([Job(p, None, 1) for p in pixels])
+    got = split.run_batch([Job(p, None, 1) for p in pixels])
+    same = np.mean([np.array_equal(w.entry.ids, g.entry.ids) for w, g in zip(want, got, strict=True)])
+    assert same == 1.0 if not whole.version.memory.rerank else same >= 0.75
+    for w, g in zip(want, got, strict=True):
+        if np.array_equal(w.entry.ids, g.entry.ids):
+            np.testing.assert_allclose(g.entry.sims, w.entry.sims, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(g.probs, w.probs, rtol=0, atol=1e-5)
+            assert set(g.items) == set(w.items)
+    # Cache hits (values gathered from the shards by id) mixed with misses in one batch:
+    jobs = [Job(None, Entry(w.entry.z, w.entry.ids, w.entry.sims), 0) for w in want[:6]]
+    jobs += [Job(p, None, 0) for p in pixels[6:]]
+    again = split.run_batch(jobs)
+    for w, a in zip(want[:6], again[:6], strict=True):  # the values of the unsharded memory's neighbours
+        np.testing.assert_array_equal(a.entry.ids, w.entry.ids)
+        np.testing.assert_allclose(a.probs, w.probs, rtol=0, atol=1e-5)
+    for a, g in zip(again[6:], got[6:], strict=True):
+        np.testing.assert_array_equal(a.entry.ids, g.entry.ids)

@@ -1,0 +1,133 @@
+"""A local Ray cluster of two nodes on this machine (a head and a worker, one logical CPU each), with the service
+deployed on it from a Serve config file, for the Ray tests and benchmark. Needs the `ray` extra.
+
+Everything the cluster starts inherits a marker variable naming its private temp dir; stop() ends exactly the
+processes that carry it (never `ray stop`, which would end every Ray process on the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import yaml
+
+from loadtests.server import ROOT, free_port
+
+CONFIG = ROOT / "deploy" / "ray" / "serve.yaml"
+MARKER = "RAC_RAY_CLUSTER"
+BIN = Path(sys.executable).parent
+DEPLOY_S = 180  # a deployment's replicas started, the artifacts loaded and warmed up
+
+
+class LocalCluster:
+    def __init__(self) -> None:
+        # A short path: Ray's unix sockets live under it (at most 107 bytes).
+        self.temp_dir = tempfile.mkdtemp(prefix="rac-ray-", dir="/tmp")
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAC_") and k != "REDIS_URL"}
+        self.env |= {MARKER: self.temp_dir, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": self.address}
+        self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+
+    def _ray(self, *args: str) -> None:
+        subprocess.run([str(BIN / "ray"), *args], cwd=ROOT, env=self.env, check=True, capture_output=True)
+
+    def start(self) -> None:
+        common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+        self._ray(
+            "start",
+            "--head",
+            "--port",
+            str(self.port),
+            "--include-dashboard",
+            "false",
+            "--dashboard-port",
+            str(free_port()),
+            "--ray-client-server-port",
+            str(free_port()),
+            "--temp-dir",
+            self.temp_dir,
+            *common,
+        )
+        self._ray("start", "--address", self.address, *common)
+
+    def deploy(self, shards_dir: Path, http_port: int, **args: Any) -> str:
+        """deploy/ray/serve.yaml with this shard directory, the HTTP proxy on 127.0.0.1:http_port and `args`
+        over its application args; `serve run --non-blocking` it and wait until /readyz answers. Returns the URL."""
+        config = yaml.safe_load(CONFIG.read_text())
+        config["http_options"] |= {"host": "127.0.0.1", "port": http_port}
+        config["applications"][0]["args"] |= {"shards_dir": str(shards_dir), **args}
+        path = Path(self.temp_dir) / "serve.yaml"
+        path.write_text(yaml.safe_dump(config))
+        subprocess.run(
+            [str(BIN / "serve"), "run", "--non-blocking", str(path)],
+            cwd=ROOT,
+            env=self.env,
+            check=True,
+            capture_output=True,
+        )
+        url = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + DEPLOY_S
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"the Ray application did not answer /readyz in {DEPLOY_S} s (logs: {self.temp_dir})")
+
+    def processes(self) -> list[psutil.Process]:
+        """The processes this cluster started (raylets, GCS, replicas, ...)."""
+        out = []
+        for p in psutil.process_iter():
+            try:
+                if p.environ().get(MARKER) == self.temp_dir:
+                    out.append(p)
+            except (psutil.Error, OSError):
+                continue
+        return out
+
+    def replicas(self, deployment: str) -> list[psutil.Process]:
+        """The live replica processes of one deployment of the `rac` application."""
+        name = f"ray::ServeReplica:rac:{deployment}"
+        found = []
+        for p in self.processes():
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE and " ".join(p.cmdline()).startswith(name):
+                    found.append(p)
+            except psutil.Error:
+                continue
+        return found
+
+    def stop(self) -> None:
+        procs = self.processes()
+        for p in procs:
+            with suppress(psutil.Error):
+                p.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            with suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(alive, timeout=5)
+
+
+@contextmanager
+def ray_cluster() -> Iterator[LocalCluster]:
+    cluster = LocalCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
