@@ -8,6 +8,7 @@ processes that carry it (never `ray stop`, which would end every Ray process on 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +45,8 @@ class LocalCluster:
         subprocess.run([str(BIN / "ray"), *args], cwd=ROOT, env=self.env, check=True, capture_output=True)
 
     def start(self) -> None:
+        # (Ray 2.60 replaces a loopback node address by the host's own: the nodes talk to each other at that address,
+        # which the kernel delivers inside this machine.)
         common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
         self._ray(
             "start",
@@ -89,11 +92,14 @@ class LocalCluster:
         raise TimeoutError(f"the Ray application did not answer /readyz in {DEPLOY_S} s (logs: {self.temp_dir})")
 
     def processes(self) -> list[psutil.Process]:
-        """The processes this cluster started (raylets, GCS, replicas, ...)."""
+        """The processes this cluster started (raylets, GCS, agents, replicas, ...): those carrying the marker,
+        and those with a file open under the temp dir (an agent's retitled process hides its environment)."""
         out = []
         for p in psutil.process_iter():
             try:
-                if p.environ().get(MARKER) == self.temp_dir:
+                if p.environ().get(MARKER) == self.temp_dir or any(
+                    f.path.startswith(self.temp_dir + "/") for f in p.open_files()
+                ):
                     out.append(p)
             except (psutil.Error, OSError):
                 continue
@@ -112,15 +118,20 @@ class LocalCluster:
         return found
 
     def stop(self) -> None:
-        procs = self.processes()
-        for p in procs:
-            with suppress(psutil.Error):
-                p.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(procs, timeout=10)
-        for p in alive:
-            with suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(alive, timeout=5)
+        """SIGTERM, then SIGKILL, to every process carrying the marker; again while any is left (a raylet
+        restarts an agent that ends before it does)."""
+        for _ in range(5):
+            procs = self.processes()
+            if not procs:
+                return
+            for p in procs:
+                with suppress(psutil.Error):
+                    p.send_signal(signal.SIGTERM)
+            _, alive = psutil.wait_procs(procs, timeout=5)
+            for p in alive:
+                with suppress(psutil.Error):
+                    p.kill()
+            psutil.wait_procs(alive, timeout=5)
 
 
 @contextmanager
@@ -131,3 +142,4 @@ def ray_cluster() -> Iterator[LocalCluster]:
         yield cluster
     finally:
         cluster.stop()
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)

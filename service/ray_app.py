@@ -89,9 +89,11 @@ class RayShards:
                 try:
                     out.append(response.result())
                     break
-                except ray.exceptions.RayActorError:
+                except ray.exceptions.RayActorError as e:
                     if attempt == RETRIES:
                         raise
+                    if attempt == 0:
+                        log.warning("a shard replica failed a call, asking again: %s", type(e).__name__)
                     self.retried += 1
                     time.sleep(RETRY_PAUSE_S)
                     response = call(h)
