@@ -104,7 +104,7 @@ class Pipeline:
         self.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.admission = Admission(settings.max_pending, metrics, settings.max_body_bytes)
         self.batcher: Batcher[Job, Output] = Batcher(
-            self.run_batch, settings.max_batch, settings.max_wait_ms / 1000, metrics
+            self.run_batch, settings.max_batch, settings.max_wait_ms / 1000, metrics, settings.batches_in_flight
         )
         store = (
             RedisCache(settings.redis_url, settings.redis_timeout_ms / 1000, settings.redis_retry_s)

@@ -1,10 +1,14 @@
 """The service on Ray Serve (service/ray_app.py) on a local two-node Ray cluster started here: it answers as the
 single-process service over the same memory, loses no request when a shard replica dies, and its cache and
-metrics work as the single-machine service's. And the single-machine service never imports Ray."""
+metrics work as the single-machine service's. And the single-machine service never imports Ray.
+
+Ray comes with the `ray` extra (`make test` installs it); without it these tests skip, except in CI (CI=true or
+RAC_REQUIRE_RAY=1), where they fail."""
 
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import threading
@@ -49,6 +53,54 @@ def test_the_single_machine_service_never_imports_ray() -> None:
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
 
 
+def need_ray() -> None:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI", "").lower() == "true" or os.environ.get("RAC_REQUIRE_RAY") == "1":
+            pytest.fail("the `ray` extra is not installed: pip install -e '.[ray]'")
+        pytest.skip("the `ray` extra is not installed: pip install -e '.[ray]'")
+
+
+@pytest.mark.ray
+def test_a_shard_call_a_dying_replica_failed_is_asked_again() -> None:
+    """RayShards over stand-in handles: a call that fails with a dead replica's error is sent again; a shard's
+    own error is not."""
+    need_ray()
+    import ray
+
+    from service.ray_app import RayShards
+
+    class Response:
+        def __init__(self, value: object):
+            self.value = value
+
+        def result(self) -> object:
+            if isinstance(self.value, Exception):
+                raise self.value
+            return self.value
+
+    class Method:
+        def __init__(self, answers: list[object]):
+            self.answers, self.calls = answers, 0
+
+        def remote(self, *args: object) -> Response:
+            self.calls += 1
+            return Response(self.answers.pop(0))
+
+    class Handle:
+        def __init__(self, answers: list[object]):
+            self.ranges = Method(answers)
+
+    died = ray.exceptions.ActorDiedError()
+    flaky, steady = Handle([died, died, (0, 5)]), Handle([(5, 9)])
+    client = RayShards([flaky, steady])  # type: ignore[list-item]
+    assert client.ranges() == [(0, 5), (5, 9)]
+    assert (flaky.ranges.calls, steady.ranges.calls, client.retried) == (3, 1, 2)
+    with pytest.raises(ValueError):
+        RayShards([Handle([ValueError("bad ids")])]).ranges()  # type: ignore[list-item]
+
+
 class Deployed:
     def __init__(self, url: str, memory: Path, cluster: LocalCluster):
         self.url, self.memory, self.cluster = url, memory, cluster
@@ -56,7 +108,7 @@ class Deployed:
 
 @pytest.fixture(scope="module")
 def deployed(synthetic_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
-    pytest.importorskip("ray", reason="the `ray` extra is not installed: pip install -e '.[ray]'")
+    need_ray()
     from loadtests.ray_cluster import ray_cluster
 
     memory = tmp_path_factory.mktemp("ray") / "memory"
