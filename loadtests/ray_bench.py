@@ -74,7 +74,9 @@ def main(artifacts: Path, shards_dir: Path, shards: int, replicas: int, out: Pat
     }
     runs: dict[str, Callable[[], AbstractContextManager[str]]] = {
         "single_process": lambda: serving(artifacts, RAC_WORKERS="1"),
-        "ray": lambda: ray_serving(shards_dir, shards, replicas),
+        # The shipped config: 4 batches in flight at the ingress; then one at a time, as the single process.
+        "ray": lambda: ray_serving(shards_dir, shards, replicas, {}),
+        "ray_in_flight_1": lambda: ray_serving(shards_dir, shards, replicas, {"batches_in_flight": 1}),
     }
     with tempfile.TemporaryDirectory() as tmp:
         for name, start in runs.items():
@@ -100,10 +102,13 @@ def main(artifacts: Path, shards_dir: Path, shards: int, replicas: int, out: Pat
 
 
 @contextmanager
-def ray_serving(shards_dir: Path, shards: int, replicas: int) -> Iterator[str]:
-    """A local two-node cluster serving the shards (deploy/ray/serve.yaml), for the length of a `with`."""
+def ray_serving(shards_dir: Path, shards: int, replicas: int, settings: dict[str, Any]) -> Iterator[str]:
+    """A local two-node cluster serving the shards (deploy/ray/serve.yaml, its ingress settings updated with
+    `settings`), for the length of a `with`."""
     with ray_cluster() as cluster:
-        yield cluster.deploy(shards_dir.resolve(), free_port(), shards=shards, shard_replicas=replicas)
+        yield cluster.deploy(
+            shards_dir.resolve(), free_port(), shards=shards, shard_replicas=replicas, settings=settings
+        )
 
 
 def table(r: dict[str, Any]) -> str:
@@ -111,7 +116,7 @@ def table(r: dict[str, Any]) -> str:
         "| service | connections | req/s | p50 ms | p99 ms | search stage ms / batch | images / batch | non-2xx |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name in ("single_process", "ray"):
+    for name in ("single_process", "ray", "ray_in_flight_1"):
         for c, s in r[name].items():
             lines.append(
                 f"| {name} | {c} | {s['req_per_s']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} "

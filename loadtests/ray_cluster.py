@@ -67,10 +67,13 @@ class LocalCluster:
 
     def deploy(self, shards_dir: Path, http_port: int, **args: Any) -> str:
         """deploy/ray/serve.yaml with this shard directory, the HTTP proxy on 127.0.0.1:http_port and `args`
-        over its application args; `serve run --non-blocking` it and wait until /readyz answers. Returns the URL."""
+        over its application args (`settings` over its settings); `serve run --non-blocking` it and wait until
+        /readyz answers. Returns the URL."""
         config = yaml.safe_load(CONFIG.read_text())
         config["http_options"] |= {"host": "127.0.0.1", "port": http_port}
-        config["applications"][0]["args"] |= {"shards_dir": str(shards_dir), **args}
+        app = config["applications"][0]["args"]
+        app["settings"] = (app.get("settings") or {}) | args.pop("settings", {})
+        app |= {"shards_dir": str(shards_dir), **args}
         path = Path(self.temp_dir) / "serve.yaml"
         path.write_text(yaml.safe_dump(config))
         subprocess.run(

@@ -28,6 +28,7 @@ from service.intake import UPLOADS, Intake
 from service.metrics import Metrics
 from service.pipeline import Pipeline
 from service.settings import Settings
+from service.shards import ShardsUnavailable
 from service.upload import UploadError
 from service.versions import OpenMemory, load_version
 
@@ -126,6 +127,9 @@ def create_app(settings: Settings, metrics_dir: str | None = None, open_memory: 
     async def overloaded(_: Request, e: Exception) -> Response:
         return api.error(503, f"overloaded, retry shortly: {e}")
 
+    async def shards_unavailable(_: Request, e: Exception) -> Response:
+        return api.error(503, f"a memory shard is unavailable, retry shortly: {e}")
+
     async def bad_query(_: Request, e: Exception) -> Response:
         assert isinstance(e, RequestValidationError)
         return api.validation_error(list(e.errors()))
@@ -133,6 +137,7 @@ def create_app(settings: Settings, metrics_dir: str | None = None, open_memory: 
     app.add_exception_handler(RequestValidationError, bad_query)
     app.add_exception_handler(UploadError, upload_error)
     app.add_exception_handler(Overloaded, overloaded)
+    app.add_exception_handler(ShardsUnavailable, shards_unavailable)  # a sharded memory (service/ray_app.py)
     return app
 
 

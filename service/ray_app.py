@@ -26,10 +26,11 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve import Application
 from ray.serve.deployment import Deployment
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from service import artifacts as A
-from service.shards import Answer, Shard, shard_dirs
+from service.shards import Answer, Shard, ShardsUnavailable, shard_dirs
 
 log = logging.getLogger(__name__)
 
@@ -83,21 +84,23 @@ class RayShards:
 
     def _all(self, call: Callable[[DeploymentHandle], Any]) -> list[Any]:
         pending = [call(h) for h in self.handles]
-        out = []
-        for h, response in zip(self.handles, pending, strict=True):
-            for attempt in range(RETRIES + 1):
-                try:
-                    out.append(response.result())
-                    break
-                except ray.exceptions.RayActorError as e:
-                    if attempt == RETRIES:
-                        raise
-                    if attempt == 0:
-                        log.warning("a shard replica failed a call, asking again: %s", type(e).__name__)
-                    self.retried += 1
-                    time.sleep(RETRY_PAUSE_S)
-                    response = call(h)
-        return out
+        return [self._result(h, call, response) for h, response in zip(self.handles, pending, strict=True)]
+
+    def _result(self, handle: DeploymentHandle, call: Callable[[DeploymentHandle], Any], response: Any) -> Any:
+        for attempt in range(RETRIES + 1):
+            try:
+                return response.result()
+            except (ray.exceptions.RayActorError, ReplicaUnavailableError) as e:
+                if attempt == RETRIES:
+                    raise ShardsUnavailable(f"{handle.deployment_name}: no replica answered: {e}") from e
+                if attempt == 0:
+                    log.warning("a shard replica failed a call, asking again: %s", type(e).__name__)
+                self.retried += 1
+                time.sleep(RETRY_PAUSE_S)
+                response = call(handle)
+            except (DeploymentUnavailableError, BackPressureError) as e:
+                raise ShardsUnavailable(f"{handle.deployment_name}: {e}") from e
+        raise AssertionError("unreachable")
 
     def ranges(self) -> list[tuple[int, int]]:
         return [tuple(r) for r in self._all(lambda h: h.ranges.remote())]

@@ -21,6 +21,10 @@ SHARD = "shard.json"  # in each shard directory: its id range
 SHARDS = "shards.json"  # in the sharded memory's directory: the shard directories
 
 
+class ShardsUnavailable(RuntimeError):
+    """A shard could not be reached (every replica down, or refusing): the request answers 503."""
+
+
 @dataclass
 class Answer:
     sims: np.ndarray  # (B, k) float32, best first

@@ -69,7 +69,8 @@ def test_a_shard_call_a_dying_replica_failed_is_asked_again() -> None:
     need_ray()
     import ray
 
-    from service.ray_app import RayShards
+    from service.ray_app import RETRIES, RayShards
+    from service.shards import ShardsUnavailable
 
     class Response:
         def __init__(self, value: object):
@@ -89,6 +90,8 @@ def test_a_shard_call_a_dying_replica_failed_is_asked_again() -> None:
             return Response(self.answers.pop(0))
 
     class Handle:
+        deployment_name = "shard-x"
+
         def __init__(self, answers: list[object]):
             self.ranges = Method(answers)
 
@@ -99,6 +102,8 @@ def test_a_shard_call_a_dying_replica_failed_is_asked_again() -> None:
     assert (flaky.ranges.calls, steady.ranges.calls, client.retried) == (3, 1, 2)
     with pytest.raises(ValueError):
         RayShards([Handle([ValueError("bad ids")])]).ranges()  # type: ignore[list-item]
+    with pytest.raises(ShardsUnavailable):  # every try failed: the request answers 503
+        RayShards([Handle([died] * (RETRIES + 1))]).ranges()  # type: ignore[list-item]
 
 
 class Deployed:
