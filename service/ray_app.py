@@ -127,8 +127,7 @@ class Ingress:
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         # gRPC off: every ingress replica of a node would want the same port.
-        # Several batches in flight unless the config says otherwise: each waits mostly on the shards.
-        fields = {"batches_in_flight": 4, **self.config.settings, "artifacts": self.config.shards_dir, "grpc_port": 0}
+        fields = {**self.config.settings, "artifacts": self.config.shards_dir, "grpc_port": 0}
         return create_app(Settings(**fields), open_memory=sharded(self.client))
 
 

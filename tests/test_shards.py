@@ -3,22 +3,26 @@ answers (FAISS's own IndexShards as the reference for the index, the served Memo
 
 from __future__ import annotations
 
+import io
 import itertools
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
 
 from models.scale import SynthConfig, exact_search, synth
 from models.shards import shard, split
 from service import artifacts as A
+from service.app import create_app
 from service.cache import Entry
 from service.memory import Memory
 from service.metrics import Metrics
 from service.pipeline import Job, Pipeline
 from service.settings import Settings
-from service.shards import Answer, LocalShards, Shard, merge
+from service.shards import Answer, LocalShards, Shard, ShardsUnavailable, merge
 from service.versions import sharded
 
 SIZE = 20_000
@@ -128,3 +132,29 @@ def test_pipeline_over_shards_answers_as_over_the_memory(memory_dir: Path, tmp_p
         np.testing.assert_allclose(a.probs, w.probs, rtol=0, atol=1e-5)
     for a, g in zip(again[6:], got[6:], strict=True):
         np.testing.assert_array_equal(a.entry.ids, g.entry.ids)
+
+
+def test_a_shard_nobody_answers_is_a_503(memory_dir: Path, tmp_path: Path) -> None:
+    """Every replica of a shard down (the Ray client gave up): the request answers 503 with the reason, and the
+    service answers again once the shard is back."""
+    sharded_dir = tmp_path / "sharded"
+    nprobe = A.read_manifest(memory_dir).index.nprobe
+
+    class Flaky(LocalShards):
+        down = False
+
+        def search(self, z: np.ndarray, k: int, exhaustive: bool) -> list[Answer]:
+            if self.down:
+                raise ShardsUnavailable("shard-1: no replica answered")
+            return super().search(z, k, exhaustive)
+
+    client = Flaky([Shard(d, nprobe) for d in shard(memory_dir, sharded_dir, 2)])
+    png = io.BytesIO()
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(png, "PNG")
+    files = {"image": ("x.png", png.getvalue(), "image/png")}
+    with TestClient(create_app(Settings(artifacts=sharded_dir), open_memory=sharded(client))) as http:
+        client.down = True
+        refused = http.post("/classify", files=files)
+        assert refused.status_code == 503 and "shard-1" in refused.json()["detail"]
+        client.down = False
+        assert http.post("/classify", files=files).status_code == 200
