@@ -225,9 +225,7 @@ class Pipeline:
         outputs: list[Output | None] = [None] * len(jobs)
         for v, rows in groups.values():
             mem = v.memory
-            t = time.perf_counter()
-            keys, values = self._neighbours(mem, jobs, rows, z, sims, ids)  # fills sims and ids of the misses
-            seconds["search"] += time.perf_counter() - t
+            keys, values = self._neighbours(mem, jobs, rows, z, sims, ids, seconds)  # fills the misses' sims, ids
             t = time.perf_counter()
             probs, attn = self.head(z[rows], sims[rows], keys, values)
             seconds["head"] += time.perf_counter() - t
@@ -249,16 +247,21 @@ class Pipeline:
         z: np.ndarray,
         sims: np.ndarray,
         ids: np.ndarray,
+        seconds: dict[str, float],
     ) -> tuple[np.ndarray, np.ndarray]:
         """Search the rows the cache did not know (their sims and ids written in place, their values found in
-        the same call), gather the cached rows' values: keys (R, k, d) and values (R, k, dv) of `rows`."""
+        the same call), gather the cached rows' values: keys (R, k, d) and values (R, k, dv) of `rows`. The
+        search counts as `search` time, the gathers as `head` time (the head's reads)."""
         search = [r for r, i in enumerate(rows) if jobs[i].cached is None]
         cached = [r for r, i in enumerate(rows) if jobs[i].cached is not None]
         uses_values = self.head.uses_values
         found = np.empty((0, self.k, 0), np.float16)
+        t = time.perf_counter()
         if search:
             misses = [rows[r] for r in search]
             sims[misses], ids[misses], found = mem.lookup(z[misses], self.k, uses_values)
+        seconds["search"] += time.perf_counter() - t
+        t = time.perf_counter()
         if not cached:
             values = found
         else:
@@ -268,6 +271,7 @@ class Pipeline:
             if search:
                 values[search] = found
         keys = mem.gather(ids[rows], True, False)[0] if self.head.uses_keys else np.empty((len(rows), self.k, 0))
+        seconds["head"] += time.perf_counter() - t
         return keys.astype(np.float16), values
 
     # ------------------------------------------------------------ requests, on the event loop
