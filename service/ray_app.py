@@ -30,7 +30,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 
 from service import artifacts as A
-from service.shards import Answer, Shard, ShardsUnavailable, shard_dirs
+from service.shards import Answer, Shard, ShardInfo, ShardsUnavailable, shard_dirs
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ class ShardServer:
     def __init__(self, directory: str, nprobe: int, threads: int):
         self.shard = Shard(Path(directory), nprobe, threads)
 
-    def ranges(self) -> tuple[int, int]:
-        return self.shard.lo, self.shard.hi
+    def describe(self) -> ShardInfo:
+        return self.shard.info
 
     def search(self, z: np.ndarray, k: int, exhaustive: bool) -> Answer:
         return self.shard.search(z, k, exhaustive)
@@ -102,8 +102,8 @@ class RayShards:
                 raise ShardsUnavailable(f"{handle.deployment_name}: {e}") from e
         raise AssertionError("unreachable")
 
-    def ranges(self) -> list[tuple[int, int]]:
-        return [tuple(r) for r in self._all(lambda h: h.ranges.remote())]
+    def describe(self) -> list[ShardInfo]:
+        return self._all(lambda h: h.describe.remote())
 
     def search(self, z: np.ndarray, k: int, exhaustive: bool) -> list[Answer]:
         return self._all(lambda h: h.search.remote(z, k, exhaustive))

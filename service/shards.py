@@ -8,17 +8,23 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import faiss
 import numpy as np
 
 from service import artifacts as A
 from service import rerank
-from service.memory import Item, ItemTable, check_sqlite
+from service.memory import Item, ItemTable, check_sqlite, open_array
 
 SHARD = "shard.json"  # in each shard directory: its id range
 SHARDS = "shards.json"  # in the sharded memory's directory: the shard directories
+
+
+class ShardInfo(NamedTuple):
+    lo: int  # the shard holds ids [lo, hi)
+    hi: int
+    memory_version: str  # of the memory it was cut from
 
 
 class ShardsUnavailable(RuntimeError):
@@ -37,13 +43,20 @@ class Shard:
 
     def __init__(self, directory: Path, nprobe: int, threads: int = 1):
         info = json.loads((directory / SHARD).read_text())
-        self.lo, self.hi = int(info["lo"]), int(info["hi"])
+        self.info = ShardInfo(int(info["lo"]), int(info["hi"]), str(info["memory_version"]))
+        self.lo, self.hi = self.info.lo, self.info.hi
         self.index = faiss.read_index(str(directory / A.INDEX), faiss.IO_FLAG_MMAP_IFC)
         faiss.extract_index_ivf(self.index).nprobe = nprobe
         faiss.omp_set_num_threads(threads)
-        self.keys = np.load(directory / A.KEYS, mmap_mode="r")  # (n, d) float16, row i is id lo + i
-        self.values = np.load(directory / A.VALUES, mmap_mode="r")  # (n, dv) float16
+        self.keys = open_array(directory / A.KEYS)  # (n, d) float16, row i is id lo + i
+        self.values = open_array(directory / A.VALUES)  # (n, dv) float16
         self.rerank = rerank.FACTOR if rerank.quantized(self.index) else 0
+        n = self.hi - self.lo
+        if not (self.index.ntotal == len(self.keys) == len(self.values) == n):
+            raise A.ArtifactError(
+                f"{directory}: index holds {self.index.ntotal} items, keys {len(self.keys)}, values "
+                f"{len(self.values)}, its id range [{self.lo}, {self.hi}) {n}"
+            )
 
     def search(self, z: np.ndarray, k: int, exhaustive: bool = False) -> Answer:
         """z (B, d) float32 -> this shard's best k (padded with id -1 where its probes found fewer); exhaustive:
@@ -90,7 +103,7 @@ class ShardClient(Protocol):
     """How a sharded memory reaches its shards: in this process (LocalShards) or over Ray (service/ray_app.py).
     Both calls go to every shard at once, answers in shard order."""
 
-    def ranges(self) -> list[tuple[int, int]]: ...
+    def describe(self) -> list[ShardInfo]: ...
 
     def search(self, z: np.ndarray, k: int, exhaustive: bool) -> list[Answer]: ...
 
@@ -103,8 +116,8 @@ class LocalShards:
     def __init__(self, shards: list[Shard]):
         self.shards = shards
 
-    def ranges(self) -> list[tuple[int, int]]:
-        return [(s.lo, s.hi) for s in self.shards]
+    def describe(self) -> list[ShardInfo]:
+        return [s.info for s in self.shards]
 
     def search(self, z: np.ndarray, k: int, exhaustive: bool) -> list[Answer]:
         return [s.search(z, k, exhaustive) for s in self.shards]
@@ -121,7 +134,8 @@ class ShardedMemory:
     def __init__(self, directory: Path, manifest: A.Manifest, client: ShardClient):
         self.directory, self.client = directory, client
         self.table = ItemTable(directory / A.ITEMS)
-        self.bounds = client.ranges()
+        self.shards = client.describe()
+        self.bounds = [(s.lo, s.hi) for s in self.shards]
         self.dim, self.value_dim = manifest.encoder.dim, manifest.memory.value_dim
         self.size, self.n_items = manifest.memory.size, self.table.size
         self.rerank = 0  # done inside each shard
@@ -183,11 +197,14 @@ def shard_dirs(directory: Path) -> list[Path]:
 
 
 def check_sharded(directory: Path, manifest: A.Manifest, memory: ShardedMemory) -> None:
-    """The shards' id ranges cover the memory once, in order, and the item table holds every id."""
+    """The shards' id ranges cover the memory once, in order, they were cut from this memory version, and the
+    item table holds every id."""
     check_sqlite(directory / A.ITEMS)
     bounds, size = memory.bounds, manifest.memory.size
     covered = bounds and bounds[0][0] == 0 and bounds[-1][1] == size
     if not covered or any(a[1] != b[0] for a, b in itertools.pairwise(bounds)):
         raise A.ArtifactError(f"{directory}: shard ranges {bounds} do not cover the memory's {size} ids once")
+    if others := {s.memory_version for s in memory.shards} - {manifest.memory_version}:
+        raise A.ArtifactError(f"{directory}: shards of memory {others}, the manifest's is {manifest.memory_version}")
     if memory.n_items != size:
         raise A.ArtifactError(f"{directory}: item table holds {memory.n_items} rows, the memory {size}")

@@ -85,7 +85,8 @@ OpenMemory: TypeAlias = Callable[[Path, Settings, A.Manifest | None, int], Memor
 
 def sharded(client: ShardClient) -> OpenMemory:
     """An opener for a sharded memory's directory (`rac memory shard --out`): its manifest, encoder, head and
-    item table here, its index, keys and values in the shards `client` reaches (which check their own files)."""
+    item table here, its index, keys and values in the shards `client` reaches (each checks its files' sizes
+    against its id range; this checks the ranges and versions against the manifest)."""
 
     def open_sharded(directory: Path, settings: Settings, model: A.Manifest | None, encoder_dim: int) -> MemoryVersion:
         manifest = A.read_manifest(directory)

@@ -93,17 +93,17 @@ def test_a_shard_call_a_dying_replica_failed_is_asked_again() -> None:
         deployment_name = "shard-x"
 
         def __init__(self, answers: list[object]):
-            self.ranges = Method(answers)
+            self.describe = Method(answers)
 
     died = ray.exceptions.ActorDiedError()
-    flaky, steady = Handle([died, died, (0, 5)]), Handle([(5, 9)])
+    flaky, steady = Handle([died, died, (0, 5, "v")]), Handle([(5, 9, "v")])
     client = RayShards([flaky, steady])  # type: ignore[list-item]
-    assert client.ranges() == [(0, 5), (5, 9)]
-    assert (flaky.ranges.calls, steady.ranges.calls, client.retried) == (3, 1, 2)
+    assert client.describe() == [(0, 5, "v"), (5, 9, "v")]
+    assert (flaky.describe.calls, steady.describe.calls, client.retried) == (3, 1, 2)
     with pytest.raises(ValueError):
-        RayShards([Handle([ValueError("bad ids")])]).ranges()  # type: ignore[list-item]
+        RayShards([Handle([ValueError("bad ids")])]).describe()  # type: ignore[list-item]
     with pytest.raises(ShardsUnavailable):  # every try failed: the request answers 503
-        RayShards([Handle([died] * (RETRIES + 1))]).ranges()  # type: ignore[list-item]
+        RayShards([Handle([died] * (RETRIES + 1))]).describe()  # type: ignore[list-item]
 
 
 class Deployed:

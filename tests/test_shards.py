@@ -158,3 +158,17 @@ def test_a_shard_nobody_answers_is_a_503(memory_dir: Path, tmp_path: Path) -> No
         assert refused.status_code == 503 and "shard-1" in refused.json()["detail"]
         client.down = False
         assert http.post("/classify", files=files).status_code == 200
+
+
+def test_shards_that_do_not_make_up_the_memory_are_refused(memory_dir: Path, tmp_path: Path) -> None:
+    sharded_dir = tmp_path / "sharded"
+    shards = [Shard(d, 8) for d in shard(memory_dir, sharded_dir, 3)]
+    manifest = A.read_manifest(sharded_dir)
+    settings = Settings(artifacts=sharded_dir)  # checksums on: the copied encoder, head and items check out
+    version = sharded(LocalShards(shards))(sharded_dir, settings, None, manifest.encoder.dim)
+    assert version.memory.size == SIZE and version.id == manifest.memory_version
+    with pytest.raises(A.ArtifactError, match="do not cover"):
+        sharded(LocalShards(shards[::2]))(sharded_dir, settings, None, manifest.encoder.dim)
+    shards[1].info = shards[1].info._replace(memory_version="0123456789ab")
+    with pytest.raises(A.ArtifactError, match="0123456789ab"):
+        sharded(LocalShards(shards))(sharded_dir, settings, None, manifest.encoder.dim)
