@@ -52,7 +52,7 @@ class RayConfig(BaseModel):
     shard_threads: int = 1  # FAISS threads per shard replica
     ingress_replicas: int = 1
     ingress_cpus: float = 0.25
-    # Images in flight per ingress replica: the Pipeline's admission (max_pending) refuses beyond its own limit.
+    # Requests Serve hands one ingress replica at once; its Pipeline's admission (max_pending) refuses beyond.
     ingress_max_ongoing: int = 256
     # The ingress's service settings (service/settings.py field names; e.g. redis_url, max_batch).
     settings: dict[str, Any] = {}
@@ -131,8 +131,8 @@ class Ingress:
         return create_app(Settings(**fields), open_memory=sharded(self.client))
 
 
-# The deployments (the classes stay plain: the pipeline's tests can use them without Ray Serve around).
-# (serve.deployment is annotated as returning the decorator even when handed the class, as here.)
+# The deployments, wrapped here rather than decorated: serve.deployment is annotated as returning the decorator
+# even when handed the class, so the casts tell the type checker what it returns.
 ShardDeployment = cast(Deployment, serve.deployment(ShardServer))
 IngressDeployment = cast(Deployment, serve.deployment(serve.ingress()(Ingress)))
 
