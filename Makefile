@@ -7,7 +7,7 @@ ARTIFACTS ?= artifacts/demo
 REDIS_URL ?= redis://127.0.0.1:6379/0
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo build evaluate test lint bench load load-quick docker-test setup data redis browser wrk clean
+.PHONY: demo build evaluate test lint bench ray-bench load load-quick docker-test setup data redis browser wrk clean
 
 demo: setup data redis $(ARTIFACTS)/manifest.json  ## build the demo artifacts if missing, then serve on 127.0.0.1:8000
 	REDIS_URL=$(REDIS_URL) $(BIN)/rac serve --artifacts $(ARTIFACTS) --host 127.0.0.1 --port 8000
@@ -33,6 +33,9 @@ lint: setup
 bench: setup data wrk $(ARTIFACTS)/manifest.json  ## service vs in-process vs raw encoder; writes results/bench.json
 	$(BIN)/rac bench --artifacts $(ARTIFACTS) --json results/bench.json
 
+ray-bench: setup data wrk $(ARTIFACTS)/manifest.json  ## the service on Ray Serve (2 shards) vs one process; results/ray_bench.json
+	$(BIN)/python -m loadtests.ray_bench --artifacts $(ARTIFACTS) --shards-dir /tmp/rac-ray-bench/shards --json results/ray_bench.json
+
 load: setup data redis $(ARTIFACTS)/manifest.json  ## locust against the demo service with Redis; results/load/
 	$(BIN)/python -m loadtests.run --artifacts $(ARTIFACTS) $(LOAD_ARGS)
 
@@ -47,7 +50,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-	$(BIN)/pip install -q -e '.[build,dev]' 2>&1 | grep -v "is ignored" || true
+	$(BIN)/pip install -q -e '.[build,dev,ray]' 2>&1 | grep -v "is ignored" || true
 	$(BIN)/python -c "import torch, onnxruntime, faiss, fastapi, efficientnet_lite_pytorch"
 	touch $@
 

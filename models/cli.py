@@ -213,7 +213,9 @@ def _scale_args(mem: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     sy.add_argument("--nlist", type=int, default=0, help="IVF lists (0: about sqrt(size))")
     sy.add_argument("--nprobe", type=int, default=0, help="0: the source's")
     sy.set_defaults(func=cmd_memory_synth)
-    sh = mem.add_parser("shard", help="split a memory into shards sharing its trained IVF index")
+    sh = mem.add_parser(
+        "shard", help="split a memory into shards sharing its trained IVF index (served by service/ray_app.py)"
+    )
     sh.add_argument("--from", dest="src", type=Path, required=True, help="an artifact directory with an IVF index")
     sh.add_argument("--shards", type=int, required=True)
     sh.add_argument("--out", type=Path, required=True)

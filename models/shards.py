@@ -4,7 +4,9 @@ quantizer (and PQ), so that a search over all shards, merged, equals the unshard
     rac memory shard --from .cache/scale/1m --shards 2 --out .cache/scale/1m-shards
 
 Each shard directory holds its IVF lists' entries (copied code for code, with the global ids), its slice of
-the keys and values, and a shard.json naming its id range; DIR/shards.json lists them.
+the keys and values, and a shard.json naming its id range; DIR/shards.json lists them. DIR also holds the
+manifest, encoder, head, item table and examples: what a sharded service's ingress reads
+(service/ray_app.py).
 """
 
 from __future__ import annotations
@@ -78,8 +80,12 @@ def shard(src: Path, out: Path, shards: int) -> list[Path]:
         info = {"shard": s, "shards": shards, "lo": lo, "hi": hi, "memory_version": manifest.memory_version}
         (d / SHARD).write_text(json.dumps(info, indent=1))
         dirs.append(d.name)
-    shutil.copyfile(src / A.ITEMS, partial / A.ITEMS)  # the item table stays whole: the ingress describes items
-    shutil.copyfile(src / A.MANIFEST, partial / A.MANIFEST)
+    # What the ingress serves from DIR itself: the model, the whole item table (it describes the neighbours it
+    # answers with), the manifest and the example images.
+    for name in (A.ITEMS, A.MANIFEST, A.ENCODER, A.HEAD):
+        shutil.copyfile(src / name, partial / name)
+    if (src / A.EXAMPLES).is_dir():
+        shutil.copytree(src / A.EXAMPLES, partial / A.EXAMPLES)
     (partial / SHARDS).write_text(json.dumps({"shards": dirs, "memory_version": manifest.memory_version}, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)

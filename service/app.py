@@ -28,7 +28,9 @@ from service.intake import UPLOADS, Intake
 from service.metrics import Metrics
 from service.pipeline import Pipeline
 from service.settings import Settings
+from service.shards import ShardsUnavailable
 from service.upload import UploadError
+from service.versions import OpenMemory, load_version
 
 log = logging.getLogger("service")
 
@@ -58,14 +60,15 @@ class RequestMetrics:
             self.metrics.requests.labels(getattr(scope.get("route"), "path", path), str(status)).inc()
 
 
-def create_app(settings: Settings, metrics_dir: str | None = None) -> FastAPI:
-    """metrics_dir: where every server process writes its metrics, when there are several."""
+def create_app(settings: Settings, metrics_dir: str | None = None, open_memory: OpenMemory = load_version) -> FastAPI:
+    """metrics_dir: where every server process writes its metrics, when there are several; open_memory: how
+    the pipeline opens its memory (service/ray_app.py passes a sharded memory's opener)."""
     metrics = Metrics(metrics_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            pipeline = await asyncio.to_thread(Pipeline, settings, metrics)
+            pipeline = await asyncio.to_thread(Pipeline, settings, metrics, open_memory)
         except ArtifactError as e:
             log.error("refusing to start: %s", e)
             raise
@@ -124,6 +127,9 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> FastAPI:
     async def overloaded(_: Request, e: Exception) -> Response:
         return api.error(503, f"overloaded, retry shortly: {e}")
 
+    async def shards_unavailable(_: Request, e: Exception) -> Response:
+        return api.error(503, f"a memory shard is unavailable, retry shortly: {e}")
+
     async def bad_query(_: Request, e: Exception) -> Response:
         assert isinstance(e, RequestValidationError)
         return api.validation_error(list(e.errors()))
@@ -131,6 +137,7 @@ def create_app(settings: Settings, metrics_dir: str | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, bad_query)
     app.add_exception_handler(UploadError, upload_error)
     app.add_exception_handler(Overloaded, overloaded)
+    app.add_exception_handler(ShardsUnavailable, shards_unavailable)  # a sharded memory (service/ray_app.py)
     return app
 
 

@@ -3,8 +3,9 @@
 Admission counts the images a server has accepted and not yet answered, and the request bodies it holds;
 past its limits a request is refused at once (503), before its body is read, and counted, so latency and
 memory stay bounded under overload. The batcher gathers queued jobs into one batch (up to max_batch,
-waiting at most max_wait for images that are still on their way: in cache lookup or decode) and runs it
-in one worker thread, off the event loop, while the loop gathers the next batch.
+waiting at most max_wait for images that are still on their way: in cache lookup) and runs it
+in a worker thread, off the event loop, while the queue fills. At most `in_flight` batches run at once: one
+where a batch keeps the cores busy, more where it mostly waits (a sharded memory's round trips to its shards).
 """
 
 from __future__ import annotations
@@ -101,13 +102,16 @@ class Batcher(Generic[J, R]):
         max_batch: int,
         max_wait_s: float,
         metrics: Metrics,
+        in_flight: int = 1,
     ):
         self.run, self.metrics = run, metrics
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
         self.queue: asyncio.Queue[_Queued[J, R]] = asyncio.Queue()
         self.arriving = 0  # jobs on their way: in cache lookup, not yet submitted
         self._wake: asyncio.Future[None] | None = None  # set while a batch being gathered waits for more
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="batch")
+        self.worker = ThreadPoolExecutor(in_flight, thread_name_prefix="batch")
+        self.slots = asyncio.Semaphore(in_flight)
+        self._running: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -118,6 +122,8 @@ class Batcher(Generic[J, R]):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._running:  # batches already running are answered
+            await asyncio.gather(*self._running, return_exceptions=True)
         self.worker.shutdown(wait=True)
 
     async def submit(self, job: J) -> R:
@@ -164,17 +170,25 @@ class Batcher(Generic[J, R]):
         return batch
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
+            await self.slots.acquire()  # before gathering: with one slot, a batch gathers once the last is done
             batch = await self._gather()
             self.metrics.batch_size.observe(len(batch))
-            try:
-                results = await loop.run_in_executor(self.worker, self.run, [q.job for q in batch])
-            except Exception as e:  # a failed batch fails its requests, never the loop
-                for q in batch:
-                    if not q.future.done():
-                        q.future.set_exception(e)
-            else:
-                for q, r in zip(batch, results, strict=True):
-                    if not q.future.done():  # the client may have gone away
-                        q.future.set_result(r)
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: list[_Queued[J, R]]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self.worker, self.run, [q.job for q in batch])
+        except Exception as e:  # a failed batch fails its requests, never the loop
+            for q in batch:
+                if not q.future.done():
+                    q.future.set_exception(e)
+        else:
+            for q, r in zip(batch, results, strict=True):
+                if not q.future.done():  # the client may have gone away
+                    q.future.set_result(r)
+        finally:
+            self.slots.release()

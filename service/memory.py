@@ -98,14 +98,8 @@ class Memory:
         self.threads = threads
         self.keys = open_array(directory / A.KEYS)  # (N, d) float16
         self.values = open_array(directory / A.VALUES)  # (N, dv) float16
-        check_sqlite(directory / A.ITEMS)
-        try:
-            self._db = sqlite3.connect(f"file:{directory / A.ITEMS}?mode=ro", uri=True, check_same_thread=False)
-            (n_items,) = self._db.execute("SELECT COUNT(*) FROM items").fetchone()
-        except sqlite3.Error as e:
-            raise A.ArtifactError(f"{directory / A.ITEMS} is not a readable item table: {e}") from e
-        self._lock = threading.Lock()
-        self.size, self.n_items = int(self.index.ntotal), int(n_items)
+        self.table = ItemTable(directory / A.ITEMS)
+        self.size, self.n_items = int(self.index.ntotal), self.table.size
 
     @property
     def dim(self) -> int:
@@ -151,6 +145,38 @@ class Memory:
 
         return take(self.keys, keys), take(self.values, values)
 
+    def lookup(self, z: np.ndarray, k: int, values: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """search and the values of what it found: sims (B, k), ids (B, k), values (B, k, dv) float16 ((B, k, 0)
+        where not wanted). A sharded memory does both in one round trip to each shard."""
+        sims, ids = self.search(z, k)
+        return sims, ids, self.gather(ids, False, values)[1]
+
+    def items(self, ids: list[int]) -> dict[int, Item]:
+        return self.table.items(ids)
+
+    def item(self, item_id: int) -> Item | None:
+        return self.table.items([item_id]).get(item_id)
+
+    def thumbnail(self, item_id: int) -> bytes | None:
+        return self.table.thumbnail(item_id)
+
+    def close(self) -> None:
+        self.table.close()
+
+
+class ItemTable:
+    """The item table (SQLite, read-only): id -> source, text, label, thumbnail."""
+
+    def __init__(self, path: Path):
+        check_sqlite(path)
+        try:
+            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+            (n_items,) = self._db.execute("SELECT COUNT(*) FROM items").fetchone()
+        except sqlite3.Error as e:
+            raise A.ArtifactError(f"{path} is not a readable item table: {e}") from e
+        self._lock = threading.Lock()
+        self.size = int(n_items)
+
     def items(self, ids: list[int]) -> dict[int, Item]:
         out: dict[int, Item] = {}
         with self._lock:
@@ -164,9 +190,6 @@ class Memory:
 
     def close(self) -> None:
         self._db.close()
-
-    def item(self, item_id: int) -> Item | None:
-        return self.items([item_id]).get(item_id)
 
     def thumbnail(self, item_id: int) -> bytes | None:
         """The item's thumbnail (PNG bytes); None where it has none, or the table has no thumbnail column

@@ -27,10 +27,11 @@ from service.cache import Entry, LocalCache, NeighbourCache, RedisCache, cache_k
 from service.decode import DecodeError, InputSpec, decode
 from service.encode import Encoder
 from service.head import Head
-from service.memory import Item
+from service.memory import Item, Memory
 from service.metrics import Metrics
 from service.settings import Settings, cores
-from service.versions import Follower, MemoryVersion, load_version
+from service.shards import ShardedMemory
+from service.versions import Follower, MemoryVersion, OpenMemory, load_version
 from service.zeroshot import ZeroShot
 
 log = logging.getLogger(__name__)
@@ -74,9 +75,10 @@ class Classification:
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, metrics: Metrics):
-        """Load and cross-check the artifacts; raises ArtifactError naming any mismatch."""
-        self.settings, self.metrics = settings, metrics
+    def __init__(self, settings: Settings, metrics: Metrics, open_memory: OpenMemory = load_version):
+        """Load and cross-check the artifacts; raises ArtifactError naming any mismatch. open_memory: how a
+        memory version is opened (load_version: here, memory-mapped; versions.sharded: over shards)."""
+        self.settings, self.metrics, self.open_memory = settings, metrics, open_memory
         # A flat artifact directory, or a serving root whose `current` link is followed.
         directory = A.resolve(settings.artifacts)
         self.root = settings.artifacts if directory != settings.artifacts else None
@@ -89,7 +91,7 @@ class Pipeline:
             self.encoder = Encoder(directory / A.ENCODER, settings.device, threads, settings.encoder_spin)
         except Exception as e:
             raise A.ArtifactError(f"{directory / A.ENCODER} cannot be loaded: {e}") from e
-        self.version = load_version(directory, settings, None, self.encoder.dim)
+        self.version = open_memory(directory, settings, None, self.encoder.dim)
         try:
             self.head = Head(directory / A.HEAD, settings.head_threads)
         except Exception as e:
@@ -104,7 +106,7 @@ class Pipeline:
         self.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.admission = Admission(settings.max_pending, metrics, settings.max_body_bytes)
         self.batcher: Batcher[Job, Output | DecodeError] = Batcher(
-            self.run_batch, settings.max_batch, settings.max_wait_ms / 1000, metrics
+            self.run_batch, settings.max_batch, settings.max_wait_ms / 1000, metrics, settings.batches_in_flight
         )
         store = (
             RedisCache(settings.redis_url, settings.redis_timeout_ms / 1000, settings.redis_retry_s)
@@ -173,7 +175,7 @@ class Pipeline:
     async def swap(self, directory: Path) -> None:
         """Load `directory` beside the served version, check it against the served model, pre-fault and
         warm it in the batch worker (between two batches), then serve it. Raises ArtifactError."""
-        new = await asyncio.to_thread(load_version, directory, self.settings, self.manifest, self.encoder.dim)
+        new = await asyncio.to_thread(self.open_memory, directory, self.settings, self.manifest, self.encoder.dim)
         try:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self.batcher.worker, self._warm_memory, new)
@@ -232,12 +234,12 @@ class Pipeline:
 
     def run_batch(self, jobs: list[Job]) -> list[Output | DecodeError]:
         jobs, errors = self._decode(jobs)
-        outputs = self._run(jobs)
+        outputs: list[Output | DecodeError] = list(self._run(jobs))
         for i in sorted(errors):
             outputs.insert(i, errors[i])
         return outputs
 
-    def _run(self, jobs: list[Job]) -> list[Output | DecodeError]:
+    def _run(self, jobs: list[Job]) -> list[Output]:
         started = time.perf_counter()
         z, sims, ids, misses, encode_s = self.embed(jobs)
         seconds = {"encode": encode_s, "search": 0.0, "head": 0.0}
@@ -246,16 +248,11 @@ class Pipeline:
         for i, j in enumerate(jobs):
             v = j.version or self.version
             groups.setdefault(id(v), (v, []))[1].append(i)
-        outputs: list[Output | DecodeError | None] = [None] * len(jobs)
+        outputs: list[Output | None] = [None] * len(jobs)
         for v, rows in groups.values():
             mem = v.memory
-            search_rows = [i for i in rows if jobs[i].cached is None]
-            if search_rows:
-                t = time.perf_counter()
-                sims[search_rows], ids[search_rows] = mem.search(z[search_rows], self.k)
-                seconds["search"] += time.perf_counter() - t
+            keys, values = self._neighbours(mem, jobs, rows, z, sims, ids, seconds)  # fills the misses' sims, ids
             t = time.perf_counter()
-            keys, values = mem.gather(ids[rows], self.head.uses_keys, self.head.uses_values)
             probs, attn = self.head(z[rows], sims[rows], keys, values)
             seconds["head"] += time.perf_counter() - t
             wanted = sorted({int(n) for i in rows if jobs[i].neighbors for n in ids[i]})
@@ -267,6 +264,41 @@ class Pipeline:
             self.metrics.stage_seconds.labels("search").observe(seconds["search"])
         self.metrics.stage_seconds.labels("head").observe(seconds["head"])
         return [o for o in outputs if o is not None]
+
+    def _neighbours(
+        self,
+        mem: Memory | ShardedMemory,
+        jobs: list[Job],
+        rows: list[int],
+        z: np.ndarray,
+        sims: np.ndarray,
+        ids: np.ndarray,
+        seconds: dict[str, float],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Search the rows the cache did not know (their sims and ids written in place, their values found in
+        the same call), gather the cached rows' values: keys (R, k, d) and values (R, k, dv) of `rows`. The
+        search counts as `search` time, the gathers as `head` time (the head's reads)."""
+        search = [r for r, i in enumerate(rows) if jobs[i].cached is None]
+        cached = [r for r, i in enumerate(rows) if jobs[i].cached is not None]
+        uses_values = self.head.uses_values
+        found = np.empty((0, self.k, 0), np.float16)
+        t = time.perf_counter()
+        if search:
+            misses = [rows[r] for r in search]
+            sims[misses], ids[misses], found = mem.lookup(z[misses], self.k, uses_values)
+        seconds["search"] += time.perf_counter() - t
+        t = time.perf_counter()
+        if not cached:
+            values = found
+        else:
+            _, known = mem.gather(ids[[rows[r] for r in cached]], False, uses_values)
+            values = np.empty((len(rows), self.k, known.shape[-1]), np.float16)  # (R, k, dv)
+            values[cached] = known
+            if search:
+                values[search] = found
+        keys = mem.gather(ids[rows], True, False)[0] if self.head.uses_keys else np.empty((len(rows), self.k, 0))
+        seconds["head"] += time.perf_counter() - t
+        return keys.astype(np.float16), values
 
     # ------------------------------------------------------------ requests, on the event loop
 

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # Micro-batching and back-pressure
     max_batch: int = 32  # images per encode/search/head batch
     max_wait_ms: float = 2.0  # how long a batch waits to fill once its first image arrived
+    # Batches running at once: more than 1 only where a batch mostly waits (a sharded memory's round trips to
+    # its shards, on machines of their own); where the shards share the ingress's cores it costs throughput.
+    batches_in_flight: int = Field(default=1, ge=1)
     max_pending: int = 256  # images admitted (decoding or queued) at once; beyond: 503 at once
     # Request bodies held in memory at once by one process (being read or waiting for their answer); beyond:
     # 503 before the body is read. At least one largest batch request fits.

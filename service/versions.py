@@ -16,11 +16,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 from service import artifacts as A
 from service.memory import Memory
 from service.metrics import Metrics
 from service.settings import Settings
+from service.shards import ShardClient, ShardedMemory, check_sharded
 from service.zeroshot_memory import ZsMemory, load_zs_memory
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 class MemoryVersion:
     directory: Path
     manifest: A.Manifest
-    memory: Memory
+    memory: Memory | ShardedMemory
     zero_shot: ZsMemory | None = None  # its text index and aligned texts, where it has zero-shot parts
     refs: int = 0  # requests holding it (changed on the event loop only)
     retired: bool = False  # no longer served: closed when the last request lets go
@@ -80,6 +82,35 @@ def load_version(directory: Path, settings: Settings, model: A.Manifest | None, 
     else:
         memory.willneed()
     return MemoryVersion(directory, manifest, memory, zero_shot)
+
+
+# How a pipeline opens a memory version: (directory, settings, the served model's manifest or None, encoder
+# dimension) -> MemoryVersion; raises ArtifactError. load_version, or a sharded memory's opener.
+OpenMemory: TypeAlias = Callable[[Path, Settings, A.Manifest | None, int], MemoryVersion]
+
+
+def sharded(client: ShardClient) -> OpenMemory:
+    """An opener for a sharded memory's directory (`rac memory shard --out`): its manifest, encoder, head and
+    item table here, its index, keys and values in the shards `client` reaches (each checks its files' sizes
+    against its id range; this checks the ranges and versions against the manifest)."""
+
+    def open_sharded(directory: Path, settings: Settings, model: A.Manifest | None, encoder_dim: int) -> MemoryVersion:
+        manifest = A.read_manifest(directory)
+        if model is not None and (why := A.model_mismatch(model, manifest)):
+            raise A.ArtifactError(f"{directory}: {why}")
+        if settings.verify_checksums:
+            A.verify_files(directory, manifest, full=settings.verify_full, names=(A.ENCODER, A.HEAD, A.ITEMS))
+        memory = ShardedMemory(directory, manifest, client)
+        try:
+            if encoder_dim != manifest.encoder.dim:
+                raise A.ArtifactError(f"encoder outputs {encoder_dim}-d, manifest says {manifest.encoder.dim}")
+            check_sharded(directory, manifest, memory)
+        except A.ArtifactError:
+            memory.close()
+            raise
+        return MemoryVersion(directory, manifest, memory)
+
+    return open_sharded
 
 
 def check_memory(directory: Path, m: A.Manifest, mem: Memory, encoder_dim: int) -> None:

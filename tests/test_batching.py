@@ -84,3 +84,35 @@ def test_admission_refuses_beyond_its_limit_and_counts_it() -> None:
             assert admission.pending == 3
     assert admission.pending == 0
     assert m.refused._value.get() == 1
+
+
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_at_most_in_flight_batches_run_at_once(in_flight: int) -> None:
+    """Batches that mostly wait (a sharded memory's round trips) overlap up to in_flight, never more; each job
+    still gets its own answer."""
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def run(jobs: list[int]) -> list[int]:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.05)  # waiting, not computing
+        with lock:
+            running -= 1
+        return [j * 10 for j in jobs]
+
+    async def main() -> list[object]:
+        m = Metrics()
+        batcher: Batcher[int, int] = Batcher(run, 2, 0.0, m, in_flight)
+        batcher.start()
+        results = await submit_all(batcher, Admission(100, m), list(range(24)))
+        await batcher.stop()
+        return results
+
+    t = time.perf_counter()
+    assert asyncio.run(main()) == [j * 10 for j in range(24)]
+    assert most == in_flight
+    if in_flight > 1:  # 12 batches of 0.05 s, overlapped
+        assert time.perf_counter() - t < 12 * 0.05

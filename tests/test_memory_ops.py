@@ -180,7 +180,7 @@ def test_sizes_are_checked_without_checksums(tmp_path: Path) -> None:
 
 def test_item_lookup_stays_under_sqlites_parameter_limit(synthetic_artifacts: Path) -> None:
     memory = Memory(synthetic_artifacts, 0)
-    memory._db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 50)
+    memory.table._db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 50)
     items = memory.items(list(range(300)))
     assert sorted(items) == list(range(300))
 

@@ -133,7 +133,8 @@ def test_scale_memory_serves_and_prefaults(scale_dir: Path) -> None:
     pipeline.warmup()  # loading pre-faulted: every page of the values is mapped in this process
     resident = _rss_of(scale_dir / A.VALUES)
     assert resident >= (scale_dir / A.VALUES).stat().st_size // 1024 - 8  # kB
-    assert pipeline.version.memory.values.shape[0] == SIZE
+    memory = pipeline.version.memory
+    assert isinstance(memory, Memory) and memory.values.shape[0] == SIZE
 
 
 def test_prefault_only_what_the_page_cache_can_hold(tmp_path: Path) -> None:

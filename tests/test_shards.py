@@ -3,18 +3,28 @@ answers (FAISS's own IndexShards as the reference for the index, the served Memo
 
 from __future__ import annotations
 
+import io
 import itertools
 from pathlib import Path
+from typing import cast
 
 import faiss
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
 
 from models.scale import SynthConfig, exact_search, synth
 from models.shards import shard, split
 from service import artifacts as A
+from service.app import create_app
+from service.cache import Entry
 from service.memory import Memory
-from service.shards import Answer, Shard, merge
+from service.metrics import Metrics
+from service.pipeline import Job, Output, Pipeline
+from service.settings import Settings
+from service.shards import Answer, LocalShards, Shard, ShardsUnavailable, merge
+from service.versions import sharded
 
 SIZE = 20_000
 
@@ -88,3 +98,85 @@ def test_sharded_search_answers_as_the_served_memory(memory_dir: Path, tmp_path:
 
         assert recall(merged.ids) >= recall(ids) - 1e-9
         assert (merged.ids == ids).mean() > 0.95
+
+
+def test_pipeline_over_shards_answers_as_over_the_memory(memory_dir: Path, tmp_path: Path) -> None:
+    """The whole pipeline with its memory in shards (what the Ray ingress runs, in one process here): the same
+    neighbours, similarities and probabilities as over the unsharded memory, searched or from the cache."""
+    sharded_dir = tmp_path / "sharded"
+    dirs = shard(memory_dir, sharded_dir, 3)
+    nprobe = A.read_manifest(memory_dir).index.nprobe
+    settings = Settings(artifacts=memory_dir, max_batch=16, verify_checksums=False)
+    whole = Pipeline(settings, Metrics())
+    split = Pipeline(
+        settings.model_copy(update={"artifacts": sharded_dir}),
+        Metrics(),
+        sharded(LocalShards([Shard(d, nprobe) for d in dirs])),
+    )
+    size = whole.spec.size
+    pixels = np.random.default_rng(1).standard_normal((12, 3, size, size)).astype(np.float32)
+    want = answered(whole, [Job(p, None, 1) for p in pixels])
+    got = answered(split, [Job(p, None, 1) for p in pixels])
+    same = np.mean([np.array_equal(w.entry.ids, g.entry.ids) for w, g in zip(want, got, strict=True)])
+    assert same == 1.0 if not whole.version.memory.rerank else same >= 0.75
+    for w, g in zip(want, got, strict=True):
+        if np.array_equal(w.entry.ids, g.entry.ids):
+            np.testing.assert_allclose(g.entry.sims, w.entry.sims, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(g.probs, w.probs, rtol=0, atol=1e-5)
+            assert set(g.items) == set(w.items)
+    # Cache hits (values gathered from the shards by id) mixed with misses in one batch:
+    jobs = [Job(None, Entry(w.entry.z, w.entry.ids, w.entry.sims), 0) for w in want[:6]]
+    jobs += [Job(p, None, 0) for p in pixels[6:]]
+    again = answered(split, jobs)
+    for w, a in zip(want[:6], again[:6], strict=True):  # the values of the unsharded memory's neighbours
+        np.testing.assert_array_equal(a.entry.ids, w.entry.ids)
+        np.testing.assert_allclose(a.probs, w.probs, rtol=0, atol=1e-5)
+    for a, g in zip(again[6:], got[6:], strict=True):
+        np.testing.assert_array_equal(a.entry.ids, g.entry.ids)
+
+
+def test_a_shard_nobody_answers_is_a_503(memory_dir: Path, tmp_path: Path) -> None:
+    """Every replica of a shard down (the Ray client gave up): the request answers 503 with the reason, and the
+    service answers again once the shard is back."""
+    sharded_dir = tmp_path / "sharded"
+    nprobe = A.read_manifest(memory_dir).index.nprobe
+
+    class Flaky(LocalShards):
+        down = False
+
+        def search(self, z: np.ndarray, k: int, exhaustive: bool) -> list[Answer]:
+            if self.down:
+                raise ShardsUnavailable("shard-1: no replica answered")
+            return super().search(z, k, exhaustive)
+
+    client = Flaky([Shard(d, nprobe) for d in shard(memory_dir, sharded_dir, 2)])
+    png = io.BytesIO()
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(png, "PNG")
+    files = {"image": ("x.png", png.getvalue(), "image/png")}
+    with TestClient(create_app(Settings(artifacts=sharded_dir), open_memory=sharded(client))) as http:
+        client.down = True
+        refused = http.post("/classify", files=files)
+        assert refused.status_code == 503 and "shard-1" in refused.json()["detail"]
+        client.down = False
+        assert http.post("/classify", files=files).status_code == 200
+
+
+def test_shards_that_do_not_make_up_the_memory_are_refused(memory_dir: Path, tmp_path: Path) -> None:
+    sharded_dir = tmp_path / "sharded"
+    shards = [Shard(d, 8) for d in shard(memory_dir, sharded_dir, 3)]
+    manifest = A.read_manifest(sharded_dir)
+    settings = Settings(artifacts=sharded_dir)  # checksums on: the copied encoder, head and items check out
+    version = sharded(LocalShards(shards))(sharded_dir, settings, None, manifest.encoder.dim)
+    assert version.memory.size == SIZE and version.id == manifest.memory_version
+    with pytest.raises(A.ArtifactError, match="do not cover"):
+        sharded(LocalShards(shards[::2]))(sharded_dir, settings, None, manifest.encoder.dim)
+    shards[1].info = shards[1].info._replace(memory_version="0123456789ab")
+    with pytest.raises(A.ArtifactError, match="0123456789ab"):
+        sharded(LocalShards(shards))(sharded_dir, settings, None, manifest.encoder.dim)
+
+
+def answered(pipeline: Pipeline, jobs: list[Job]) -> list[Output]:
+    """run_batch's outputs, every one an answer (these jobs hold pixels: none can fail to decode)."""
+    out = pipeline.run_batch(jobs)
+    assert all(isinstance(o, Output) for o in out)
+    return cast(list[Output], out)

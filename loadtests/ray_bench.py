@@ -1,0 +1,145 @@
+"""The service on Ray Serve against the single-process service, on the same memory and machine, over real HTTP
+on loopback. Needs the `ray` extra and wrk.
+
+    python -m loadtests.ray_bench --artifacts artifacts/demo --shards-dir /tmp/ray/demo-shards \
+        --json results/ray_bench.json
+
+(a) `python -m service` with RAC_WORKERS=1 over the artifact directory; (b) a local two-node Ray cluster
+(loadtests/ray_cluster.py) serving deploy/ray/serve.yaml over the same memory in --shards shards. For each:
+latency at one connection and throughput at --concurrency connections, driven by wrk, every request a new
+image (cache misses). The fan-out cost per request: the difference of the p50 latencies at one connection,
+and of the search stage's mean time (the ingress's rac_stage_seconds{stage="search"}: one round trip to
+every shard and the merge, against a local memory-mapped search).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from loadtests import multipart
+from loadtests.bench import wrk
+from loadtests.images import pngs
+from loadtests.ray_cluster import ray_cluster
+from loadtests.server import free_port, scrape, serving
+from models.shards import shard
+from service import artifacts as A
+from service.shards import shard_dirs
+
+
+def measure(url: str, images: Iterator[bytes], levels: list[int], seconds: float, workdir: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for c in [1, *levels]:
+        bodies = [
+            multipart.encode([("image", p)]) for p in itertools.islice(images, max(2_000, round(1_500 * seconds)))
+        ]
+        before = scrape(url)
+        stats = wrk(f"{url}/classify", bodies, c, seconds, workdir)
+        after = scrape(url)
+        grew = {key: after[key] - before.get(key, 0.0) for key in after}
+        batches = max(1.0, grew['rac_stage_seconds_count{stage="search"}'])
+        stats["search_ms_per_batch"] = 1000 * grew['rac_stage_seconds_sum{stage="search"}'] / batches
+        stats["images_per_batch"] = grew['rac_images_total{outcome="miss"}'] / batches
+        out[str(c)] = stats
+        print(f"  c={c}: {stats['req_per_s']:.0f} req/s, p50 {stats['p50_ms']:.2f} ms, p99 {stats['p99_ms']:.2f} ms")
+    return out
+
+
+def main(artifacts: Path, shards_dir: Path, shards: int, replicas: int, out: Path, seconds: float, levels: str) -> None:
+    manifest = A.read_manifest(artifacts)
+    try:
+        have = len(shard_dirs(shards_dir)) == shards and A.read_manifest(shards_dir) == manifest
+    except A.ArtifactError:
+        have = False
+    if not have:
+        print(f"sharding {artifacts} into {shards} shards in {shards_dir} ...", flush=True)
+        shard(artifacts, shards_dir, shards)
+    concurrency = [int(c) for c in levels.split(",")]
+    images = pngs()
+    for _ in range(4096):  # the images the server's warm-up or an earlier run may have cached: skipped
+        next(images)
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count()},
+        "memory": {"items": manifest.memory.size, "index": manifest.index.type, "nprobe": manifest.index.nprobe},
+        "ray": {"shards": shards, "replicas_per_shard": replicas, "nodes": 2, "cpus_per_node": 1},
+    }
+    runs: dict[str, Callable[[], AbstractContextManager[str]]] = {
+        "single_process": lambda: serving(artifacts, RAC_WORKERS="1"),
+        # The shipped config (one batch at a time, as the single process), then 4 batches in flight.
+        "ray": lambda: ray_serving(shards_dir, shards, replicas, {}),
+        "ray_in_flight_4": lambda: ray_serving(shards_dir, shards, replicas, {"batches_in_flight": 4}),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, start in runs.items():
+            print(f"{name} ...", flush=True)
+            with start() as url:
+                with httpx.Client(base_url=url, timeout=30) as client:  # first-call costs outside the measurement
+                    for p in itertools.islice(images, 64):
+                        client.post("/classify", files={"image": ("x.png", p, "image/png")}).raise_for_status()
+                results[name] = measure(url, images, concurrency, seconds, Path(tmp))
+    single, ray = results["single_process"]["1"], results["ray"]["1"]
+    results["fan_out_ms"] = {
+        "p50_latency_c1": ray["p50_ms"] - single["p50_ms"],
+        "search_stage_c1": ray["search_ms_per_batch"] - single["search_ms_per_batch"],
+    }
+    top = str(max(concurrency))
+    results["ray_over_single_throughput"] = (
+        results["ray"][top]["req_per_s"] / results["single_process"][top]["req_per_s"]
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(table(results))
+    print(f"\nwrote {out}")
+
+
+@contextmanager
+def ray_serving(shards_dir: Path, shards: int, replicas: int, settings: dict[str, Any]) -> Iterator[str]:
+    """A local two-node cluster serving the shards (deploy/ray/serve.yaml, its ingress settings updated with
+    `settings`), for the length of a `with`."""
+    with ray_cluster() as cluster:
+        yield cluster.deploy(
+            shards_dir.resolve(), free_port(), shards=shards, shard_replicas=replicas, settings=settings
+        )
+
+
+def table(r: dict[str, Any]) -> str:
+    lines = [
+        "| service | connections | req/s | p50 ms | p99 ms | search stage ms / batch | images / batch | non-2xx |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in ("single_process", "ray", "ray_in_flight_4"):
+        for c, s in r[name].items():
+            lines.append(
+                f"| {name} | {c} | {s['req_per_s']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} "
+                f"| {s['search_ms_per_batch']:.2f} | {s['images_per_batch']:.1f} "
+                f"| {s['non_2xx'] + s['socket_errors']} |"
+            )
+    f = r["fan_out_ms"]
+    lines.append(
+        f"\nfan-out cost per request at one connection: {f['p50_latency_c1']:.2f} ms of p50 latency, "
+        f"{f['search_stage_c1']:.2f} ms of search stage; Ray / single-process throughput at the highest "
+        f"concurrency: {r['ray_over_single_throughput']:.2f}"
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts/demo"))
+    parser.add_argument("--shards-dir", type=Path, default=Path("/tmp/ray/demo-shards"))
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--replicas", type=int, default=2, help="replicas per shard")
+    parser.add_argument("--json", type=Path, default=Path("results/ray_bench.json"))
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--concurrency", default="16", help="throughput at these connection counts")
+    a = parser.parse_args()
+    main(a.artifacts, a.shards_dir, a.shards, a.replicas, a.json, a.seconds, a.concurrency)
