@@ -9,6 +9,7 @@ in models/reco.py, the fusion), while the memory still holds pairs of every clas
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -84,28 +85,48 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, text_id: torch.Tensor
     return (i2t + t2i) / 2
 
 
-def train_alignment(pairs: Pairs, cfg: AlignConfig) -> tuple[TextProjection, list[float]]:
-    """The text projection and the loss of each epoch (mean over its steps)."""
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    proj = TextProjection(pairs.table.shape[1], pairs.z.shape[1], cfg.init_temperature)
-    opt = torch.optim.AdamW(proj.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * math.ceil(len(pairs.text) / cfg.batch_size)
+def fit(
+    params: Iterable[nn.Parameter],
+    n: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    rng: np.random.Generator,
+    loss_of: Callable[[np.ndarray], torch.Tensor],
+) -> list[float]:
+    """AdamW with a cosine schedule over `epochs` passes of n rows, shuffled by `rng` each epoch and cut into
+    batches; loss_of(rows) is a batch's loss. The mean loss of each epoch."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    steps = epochs * math.ceil(n / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    z, ids, table = torch.from_numpy(pairs.z), torch.from_numpy(pairs.text), torch.from_numpy(pairs.table)
     losses = []
-    for _ in range(cfg.epochs):
-        order = torch.from_numpy(rng.permutation(len(ids)))
+    for _ in range(epochs):
+        order = rng.permutation(n)
         total, count = 0.0, 0
-        for s in range(0, len(order), cfg.batch_size):
-            rows = order[s : s + cfg.batch_size]
-            loss = contrastive_loss(z[rows], proj(table)[ids[rows]], ids[rows], proj.scale)  # T << batch
+        for s in range(0, n, batch_size):
+            loss = loss_of(order[s : s + batch_size])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             total, count = total + loss.item(), count + 1
         losses.append(total / count)
+    return losses
+
+
+def train_alignment(pairs: Pairs, cfg: AlignConfig) -> tuple[TextProjection, list[float]]:
+    """The text projection and the loss of each epoch (mean over its steps)."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    proj = TextProjection(pairs.table.shape[1], pairs.z.shape[1], cfg.init_temperature)
+    z, ids, table = torch.from_numpy(pairs.z), torch.from_numpy(pairs.text), torch.from_numpy(pairs.table)
+
+    def loss_of(batch: np.ndarray) -> torch.Tensor:
+        rows = torch.from_numpy(batch)
+        return contrastive_loss(z[rows], proj(table)[ids[rows]], ids[rows], proj.scale)  # T << batch
+
+    losses = fit(proj.parameters(), len(ids), cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, rng, loss_of)
     return proj.eval(), losses
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.align import contrastive_loss
+from models.align import contrastive_loss, fit
 
 SIDES = ("none", "cross", "uni")  # per side: no fusion, the other modality's neighbours, the same modality's
 
@@ -205,26 +205,15 @@ def train_reco(data: FusionData, views: MemoryViews, cfg: FusionConfig, init_sca
     rng = np.random.default_rng(cfg.seed)
     model = Reco(cfg, data.z.shape[1], init_scale)
     vi, vt = views.values(cfg.image, "image"), views.values(cfg.text, "text")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * math.ceil(len(data.z) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     z, txt, tid = torch.from_numpy(data.z), torch.from_numpy(data.text), torch.from_numpy(data.text_id)
-    losses = []
+
+    def loss_of(rows: np.ndarray) -> torch.Tensor:
+        img = fuse(model.image, swapped(z[rows], cfg.swap), vi, data.image_nb[rows, : cfg.k])
+        tx = fuse(model.text, swapped(txt[rows], cfg.swap), vt, data.text_nb[rows, : cfg.k])
+        return contrastive_loss(img, tx, tid[rows], model.scale)
+
     model.train()
-    for _ in range(cfg.epochs):
-        order = rng.permutation(len(z))
-        total, count = 0.0, 0
-        for s in range(0, len(order), cfg.batch_size):
-            rows = order[s : s + cfg.batch_size]
-            img = fuse(model.image, swapped(z[rows], cfg.swap), vi, data.image_nb[rows, : cfg.k])
-            tx = fuse(model.text, swapped(txt[rows], cfg.swap), vt, data.text_nb[rows, : cfg.k])
-            loss = contrastive_loss(img, tx, tid[rows], model.scale)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total, count = total + loss.item(), count + 1
-        losses.append(total / count)
+    losses = fit(model.parameters(), len(z), cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, rng, loss_of)
     return model.eval(), losses
 
 
