@@ -23,6 +23,14 @@ J = TypeVar("J")  # a job
 R = TypeVar("R")  # its result
 
 
+async def cancel(task: asyncio.Task[None] | None) -> None:
+    """Stop a background loop (a task that runs until cancelled) and wait until it has."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 class Overloaded(Exception):
     """More images are pending than the server admits: answer 503 with Retry-After."""
 
@@ -118,10 +126,7 @@ class Batcher(Generic[J, R]):
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
         if self._running:  # batches already running are answered
             await asyncio.gather(*self._running, return_exceptions=True)
         self.worker.shutdown(wait=True)

@@ -10,7 +10,6 @@ counted, and the old one keeps serving.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import TypeAlias
 
 from service import artifacts as A
+from service.batching import cancel
 from service.memory import Memory
 from service.metrics import Metrics
 from service.settings import Settings
@@ -155,10 +155,7 @@ class Follower:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
 
     async def _loop(self) -> None:
         while True:
