@@ -81,7 +81,25 @@ _BLOCK = bytearray(8 << 20)
 _threads = threading.local()  # OpenMP's thread count is a per-thread setting: set it where the search runs
 
 
-class Memory:
+class Described:
+    """What a memory (here, or in shards) answers from its item table: the items behind ids, a thumbnail."""
+
+    table: ItemTable
+
+    def items(self, ids: list[int]) -> dict[int, Item]:
+        return self.table.items(ids)
+
+    def item(self, item_id: int) -> Item | None:
+        return self.table.items([item_id]).get(item_id)
+
+    def thumbnail(self, item_id: int) -> bytes | None:
+        return self.table.thumbnail(item_id)
+
+    def close(self) -> None:
+        self.table.close()
+
+
+class Memory(Described):
     def __init__(self, directory: Path, nprobe: int, threads: int = 1):
         # IO_FLAG_MMAP_IFC maps flat and IVF codes straight from the file: pages load on demand and are
         # shared between processes serving the same artifacts.
@@ -150,18 +168,6 @@ class Memory:
         where not wanted). A sharded memory does both in one round trip to each shard."""
         sims, ids = self.search(z, k)
         return sims, ids, self.gather(ids, False, values)[1]
-
-    def items(self, ids: list[int]) -> dict[int, Item]:
-        return self.table.items(ids)
-
-    def item(self, item_id: int) -> Item | None:
-        return self.table.items([item_id]).get(item_id)
-
-    def thumbnail(self, item_id: int) -> bytes | None:
-        return self.table.thumbnail(item_id)
-
-    def close(self) -> None:
-        self.table.close()
 
 
 class ItemTable:

@@ -15,7 +15,7 @@ import numpy as np
 
 from service import artifacts as A
 from service import rerank
-from service.memory import Item, ItemTable, check_sqlite, open_array
+from service.memory import Described, ItemTable, check_sqlite, open_array
 
 SHARD = "shard.json"  # in each shard directory: its id range
 SHARDS = "shards.json"  # in the sharded memory's directory: the shard directories
@@ -126,7 +126,7 @@ class LocalShards:
         return [s.gather(i, keys, values) for s, i in zip(self.shards, ids, strict=True)]
 
 
-class ShardedMemory:
+class ShardedMemory(Described):
     """A memory whose index, keys and values live in shards: the served Memory's interface (search, lookup,
     gather, items), each call fanned out to every shard and merged. The item table stays here (the ingress
     describes the neighbours it answers with)."""
@@ -169,23 +169,11 @@ class ShardedMemory:
             out_k[owner == s], out_v[owner == s] = pk, pv
         return out_k.reshape(*ids.shape, -1), out_v.reshape(*ids.shape, -1)
 
-    def items(self, ids: list[int]) -> dict[int, Item]:
-        return self.table.items(ids)
-
-    def item(self, item_id: int) -> Item | None:
-        return self.table.items([item_id]).get(item_id)
-
-    def thumbnail(self, item_id: int) -> bytes | None:
-        return self.table.thumbnail(item_id)
-
     def prefault(self) -> None:
         """Nothing here: each shard pre-faults its own files."""
 
     def willneed(self) -> None:
         """Nothing here: each shard reads its own files ahead."""
-
-    def close(self) -> None:
-        self.table.close()
 
 
 def shard_dirs(directory: Path) -> list[Path]:
