@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -64,6 +66,35 @@ def zs_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
         env=os.environ | {"TQDM_DISABLE": "1"},
     )
     return out
+
+
+def root_without_zero_shot(artifacts: Path, tmp_path: Path) -> Path:
+    """A serving root publishing `artifacts` (built with zero-shot parts) and, beside it as `v2` (not yet
+    published), a version derived from it (three items removed) whose manifest lost its zero-shot section."""
+    from models import memory_ops as ops
+    from service import artifacts as A
+
+    root = tmp_path / "root"
+    ops.publish(artifacts, root)
+    (tmp_path / "ids.txt").write_text("0\n1\n2\n")
+    ops.remove(artifacts, tmp_path / "ids.txt", root / "v2")
+    manifest = json.loads((root / "v2" / A.MANIFEST).read_text())
+    manifest.pop("zero_shot")
+    (root / "v2" / A.MANIFEST).write_text(json.dumps(manifest))
+    return root
+
+
+@dataclass
+class Served:
+    """A server started by a test: its HTTP base URL, gRPC address and the images it is asked about."""
+
+    url: str  # http://127.0.0.1:PORT
+    grpc: str  # 127.0.0.1:PORT
+    images: list[bytes]
+
+    @property
+    def http(self) -> str:
+        return self.url.removeprefix("http://")
 
 
 def wait_until(check, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]

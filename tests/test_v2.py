@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 from loadtests.server import free_port, serving
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import wait_until
+from tests.conftest import Served, wait_until
 from tests.synthetic import CLASSES, png
 
 pytestmark = pytest.mark.slow
@@ -37,15 +37,8 @@ TOP_K, NEIGHBORS = 3, 5
 
 
 @dataclass
-class Server:
-    url: str  # http://127.0.0.1:PORT
-    grpc: str  # 127.0.0.1:PORT
-    images: list[bytes]  # the build's example images
+class Server(Served):  # images: the build's example images
     classes: list[str]
-
-    @property
-    def http(self) -> str:
-        return self.url.removeprefix("http://")
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,7 @@ import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
 from loadtests.server import free_port, serving
-from service import artifacts as A
-from tests.conftest import wait_until
+from tests.conftest import Served, root_without_zero_shot, wait_until
 from tests.synthetic import png
 
 pytestmark = pytest.mark.slow
@@ -32,15 +31,8 @@ TEMPLATE = "a picture of a {}, a kind of clothing."
 
 
 @dataclass
-class Server:
-    url: str  # http://127.0.0.1:PORT
-    grpc: str  # 127.0.0.1:PORT
-    images: list[bytes]
+class Server(Served):
     labels: list[str]
-
-    @property
-    def http(self) -> str:
-        return self.url.removeprefix("http://")
 
 
 @pytest.fixture(scope="module")
@@ -223,13 +215,7 @@ def test_absent_without_zero_shot_parts_and_after_a_swap_that_drops_them(zs_arti
     from models import memory_ops as ops
     from tests.test_service import client
 
-    root = tmp_path / "root"
-    ops.publish(zs_artifacts, root)
-    (tmp_path / "ids.txt").write_text("0\n1\n2\n")
-    ops.remove(zs_artifacts, tmp_path / "ids.txt", root / "v2")
-    manifest = json.loads((root / "v2" / A.MANIFEST).read_text())
-    manifest.pop("zero_shot")
-    (root / "v2" / A.MANIFEST).write_text(json.dumps(manifest))
+    root = root_without_zero_shot(zs_artifacts, tmp_path)
     port = free_port()
     with client(root, memory_poll_s=0.05, max_wait_ms=20, grpc_port=port) as c:
         g = tg.InferenceServerClient(f"127.0.0.1:{port}")

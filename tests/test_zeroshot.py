@@ -221,16 +221,10 @@ def test_a_swap_to_a_version_without_zero_shot_parts_answers_404(zs_artifacts: P
     """A version without zero-shot parts (here: a derived one whose manifest lost its section) is served for
     /classify; once it is, zero-shot answers 404 saying why."""
     from models import memory_ops as ops
-    from tests.conftest import wait_until
+    from tests.conftest import root_without_zero_shot, wait_until
     from tests.test_service import client
 
-    root = tmp_path / "root"
-    ops.publish(zs_artifacts, root)
-    (tmp_path / "ids.txt").write_text("0\n1\n2\n")
-    ops.remove(zs_artifacts, tmp_path / "ids.txt", root / "v2")
-    manifest = json.loads((root / "v2" / A.MANIFEST).read_text())
-    manifest.pop("zero_shot")
-    (root / "v2" / A.MANIFEST).write_text(json.dumps(manifest))
+    root = root_without_zero_shot(zs_artifacts, tmp_path)
     form: list[tuple[str, tuple[str | None, bytes] | tuple[str | None, bytes, str]]] = [
         ("image", ("x.png", png(), "image/png")),
         ("labels", (None, b"cat")),
