@@ -26,8 +26,9 @@ from typing import Any
 import psutil
 
 from loadtests import multipart
-from loadtests.bench import server_processes, wrk
+from loadtests.bench import wrk
 from loadtests.images import pngs
+from loadtests.protocols import server_tree
 from loadtests.server import serving
 
 # A part of the request path and the frames that mark it (substrings of py-spy's "function (file:line)").
@@ -76,14 +77,10 @@ def summarise(collapsed: str, top: int = 15) -> dict[str, Any]:
 
 
 def workers(url: str) -> list[psutil.Process]:
-    """The server's worker processes: the children of the supervisor that holds the listening socket (the
-    socket is shared, so the kernel may name either the supervisor or a worker as its owner)."""
-    proc = server_processes(url)[0]
-    parent = proc.parent()
-    while parent is not None and "service" in " ".join(parent.cmdline()):
-        proc, parent = parent, parent.parent()
-    children = [c for c in proc.children() if "resource_tracker" not in " ".join(c.cmdline())]
-    return children or [proc]
+    """The processes that serve: uvicorn's spawned workers, or the one server process when there are none."""
+    tree = server_tree(url)
+    spawned = [p for p in tree if "spawn_main" in " ".join(p.cmdline())]
+    return spawned or tree
 
 
 def record(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
