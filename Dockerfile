@@ -56,6 +56,7 @@ RUN --mount=type=secret,id=pip_ca,required=false \
 
 # ---------------------------------------------------------------- wheel: the project itself, a small wheel
 FROM deps AS wheel
+COPY rac ./rac
 COPY service ./service
 COPY models ./models
 COPY README.md* ./
@@ -81,7 +82,7 @@ RUN --mount=type=secret,id=pip_ca,required=false \
     pip install -r /opt/build.txt; \
     python -c "import sys, torch; sys.exit(f'torch {torch.__version__} is a CUDA build') if torch.version.cuda else None"
 RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
-    pip install --no-deps --no-cache-dir /dist/*.whl && pip check && python -c "import models.build"
+    pip install --no-deps --no-cache-dir /dist/*.whl && pip check && python -c "import models.build.artifact"
 # The encoders and the text model ship inside pip packages: never reach for a model hub.
 ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 USER 10001
@@ -94,9 +95,9 @@ CMD if [ -f "$RAC_ARTIFACTS/manifest.json" ]; then echo "artifacts present: $RAC
 FROM app AS serve
 RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
     pip install --no-deps --no-cache-dir /dist/*.whl && pip check \
- && python -c "import torch, onnxruntime, faiss, service.app, models.cli"
+ && python -c "import torch, onnxruntime, faiss, service.app, rac.cli"
 # The page's files travel as package data: a wheel without them would serve a broken page.
-RUN python -c "from service.pages import STATIC; assert (STATIC / 'index.html').is_file() and (STATIC / 'page.js').is_file()"
+RUN python -c "from service.api.pages import STATIC; assert (STATIC / 'index.html').is_file() and (STATIC / 'page.js').is_file()"
 USER 10001
 # HTTP (the service's routes and the Open Inference Protocol's /v2) and the protocol's gRPC service.
 ENV RAC_HOST=0.0.0.0 RAC_PORT=8000 RAC_GRPC_PORT=8001

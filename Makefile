@@ -6,24 +6,36 @@ ARTIFACTS ?= artifacts/demo
 # The demo's neighbour cache, shared by its server processes (make redis starts one if none answers).
 REDIS_URL ?= redis://127.0.0.1:6379/0
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# The demo is a fine-tuned build: its head beat the frozen one on validation (docs/finetune.md); BUILD_ARGS=
+# builds the frozen one.
+BUILD_ARGS ?= --finetune
 
-.PHONY: demo build evaluate test lint bench ray-bench load load-quick docker-test setup data redis browser wrk clean
+.PHONY: demo build evaluate test lint docs bench ray-bench load load-quick docker-test setup data redis browser wrk clean
 
 demo: setup data redis $(ARTIFACTS)/manifest.json  ## build the demo artifacts if missing, then serve on 127.0.0.1:8000
 	REDIS_URL=$(REDIS_URL) $(BIN)/rac serve --artifacts $(ARTIFACTS) --host 127.0.0.1 --port 8000
 
-build: setup data  ## rebuild the demo artifacts
-	$(BIN)/rac build --out $(ARTIFACTS)
+build: setup data  ## rebuild the demo artifacts, and record their figures in results/build.json
+	$(BIN)/rac build --out $(ARTIFACTS) $(BUILD_ARGS)
+	$(BIN)/python docs/hooks/figures.py --from-manifest $(ARTIFACTS)/manifest.json
 
 $(ARTIFACTS)/manifest.json:
-	$(BIN)/rac build --out $(ARTIFACTS)
+	$(BIN)/rac build --out $(ARTIFACTS) $(BUILD_ARGS)
 
 evaluate: setup data $(ARTIFACTS)/manifest.json  ## the paper's tables (Table 1, k sweep, memory ablation)
 	$(BIN)/rac evaluate --artifacts $(ARTIFACTS) --json results/evaluation.json
 
-test: setup data redis browser  ## lint, then every test (a few minutes)
+test: setup data redis browser  ## lint, the docs built strictly, then every test
 	$(MAKE) lint
+	$(MAKE) docs
 	$(BIN)/pytest
+
+docs: setup  ## the docs site into site/: every figure marker checked, then mkdocs build --strict (a broken link fails)
+	$(BIN)/python docs/hooks/figures.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+results/build.json: $(ARTIFACTS)/manifest.json  ## the demo build's own figures (its manifest is git-ignored)
+	$(BIN)/python docs/hooks/figures.py --from-manifest $(ARTIFACTS)/manifest.json
 
 lint: setup
 	$(BIN)/ruff check .
@@ -73,4 +85,4 @@ wrk:
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 
 clean:
-	rm -rf $(VENV) .cache artifacts results/load/stats.csv results/load/locust.json
+	rm -rf $(VENV) .cache artifacts site results/load/stats.csv results/load/locust.json

@@ -15,15 +15,12 @@ import argparse
 import json
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import numpy as np
@@ -31,15 +28,29 @@ import tritonclient.grpc as tg
 import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
-from deploy.requirements import lists
+from deploy.engine import (
+    COMPOSE_ENV,
+    COMPOSE_FILES,
+    PROJECT,
+    ROOT,
+    T0,
+    StepError,
+    compose,
+    compose_cli,
+    docker,
+    engine_answers,
+    sh,
+    start_engine,
+    step,
+    stop_engine,
+    torch_wheel,
+    wait_for,
+)
 from loadtests.server import serving
+from service.auth import add_key
 
-ROOT = Path(__file__).resolve().parent.parent
-STANDINS = ROOT.parent / "shared" / "docker" / "standins.sh"
-PROJECT = "raccheck"
 API_IMAGE, JOB_IMAGE = "rac:latest", "rac-artifact-job:latest"  # the `image:` names in docker-compose.yml
 ARTIFACTS = "/artifacts/demo"  # RAC_ARTIFACTS in the image
-COMPOSE_FILES = ("--env-file", "deploy/local.env", "-f", "docker-compose.yml", "-f", "deploy/compose.local.yml")
 TOLERANCE = 1e-4  # probabilities: Docker vs a local server on the same artifacts vs the build's own predictions
 PROMQL_WORDS = {
     "by",
@@ -55,16 +66,6 @@ PROMQL_WORDS = {
     "offset",
     "atan2",
 }
-T0 = time.monotonic()
-T = TypeVar("T")
-
-
-class StepError(Exception):
-    """A step that later checks depend on failed; the message says what and shows the command's output."""
-
-
-def step(text: str) -> None:
-    print(f"[{time.monotonic() - T0:6.1f}s] {text}", flush=True)
 
 
 class Results:
@@ -75,91 +76,6 @@ class Results:
         self.checks.append((name, ok, detail))
         print(f"          {'PASS' if ok else 'FAIL'}  {name}" + (f": {detail}" if detail else ""), flush=True)
         return ok
-
-
-def docker_cli() -> str:  # the 20.10 CLI where standins.sh installed it; a newer one earlier on PATH wants buildx
-    return "/usr/bin/docker" if Path("/usr/bin/docker").exists() else shutil.which("docker") or "docker"
-
-
-def compose_cli() -> list[str]:
-    legacy = "/usr/bin/docker-compose" if Path("/usr/bin/docker-compose").exists() else shutil.which("docker-compose")
-    return [legacy] if legacy else [docker_cli(), "compose"]
-
-
-def sh(*cmd: str, env: dict[str, str] | None = None, timeout: float = 600, check: bool = True) -> str:
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        out = "\n".join((p.stdout + p.stderr).splitlines()[-40:])
-        raise StepError(f"`{' '.join(cmd)}` exited {p.returncode}:\n{out}")
-    return p.stdout
-
-
-def docker(*args: str, **kw: Any) -> str:
-    return sh(docker_cli(), *args, **kw)
-
-
-def compose(*args: str, timeout: float = 600) -> str:
-    env = os.environ | {"RAC_BUILD_ARGS": "--quick"}
-    return sh(*compose_cli(), "-p", PROJECT, *COMPOSE_FILES, *args, env=env, timeout=timeout)
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: float = 1.0) -> T:
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            value = probe()
-            if value is not None:
-                return value
-        except (httpx.HTTPError, subprocess.SubprocessError, StepError, KeyError, ValueError):
-            pass
-        if time.monotonic() > end:
-            raise StepError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(every)
-
-
-# ---------------------------------------------------------------- the engine and the images
-
-
-def engine_answers() -> bool:
-    try:
-        return subprocess.run([docker_cli(), "info"], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
-def start_engine() -> bool | None:
-    """Make an engine answer. Returns whether this call started it, or None where none can be had."""
-    was_up = engine_answers()
-    if STANDINS.exists():
-        step(f"engine: {STANDINS.resolve()} (installs and starts dockerd, builds the stand-in base images)")
-        p = subprocess.run(["bash", str(STANDINS)], capture_output=True, text=True, timeout=900)
-        print("\n".join(f"          {line}" for line in (p.stdout + p.stderr).strip().splitlines()[-3:]))
-    if not engine_answers():
-        return None
-    return not was_up
-
-
-def stop_engine() -> None:
-    pid = int(Path("/var/run/docker.pid").read_text())
-    os.kill(pid, signal.SIGTERM)
-    wait_for("dockerd to exit", lambda: True if not Path(f"/proc/{pid}").exists() else None, 60)
-
-
-def torch_wheel() -> str:
-    """Put the pinned CPU torch wheel into deploy/wheels/ where this machine has one (pip's find-links); never
-    download one: elsewhere the build takes torch from PyTorch's CPU index instead."""
-    (req,) = lists(ROOT / "pyproject.toml", "cpu")["torch"]
-    wheels = ROOT / "deploy" / "wheels"
-    version = req.partition("==")[2]
-    if have := sorted(wheels.glob(f"torch-{version}+cpu-*.whl")):
-        return f"{have[0].name} already there"
-    pip = [sys.executable, "-m", "pip", "download", req, "--no-deps", "--no-index", "-d", str(wheels)]
-    subprocess.run(pip, capture_output=True, timeout=300)
-    for w in wheels.glob("torch-*.whl"):
-        if "+cpu" not in w.name:
-            w.unlink()  # a CUDA build must never reach the CPU image
-    have = sorted(wheels.glob(f"torch-{version}+cpu-*.whl"))
-    return f"copied {have[0].name}" if have else "no local CPU wheel: the build uses PyTorch's CPU index"
 
 
 def build_images(results: Results) -> None:
@@ -296,7 +212,7 @@ def agree(results: Results, name: str, got: list[dict[str, Any]], want: list[tup
 
 
 def check_protocol(
-    results: Results, api: str, grpc_target: str, pngs: list[bytes], served: list[dict[str, Any]]
+    results: Results, api: str, grpc_target: str, pngs: list[bytes], served: list[dict[str, Any]], key: str
 ) -> None:
     """Every example in one Open Inference Protocol request, over v2 REST and over gRPC through the stack's
     published ports, with the unmodified tritonclient: the same top labels and probabilities as POST /classify."""
@@ -308,7 +224,8 @@ def check_protocol(
         tensor = client.InferInput("IMAGE", [len(pngs)], "BYTES")
         tensor.set_data_from_numpy(np.array(pngs, dtype=object))
         try:
-            result = client.InferenceServerClient(target).infer("rac", [tensor], parameters={"top_k": 1})
+            auth = {"authorization": f"Bearer {key}"}  # the gRPC metadata, the HTTP header (case-blind)
+            result = client.InferenceServerClient(target).infer("rac", [tensor], parameters={"top_k": 1}, headers=auth)
         except InferenceServerException as e:
             results.record(check, False, f"{target}: {e}")
             continue
@@ -321,6 +238,13 @@ def check_protocol(
 
 def check_stack(results: Results, ports: dict[str, str], work: Path) -> None:
     api, prometheus = f"http://127.0.0.1:{ports['RAC_API_PORT']}", f"http://127.0.0.1:{ports['RAC_PROMETHEUS_PORT']}"
+    step("keys: an admin key for this check and one for Prometheus, in a keys file the API mounts read-only")
+    keys_file, scrape_key = work / "keys.json", work / "prometheus.key"
+    key = add_key(keys_file, "check", "admin", None)
+    scrape_key.write_text(add_key(keys_file, "prometheus", "admin", None))
+    for f in (keys_file, scrape_key):
+        f.chmod(0o644)  # the containers' users read them (the keys file holds digests only)
+    COMPOSE_ENV.update(RAC_KEYS_FILE=str(keys_file), RAC_PROMETHEUS_KEY_FILE=str(scrape_key))
     step(f"compose: up -d (project {PROJECT}, quick artifact build, API {api}, Prometheus {prometheus})")
     compose("down", "-v", "--remove-orphans")
     compose("up", "-d", "--no-build", timeout=600)
@@ -328,10 +252,12 @@ def check_stack(results: Results, ports: dict[str, str], work: Path) -> None:
     code = docker("inspect", "-f", "{{.State.ExitCode}}", job).strip()
     results.record("artifact job completed", code == "0", docker("logs", "--tail", "1", job, check=False).strip())
     api_id, redis_id = compose("ps", "-q", "api").strip(), compose("ps", "-q", "redis").strip()
-    client = httpx.Client(timeout=30)
+    client = httpx.Client(timeout=30, headers={"Authorization": f"Bearer {key}"})
 
-    step("api: /readyz, HEALTHCHECK, user")
+    step("api: /readyz, HEALTHCHECK, user, keys")
     results.record("/readyz turns ready", wait_for("/readyz", lambda: ready(client, api), 180))
+    refused = httpx.get(f"{api}/info", timeout=30).status_code
+    results.record("a request without a key is refused", refused == 401, f"GET /info without a key: {refused}")
     results.record("container HEALTHCHECK turns healthy", bool(wait_for("healthy", lambda: health(api_id), 120, 2)))
     uid = re.search(r"^Uid:\s+(\d+)", docker("exec", api_id, "cat", "/proc/1/status"), re.M)
     cmdline = docker("exec", api_id, "cat", "/proc/1/cmdline").replace("\0", " ").strip()
@@ -355,8 +281,18 @@ def check_stack(results: Results, ports: dict[str, str], work: Path) -> None:
     offline = [(e["predicted"], e["probabilities"]) for e in examples]
     agree(results, "Docker answers = the manifest's offline predictions", served, offline)
 
+    step("two named memories: the default (demo) and ?memory=downstream")
+    other = client.post(
+        f"{api}/classify",
+        params={"memory": "downstream", "neighbors": 5},
+        files={"image": ("x.png", pngs[0], "image/png")},
+    ).json()
+    sources = {nb["source"] for nb in other["neighbors"]}
+    detail = f"answered by {other['memory']}, version {other['memory_version']}, neighbour sources {sources}"
+    results.record("memory downstream answers", other["memory"] == "downstream" and sources == {"downstream"}, detail)
+
     step("Open Inference Protocol: the examples over v2 REST and gRPC (tritonclient), through the published ports")
-    check_protocol(results, api, f"127.0.0.1:{ports['RAC_API_GRPC_PORT']}", pngs, served)
+    check_protocol(results, api, f"127.0.0.1:{ports['RAC_API_GRPC_PORT']}", pngs, served, key)
 
     step("cache: the examples again, and the keys in the stack's Redis")
     again = [classify(client, api, png, n) for png in pngs]

@@ -1,192 +1,87 @@
 """`rac bench`: what serving costs on top of the model, measured in one run on one machine.
 
-    rac bench --artifacts artifacts/demo --json results/bench.json
+    rac bench --artifacts artifacts/demo --seconds 6 --json results/bench.json
 
 1. in-process ceiling: decode + encode + search + head over distinct images, in batches of max_batch, no HTTP,
    in the server's own layout (its processes and encoder threads per process: loadtests/ceiling.py), and
    the older one-process figure beside it
 2. the raw encoder alone in onnxruntime, batch 1 to 64
 3. HTTP throughput and p50/p99 latency at several concurrencies, every request a new image (cache misses),
-   driven by wrk (one thread, a Lua script cycling through prepared multipart bodies), with the CPU wrk used
+   driven by wrk (one thread, a Lua script cycling through prepared multipart bodies), with the CPU wrk used,
+   the server's CPU per request (read from its processes) and the mean batch the server formed
 4. the same for the Open Inference Protocol, at each concurrency right after /classify: v2 REST driven by wrk
    with prepared binary-tensor bodies (as tritonclient.http sends them), and gRPC driven by a separate process
    (loadtests/v2load.py: grpc.aio, one connection per caller, prepared requests)
-5. cache-hit latency: one image, over and over, one connection
-6. overload: 64 to 1024 connections of distinct images (loadtests/overload.py): successful and refused
-   requests per second, latency of each kind apart, /readyz latency meanwhile, cache errors, server memory
+5. raw image bodies (Content-Type: image/png) beside multipart at the top concurrency
+6. cache-hit latency: one image, over and over, one connection
+7. overload: 64 to 1024 connections of distinct images (loadtests/overload.py): successful and refused
+   requests per second, latency of each kind apart, /readyz latency meanwhile, every other answer by status,
+   the server's CPU per successful request
+8. the ceiling again at the batch sizes the server formed at the top concurrency and at the lowest overload
+   level (after the server has stopped), so that the loss to smaller batches is told apart from the loss
+   to the request path: `server_cpu_ms_per_request` is the server's CPU per successful request at the
+   lowest overload level minus the pipeline's CPU per image at the batch size the server formed there
+
+Every goal of the serving path is in "targets", with its value and whether it is met. The machine may be
+shared: its load averages at the start and the end are in "machine"; compare ratios, which come from one run.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
 import platform
-import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
-from loadtests import ceiling, multipart, v2load
+from loadtests import ceiling, multipart
+from loadtests.drivers import measured, overload, server_tree, v2_grpc, v2_http, wrk
 from loadtests.images import pngs
-from loadtests.overload import write_bodies
-from loadtests.server import ROOT, free_port, scrape, serving
-from service import artifacts as A
+from loadtests.server import free_port, scrape, serving
+from service.artifacts import ENCODER, read_manifest
 from service.settings import Settings
 
-LUA = r"""
-local bodies, extras, n, i, header = {}, {}, 0, 0, nil
-function init(args)
-  local f = assert(io.open(args[1], "rb"))
-  local data = f:read("*all")
-  f:close()
-  local pos = 1
-  while pos <= #data do  -- records "<length>[ <header value>]\n<body>"
-    local nl = string.find(data, "\n", pos, true)
-    local len, extra = string.match(string.sub(data, pos, nl - 1), "^(%d+) ?(.*)$")
-    len = tonumber(len)
-    n = n + 1
-    bodies[n], extras[n] = string.sub(data, nl + 1, nl + len), extra
-    pos = nl + 1 + len
-  end
-  wrk.method = "POST"
-  wrk.headers["Content-Type"] = os.getenv("WRK_CONTENT_TYPE")
-  header = os.getenv("WRK_HEADER")  -- a header whose value differs per body (Inference-Header-Content-Length)
-end
-function request()
-  i = i + 1
-  local k = (i - 1) % n + 1
-  if header then wrk.headers[header] = extras[k] end
-  return wrk.format(nil, nil, nil, bodies[k])
-end
-function done(summary, latency, requests)
-  local f = assert(io.open(os.getenv("WRK_OUT"), "w"))  -- done() runs in its own Lua state: no init args
-  f:write(string.format('{"requests": %d, "seconds": %f, "non_2xx": %d, "socket_errors": %d, ' ..
-    '"p50_ms": %f, "p90_ms": %f, "p99_ms": %f, "max_ms": %f}',
-    summary.requests, summary.duration / 1e6, summary.errors.status,
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
-    latency:percentile(50) / 1e3, latency:percentile(90) / 1e3, latency:percentile(99) / 1e3, latency.max / 1e3))
-  f:close()
-end
-"""
-
-
-def children_cpu() -> float:
-    """CPU seconds used by this process's finished children (the load generators)."""
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+# key -> (goal, whether a value at most the goal meets it); the keys are paths into the results
+GOALS = {
+    "ratios.overload_ok_c1024_over_c64": (0.8, False),
+    "overload.1024.readyz_p99_ms": (100.0, True),
+    "ratios.v2_grpc_c16_over_v2_http": (0.95, False),
+    "server_cpu_ms_per_request": (0.25, True),
+    "cache_hit.p50_ms": (0.5, True),
+}
 
 
 def raw_encoder(settings: Settings, seconds: float = 2.0) -> dict[str, float]:
-    from service.encode import Encoder
+    from service.core.encode import Encoder
 
-    manifest = A.read_manifest(settings.artifacts)
+    manifest = read_manifest(settings.artifacts)
     size = int(manifest.encoder.input["size"])
-    encoder = Encoder(settings.artifacts / A.ENCODER, settings.device, settings.encoder_threads, settings.encoder_spin)
+    encoder = Encoder(settings.artifacts / ENCODER, settings.device, settings.encoder_threads, settings.encoder_spin)
     out = {}
     for b in (1, 2, 4, 8, 16, 32, 64):
         x = np.random.default_rng(0).standard_normal((b, 3, size, size)).astype(np.float32)
-        encoder(x)
+        encoder.both(x)  # both outputs of a fine-tuned build's graph, as the service runs it
         n, t = 0, time.perf_counter()
         while time.perf_counter() - t < seconds:
-            encoder(x)
+            encoder.both(x)
             n += b
         out[str(b)] = n / (time.perf_counter() - t)
     return out
 
 
-def wrk(
-    url: str,
-    bodies: list[bytes],
-    connections: int,
-    seconds: float,
-    workdir: Path,
-    content_type: str = multipart.CONTENT_TYPE,
-    header: tuple[str, list[str]] | None = None,  # a header's name, and its value for each body
-) -> dict[str, Any]:
-    data = workdir / f"bodies-{connections}.bin"
-    write_bodies(data, bodies, header[1] if header else None)
-    script, result = workdir / "bench.lua", workdir / f"wrk-{connections}.json"
-    script.write_text(LUA)
-    cmd = [
-        "wrk",
-        "-t1",
-        f"-c{connections}",
-        f"-d{max(1, round(seconds))}s",
-        "--timeout",
-        "10s",
-        "-s",
-        str(script),
-        url,
-        "--",
-        str(data),
-    ]
-    env = {"WRK_OUT": str(result), "WRK_CONTENT_TYPE": content_type} | ({"WRK_HEADER": header[0]} if header else {})
-    cpu = children_cpu()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | env)
-    if done.returncode != 0:
-        raise RuntimeError(f"wrk failed: {done.stdout}{done.stderr}")
-    stats: dict[str, Any] = json.loads(result.read_text())
-    stats["req_per_s"] = stats["requests"] / stats["seconds"]
-    stats["client_cores"] = (children_cpu() - cpu) / stats["seconds"]  # what wrk itself kept busy
-    return stats
-
-
-def v2_http(url: str, images: list[bytes], connections: int, seconds: float, workdir: Path) -> dict[str, Any]:
-    """POST /v2/models/rac/infer with the binary tensor data extension, one image a request, by wrk."""
-    bodies, lengths = zip(*(v2load.http_body(png) for png in images), strict=True)
-    header = (v2load.HEADER_LENGTH, [str(n) for n in lengths])
-    target = f"{url}/v2/models/rac/infer"
-    return wrk(target, list(bodies), connections, seconds, workdir, "application/octet-stream", header)
-
-
-def v2_grpc(
-    target: str, images: list[bytes], concurrency: int, seconds: float, workdir: Path, processes: int = 1
-) -> dict[str, Any]:
-    """ModelInfer, one image a request, from a separate process (or several: loadtests/v2load.py; it reports
-    the CPU it used while measuring as client_cores)."""
-    requests, out = workdir / f"grpc-{concurrency}.bin", workdir / f"grpc-{concurrency}.json"
-    write_bodies(requests, [v2load.grpc_request(png) for png in images])
-    cmd = [sys.executable, "-m", "loadtests.v2load", "--target", target, "--requests", str(requests)]
-    cmd += ["--concurrency", str(concurrency), "--seconds", str(seconds), "--out", str(out)]
-    cmd += ["--processes", str(processes)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if done.returncode != 0:
-        raise RuntimeError(f"the gRPC load driver failed: {done.stdout}{done.stderr}")
-    stats: dict[str, Any] = json.loads(out.read_text())
-    return stats
-
-
-def server_processes(url: str) -> list[psutil.Process]:
-    """The processes listening on the server's port (uvicorn's supervisor and its workers)."""
-    port = int(url.rsplit(":", 1)[1])
-    pids = {c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port and c.pid}
-    return [psutil.Process(p) for p in sorted(pids)]
-
-
-def overload(url: str, bodies: list[bytes], connections: int, seconds: float, workdir: Path) -> dict[str, Any]:
-    """One overload level through loadtests/overload.py in its own process; adds the server's cache errors,
-    its resident memory at the end (all its processes) and the generator's own CPU."""
-    data = workdir / f"overload-{connections}.bin"
-    write_bodies(data, bodies)
-    errors = scrape(url).get('rac_cache_total{result="error"}', 0.0)
-    cpu = children_cpu()
-    cmd = [sys.executable, "-m", "loadtests.overload", "--url", url, "--connections", str(connections)]
-    done = subprocess.run([*cmd, "--seconds", str(seconds), "--bodies", str(data)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"overload run failed: {done.stderr}")
-    stats: dict[str, Any] = json.loads(done.stdout)
-    stats["client_cores"] = (children_cpu() - cpu) / stats["seconds"]
-    stats["cache_errors"] = scrape(url).get('rac_cache_total{result="error"}', 0.0) - errors
-    stats["server_rss_mb"] = sum(p.memory_info().rss for p in server_processes(url)) / 2**20
-    return stats
+def formed_ceiling(settings: Settings, images: list[bytes], mean_batch: float | None) -> dict[str, Any]:
+    """The served-layout ceiling at the batch size the server formed (rounded), with its CPU per image."""
+    batch = max(1, round(mean_batch or settings.max_batch))
+    run = ceiling.served_layout(settings.model_copy(update={"max_batch": batch}), images)
+    run["cpu_ms_per_image"] = 1000 * run["cores_busy"] / run["img_per_s"]
+    return run
 
 
 def main(artifacts: Path, out: Path, seconds: float, concurrency: str, flood: str = "64,256,1024") -> None:
@@ -194,15 +89,21 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str, flood: st
         raise SystemExit("wrk is not installed: apt-get install -y wrk (or `make bench`)")
     levels = [int(c) for c in concurrency.split(",")]
     floods = [int(c) for c in flood.split(",") if c]
+    top = str(max(levels))
     settings = Settings(artifacts=artifacts)  # the caller's RAC_* settings, as the served process gets them
     print("preparing images ...", flush=True)
     # Enough distinct images that no measurement runs out (and repeats, hitting the cache) below 1,500 req/s.
     share = max(2_000, round(1_500 * seconds))
     apis = ("http", "v2_http", "v2_grpc")  # /classify and the Open Inference Protocol over REST and gRPC
-    flooded = 4096 + share * len(levels) * len(apis)  # where the overload runs' images start
+    flooded = 4096 + share * (len(levels) * len(apis) + 1)  # where the overload runs' images start
     images = list(itertools.islice(pngs(), flooded + 40_000 * len(floods)))
     results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        "command": f"rac bench --artifacts {artifacts} --seconds {seconds:g}",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "load_avg_start": os.getloadavg(),
+        },
         "settings": {
             "max_batch": settings.max_batch,
             "max_wait_ms": settings.max_wait_ms,
@@ -220,52 +121,94 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str, flood: st
     overrides = {k: v for k, v in os.environ.items() if k.startswith("RAC_") and k not in own}
     results["settings"] |= overrides
     grpc_port = free_port()
-    with serving(artifacts, RAC_GRPC_PORT=str(grpc_port), **overrides) as url, tempfile.TemporaryDirectory() as tmp:
-        for api in apis:
+    with serving(artifacts, RAC_GRPC_PORT=str(grpc_port), **overrides) as url, tempfile.TemporaryDirectory() as t:
+        tmp, processes = Path(t), server_tree(url)
+        fresh = iter(images[4096:])  # the images the in-process run used are never sent: every request a miss
+
+        def run(name: str, drive: Any) -> dict[str, Any]:
+            print(f"{name} ...", flush=True)
+            return measured(url, processes, drive)
+
+        for api in (*apis, "raw"):
             results[api] = {}
-        used = 4096  # the images the in-process run used are never sent: every request is a miss
         for c in levels:  # the three APIs back to back at each concurrency, each with its own new images
-            for api in apis:
-                print(f"{api}, {c} connections ...", flush=True)
-                batch, used = images[used : used + share], used + share
-                if api == "http":
-                    bodies = [multipart.encode([("image", p)]) for p in batch]
-                    results[api][str(c)] = wrk(f"{url}/classify", bodies, c, seconds, Path(tmp))
-                elif api == "v2_http":
-                    results[api][str(c)] = v2_http(url, batch, c, seconds, Path(tmp))
-                else:
-                    results[api][str(c)] = v2_grpc(f"127.0.0.1:{grpc_port}", batch, c, seconds, Path(tmp))
-        print("cache hits ...", flush=True)
+            bodies = [multipart.encode([("image", p)]) for p in itertools.islice(fresh, share)]
+            drive = functools.partial(wrk, f"{url}/classify", bodies, c, seconds, tmp)
+            results["http"][str(c)] = run(f"http, {c} connections", drive)
+            drive = functools.partial(v2_http, url, list(itertools.islice(fresh, share)), c, seconds, tmp)
+            results["v2_http"][str(c)] = run(f"v2 REST, {c} connections", drive)
+            target = f"127.0.0.1:{grpc_port}"
+            drive = functools.partial(v2_grpc, target, list(itertools.islice(fresh, share)), c, seconds, tmp)
+            results["v2_grpc"][str(c)] = run(f"v2 gRPC, {c} connections", drive)
+        raw = list(itertools.islice(fresh, share))  # raw image/png bodies: what `curl --data-binary` sends
+        drive = functools.partial(wrk, f"{url}/classify", raw, int(top), seconds, tmp, "image/png")
+        results["raw"][top] = run(f"raw image bodies, {top} connections", drive)
         hit = [multipart.encode([("image", images[0])])]
-        results["cache_hit"] = wrk(f"{url}/classify", hit, 1, min(seconds, 5.0), Path(tmp))
+        drive = functools.partial(wrk, f"{url}/classify", hit, 1, min(seconds, 5.0), tmp)
+        results["cache_hit"] = run("cache hits", drive)
         results["server_cache"] = {
             key.split("{")[1].rstrip("}"): v for key, v in scrape(url).items() if key.startswith("rac_cache_total{")
         }
         results["overload"] = {}
-        used = flooded
-        for c in floods:
-            print(f"overload, {c} connections ...", flush=True)
-            bodies = [multipart.encode([("image", p)]) for p in images[used : used + 40_000]]
-            results["overload"][str(c)] = overload(url, bodies, c, seconds, Path(tmp))
-            used += 40_000
-    top = str(max(levels))
-    served = results["ceiling"]["served_layout"]["img_per_s"]
-    single = results["ceiling"]["single_process"]["img_per_s"]
-    results["ratios"] = {
-        f"http_c{top}_over_served_ceiling": results["http"][top]["req_per_s"] / served,
-        f"http_c{top}_over_single_process_ceiling": results["http"][top]["req_per_s"] / single,
-        f"http_c{top}_p99_over_p50": results["http"][top]["p99_ms"] / results["http"][top]["p50_ms"],
-        "served_ceiling_over_encoder_b32": served / results["encoder"]["32"],
-        f"v2_http_c{top}_over_http": results["v2_http"][top]["req_per_s"] / results["http"][top]["req_per_s"],
-        f"v2_grpc_c{top}_over_v2_http": results["v2_grpc"][top]["req_per_s"] / results["v2_http"][top]["req_per_s"],
-    }
-    if len(floods) > 1:
-        low, high = results["overload"][str(min(floods))], results["overload"][str(max(floods))]
-        results["ratios"][f"overload_ok_c{max(floods)}_over_c{min(floods)}"] = high["ok_per_s"] / low["ok_per_s"]
+        for i, c in enumerate(floods):
+            start = flooded + 40_000 * i
+            bodies = [multipart.encode([("image", p)]) for p in images[start : start + 40_000]]
+            drive = functools.partial(overload, url, bodies, c, seconds, tmp)
+            results["overload"][str(c)] = run(f"overload, {c} connections", drive)
+    # After the server has stopped: the ceiling at the batch sizes it formed (its cores to itself again).
+    low = str(min(floods)) if floods else None
+    formed = {f"http_c{top}": results["http"][top]["mean_batch"]}
+    if low is not None:
+        formed[f"overload_c{low}"] = results["overload"][low]["mean_batch"]
+    results["ceiling"]["at_formed_batch"] = {}
+    for name, mean_batch in formed.items():
+        print(f"in-process ceiling at the batch formed in {name} ({mean_batch or 0:.1f}) ...", flush=True)
+        results["ceiling"]["at_formed_batch"][name] = formed_ceiling(settings, images[:2048], mean_batch)
+    results["machine"]["load_avg_end"] = os.getloadavg()
+    results["ratios"] = ratios(results, top, floods)
+    if low is not None:
+        pipeline_ms = results["ceiling"]["at_formed_batch"][f"overload_c{low}"]["cpu_ms_per_image"]
+        results["server_cpu_ms_per_request"] = results["overload"][low]["server_cpu_ms_per_request"] - pipeline_ms
+    results["targets"] = targets(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(table(results))
     print(f"\nwrote {out}")
+
+
+def ratios(r: dict[str, Any], top: str, floods: list[int]) -> dict[str, float]:
+    served = r["ceiling"]["served_layout"]["img_per_s"]
+    at_batch = r["ceiling"]["at_formed_batch"][f"http_c{top}"]["img_per_s"]
+    http, v2, grpc = r["http"][top], r["v2_http"][top], r["v2_grpc"][top]
+    out = {
+        f"http_c{top}_over_served_ceiling": http["req_per_s"] / served,
+        # the same ceiling, at the batch size the server formed: what the request path alone loses
+        f"http_c{top}_over_ceiling_at_formed_batch": http["req_per_s"] / at_batch,
+        f"http_c{top}_over_single_process_ceiling": http["req_per_s"] / r["ceiling"]["single_process"]["img_per_s"],
+        f"http_c{top}_p99_over_p50": http["p99_ms"] / http["p50_ms"],
+        "served_ceiling_over_encoder_b32": served / r["encoder"]["32"],
+        f"v2_http_c{top}_over_http": v2["req_per_s"] / http["req_per_s"],
+        f"v2_grpc_c{top}_over_v2_http": grpc["req_per_s"] / v2["req_per_s"],
+        f"raw_c{top}_over_multipart_c{top}": r["raw"][top]["req_per_s"] / http["req_per_s"],
+    }
+    if len(floods) > 1:
+        low, high = r["overload"][str(min(floods))], r["overload"][str(max(floods))]
+        out[f"overload_ok_c{max(floods)}_over_c{min(floods)}"] = high["ok_per_s"] / low["ok_per_s"]
+    return out
+
+
+def targets(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each goal of the serving path: its value in this run, the goal, and whether it is met."""
+    out = {}
+    for key, (goal, at_most) in GOALS.items():
+        value: Any = r
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) and part in value else None
+            if value is None:
+                break
+        met = None if value is None else (value <= goal if at_most else value >= goal)
+        out[key] = {"value": value, "goal": f"{'at most' if at_most else 'at least'} {goal:g}", "met": met}
+    return out
 
 
 def table(r: dict[str, Any]) -> str:
@@ -275,57 +218,58 @@ def table(r: dict[str, Any]) -> str:
         f"({served['processes']} processes x {served['encoder_threads']} encoder threads): "
         f"{served['img_per_s']:.0f} img/s, {served['cores_busy']:.2f} cores busy; "
         f"one process: {single['img_per_s']:.0f} img/s, {single['cores_busy']:.2f} cores busy",
+        "at the batch the server formed: "
+        + "; ".join(
+            f"{name}: batch {c['batch']}, {c['img_per_s']:.0f} img/s, {c['cpu_ms_per_image']:.2f} ms CPU/image"
+            for name, c in r["ceiling"]["at_formed_batch"].items()
+        ),
         "raw encoder: " + ", ".join(f"b{b} {v:.0f}" for b, v in r["encoder"].items()) + " img/s",
+        f"load average: {r['machine']['load_avg_start'][0]:.2f} at the start, {r['machine']['load_avg_end'][0]:.2f} "
+        "at the end",
         "",
-        "| concurrency | req/s | p50 ms | p99 ms | non-2xx | vs served ceiling | wrk CPU (cores) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| API | concurrency | req/s | p50 ms | p99 ms | errors | mean batch | server CPU ms/req | client cores |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for c, s in r["http"].items():
-        ratio = s["req_per_s"] / served["img_per_s"]
-        lines.append(
-            f"| {c} | {s['req_per_s']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['non_2xx']} | {ratio:.2f} "
-            f"| {s['client_cores']:.2f} |"
-        )
-    h = r["cache_hit"]
-    lines.append(
-        f"| 1 (cache hit) | {h['req_per_s']:.0f} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} | {h['non_2xx']} | "
-        f"| {h['client_cores']:.2f} |"
-    )
+    names = {"http": "POST /classify", "v2_http": "v2 REST (binary)", "v2_grpc": "v2 gRPC", "raw": "raw image/png"}
+    for c in r["http"]:
+        for api, name in names.items():
+            if c in r[api]:
+                lines.append(_row(name, c, r[api][c]))
+    lines.append(_row("cache hit", "1", r["cache_hit"]))
     if r.get("overload"):
         lines += [
             "",
             "| connections | ok/s | refused/s | ok p50 ms | ok p99 ms | refused p99 ms | /readyz p99 ms "
-            "| other errors | cache errors | server RSS MB | generator CPU |",
+            "| other answers | server CPU ms/ok | server RSS MB | generator cores |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for c, o in r["overload"].items():
-            other = sum(n for s, n in o["statuses"].items() if s not in ("200", "503"))
             lines.append(
                 f"| {c} | {o['ok_per_s']:.0f} | {o['refused_per_s']:.0f} | {_ms(o['ok_p50_ms'])} "
-                f"| {_ms(o['ok_p99_ms'])} | {_ms(o['refused_p99_ms'])} | {_ms(o['readyz_p99_ms'])} | {other} "
-                f"| {o['cache_errors']:.0f} | {o['server_rss_mb']:.0f} | {o['client_cores']:.2f} |"
+                f"| {_ms(o['ok_p99_ms'])} | {_ms(o['refused_p99_ms'])} | {_ms(o['readyz_p99_ms'])} "
+                f"| {o['errors'] or '-'} "
+                f"| {o['server_cpu_ms_per_request']:.2f} | {o['server_rss_mb']:.0f} | {o['client_cores']:.2f} |"
             )
-    return "\n".join(lines) + "\n\n" + protocol_table(r)
-
-
-def protocol_table(r: dict[str, Any]) -> str:
-    """/classify next to the Open Inference Protocol's REST and gRPC paths, measured back to back."""
-    lines = [
-        "| API | concurrency | req/s | p50 ms | p99 ms | errors | vs /classify | client CPU (cores) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    names = {"http": "POST /classify", "v2_http": "v2 REST (binary)", "v2_grpc": "v2 gRPC"}
-    for c in r["http"]:
-        for api, name in names.items():
-            s = r[api][c]
-            ratio = s["req_per_s"] / r["http"][c]["req_per_s"]
-            errors = s.get("non_2xx", 0) + s.get("socket_errors", 0) + s.get("non_ok", 0)
-            lines.append(
-                f"| {name} | {c} | {s['req_per_s']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {errors} "
-                f"| {ratio:.2f} | {s['client_cores']:.2f} |"
-            )
+    lines += ["", "| goal | value | target | met |", "| --- | --- | --- | --- |"]
+    for key, t in r["targets"].items():
+        value = "-" if t["value"] is None else f"{t['value']:.3g}"
+        lines.append(f"| {key} | {value} | {t['goal']} | {'yes' if t['met'] else 'no'} |")
     return "\n".join(lines)
+
+
+def _row(name: str, c: str, s: dict[str, Any]) -> str:
+    errors = s.get("non_2xx", 0) + s.get("socket_errors", 0) + s.get("non_ok", 0)
+    return (
+        f"| {name} | {c} | {s['req_per_s']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {errors} "
+        f"| {s['mean_batch'] or 0:.1f} | {s['server_cpu_ms_per_request']:.2f} | {s['client_cores']:.2f} |"
+    )
 
 
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
+
+
+if __name__ == "__main__":  # python -m loadtests.bench results/bench.json: its tables again, as Markdown
+    import sys
+
+    print(table(json.loads(Path(sys.argv[1]).read_text())))

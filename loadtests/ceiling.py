@@ -12,8 +12,9 @@ import multiprocessing as mp
 import time
 from typing import Any
 
+from service.core.batch import Job
+from service.core.pipeline import Pipeline
 from service.metrics import Metrics
-from service.pipeline import Job, Pipeline
 from service.settings import Settings, cores
 
 
@@ -22,7 +23,7 @@ def _run(pipeline: Pipeline, images: list[bytes]) -> tuple[float, float, float]:
     s = pipeline.settings
     cpu, t = time.process_time(), time.perf_counter()
     for i in range(0, len(images), s.max_batch):
-        pipeline.run_batch([Job(None, None, 0, data=data) for data in images[i : i + s.max_batch]])
+        pipeline.run_batch([Job(data, None, pipeline.version) for data in images[i : i + s.max_batch]])
     return t, time.perf_counter(), time.process_time() - cpu
 
 

@@ -16,10 +16,10 @@ from typing import Any
 import faiss
 import numpy as np
 
-from models.scale import build_ivf, exact_search, nlist_for
-from service import artifacts as A
-from service import rerank
-from service.head import Head
+from models.memory.scale import build_ivf, exact_search, nlist_for
+from service.artifacts import ENCODER, HEAD, INDEX, KEYS, VALUES, read_manifest
+from service.core.head import Head
+from service.memory import rerank
 
 
 def _search(index: faiss.Index, z: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
@@ -30,19 +30,19 @@ def _search(index: faiss.Index, z: np.ndarray, k: int, nprobe: int) -> tuple[np.
 
 
 def run(artifacts: Path, cache: Path, pq_m: int = 64, factor: int = rerank.FACTOR) -> dict[str, Any]:
-    from models.build import config_from_manifest, prepare
+    from models.build.artifact import config_from_manifest, prepare
 
-    manifest = A.read_manifest(artifacts)
+    manifest = read_manifest(artifacts)
     cfg = config_from_manifest(manifest, artifacts, cache)
-    prep = prepare(cfg, artifacts / A.ENCODER, exported=manifest.encoder)
+    prep = prepare(cfg, artifacts / ENCODER, exported=manifest.encoder)
     test = prep.splits.test
     z = np.ascontiguousarray(prep.emb[test.pool][test.index], np.float32)  # (n, d)
     labels = prep.dataset.labels(test)
-    keys = np.load(artifacts / A.KEYS, mmap_mode="r")
-    values = np.load(artifacts / A.VALUES, mmap_mode="r")
-    head = Head(artifacts / A.HEAD)
+    keys = np.load(artifacts / KEYS, mmap_mode="r")
+    values = np.load(artifacts / VALUES, mmap_mode="r")
+    head = Head(artifacts / HEAD)
     k, nprobe = manifest.index.k, manifest.index.nprobe
-    served = faiss.read_index(str(artifacts / A.INDEX))
+    served = faiss.read_index(str(artifacts / INDEX))
     t = time.perf_counter()
     factory = f"IVF{nlist_for(len(keys))},PQ{pq_m}"
     pq = build_ivf(keys, factory)

@@ -27,8 +27,8 @@ import numpy as np
 
 from loadtests.images import pngs
 from loadtests.server import ROOT, free_port
-from models.scale import MEMORY_FILES, SynthConfig, synth
-from service import artifacts as A
+from models.memory.scale import MEMORY_FILES, SynthConfig, synth
+from service.artifacts import INDEX, KEYS, MANIFEST, VALUES, read_manifest
 
 NAMES = {100_000: "100k", 1_000_000: "1m", 10_000_000: "10m"}
 
@@ -58,9 +58,9 @@ def percentiles(ms: list[float]) -> dict[str, float]:
 def memory_for(size: int, source: Path, cache: Path) -> tuple[Path, float]:
     """The cached scale memory of this size grown from `source`, built if absent; and its build time (s)."""
     out = cache / NAMES.get(size, str(size))
-    want = A.read_manifest(source).memory_version
-    if (out / A.MANIFEST).exists():
-        m = A.read_manifest(out)
+    want = read_manifest(source).memory_version
+    if (out / MANIFEST).exists():
+        m = read_manifest(out)
         s = m.build.get("synth", {})
         if m.memory.size == size and s.get("from_version") == want:
             return out, float(sum(s.get("seconds", {}).values()))
@@ -72,7 +72,8 @@ def memory_for(size: int, source: Path, cache: Path) -> tuple[Path, float]:
 def http(directory: Path, images: list[bytes], requests: int) -> dict[str, Any]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAC_") and k != "REDIS_URL"}
-    env |= {"RAC_ARTIFACTS": str(directory), "RAC_PORT": str(port), "RAC_WORKERS": "1"}
+    # gRPC off: never the well-known 8001 of a demo running on this machine.
+    env |= {"RAC_ARTIFACTS": str(directory), "RAC_PORT": str(port), "RAC_WORKERS": "1", "RAC_GRPC_PORT": "0"}
     url = f"http://127.0.0.1:{port}"
     evict(directory)
     t0 = time.perf_counter()
@@ -115,9 +116,9 @@ def http(directory: Path, images: list[bytes], requests: int) -> dict[str, Any]:
 
 def in_process(directory: Path, images: list[bytes], requests: int) -> dict[str, Any]:
     """A fresh Pipeline on evicted pages: start-up (checks + pre-fault) and search + gather from the first call."""
-    from service.decode import decode
+    from service.core.decode import decode
+    from service.core.pipeline import Pipeline
     from service.metrics import Metrics
-    from service.pipeline import Pipeline
     from service.settings import Settings
 
     evict(directory)
@@ -155,7 +156,7 @@ def main(source: Path, sizes: list[int], cache: Path, out: Path, requests: int) 
     for size in sizes:
         print(f"{size} items: build or reuse ...", flush=True)
         directory, build_s = memory_for(size, source, cache)
-        m = A.read_manifest(directory)
+        m = read_manifest(directory)
         r: dict[str, Any] = {"index": m.index.type, "nprobe": m.index.nprobe, "recall_at_k": m.index.recall_at_k}
         r |= {"build_s": round(build_s, 1), "disk_mb": disk_mb(directory)}
         print(f"{size} items: HTTP ...", flush=True)
@@ -185,8 +186,8 @@ def table(r: dict[str, Any]) -> str:
             return f"{x['p50_ms']:.2f} / {x['p99_ms']:.2f}"
 
         lines.append(
-            f"| {int(size):,} | {s['index']} | {s['recall_at_k']} | {s['build_s']:.0f} | {d[A.INDEX]:.0f}"
-            f" | {d[A.KEYS]:.0f} | {d[A.VALUES]:.0f} | {h['startup_s']:.1f} | {h['pss_anon_mb']:.0f}"
+            f"| {int(size):,} | {s['index']} | {s['recall_at_k']} | {s['build_s']:.0f} | {d[INDEX]:.0f}"
+            f" | {d[KEYS]:.0f} | {d[VALUES]:.0f} | {h['startup_s']:.1f} | {h['pss_anon_mb']:.0f}"
             f" | {pp(p['batch1']['search_gather'])} | {pp(p['batch32']['search_gather'])}"
             f" | {pp(h['batch1']['wall'])} | {pp(h['batch32']['wall'])} |"
         )

@@ -29,10 +29,11 @@ import numpy as np
 from PIL import Image
 
 from loadtests.server import scrape, serving
-from models import memory_ops as ops
-from models.build import config_from_manifest, load_data
-from models.memory import memory_items
-from service import artifacts as A
+from models.build.artifact import config_from_manifest, load_data
+from models.memory import ops
+from models.memory.add import add
+from models.memory.make import memory_items
+from service.artifacts import ITEMS, read_manifest
 
 BATCH = 32
 
@@ -43,13 +44,14 @@ def png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def classify_all(url: str, images: list[bytes], version: str) -> np.ndarray:
-    """(n,) top-1 class of every image over HTTP (/classify/batch), each answer checked to come from `version`."""
+def classify_all(url: str, images: list[bytes], version: str, params: dict[str, str] | None = None) -> np.ndarray:
+    """(n,) top-1 class of every image over HTTP (/classify/batch), each answer checked to come from `version`
+    (`params`: more query parameters, a filter say)."""
     chunks = [list(range(s, min(s + BATCH, len(images)))) for s in range(0, len(images), BATCH)]
 
     def post(rows: list[int]) -> list[int]:
         files = [("images", (f"{r}.png", images[r], "image/png")) for r in rows]
-        r = httpx.post(f"{url}/classify/batch", files=files, params={"top_k": 1}, timeout=120)
+        r = httpx.post(f"{url}/classify/batch", files=files, params={"top_k": 1, **(params or {})}, timeout=120)
         r.raise_for_status()
         out = []
         for e in r.json()["results"]:
@@ -121,16 +123,16 @@ def main() -> None:
     p.add_argument("--latency-s", type=float, default=15.0)
     a = p.parse_args()
 
-    manifest = A.read_manifest(a.artifacts)
+    manifest = read_manifest(a.artifacts)
     cfg = config_from_manifest(manifest, a.artifacts, Path(".cache/rac"))
     dataset, splits = load_data(cfg.data)
     items = memory_items(dataset, splits, cfg.sources, cfg.noise, cfg.data.seed)  # the demo's rows, in order
     shutil.rmtree(a.work, ignore_errors=True)
     root, pngs = a.work / "root", a.work / "external"
     pngs.mkdir(parents=True)
-    with sqlite3.connect(f"file:{a.artifacts / A.ITEMS}?mode=ro", uri=True) as db:
+    with sqlite3.connect(f"file:{a.artifacts / ITEMS}?mode=ro", uri=True) as db:
         texts = [r[0] for r in db.execute("SELECT text FROM items ORDER BY id")]
-    assert texts == items.text, "the demo's item table is not what models.memory.memory_items makes"
+    assert texts == items.text, "the demo's item table is not what models.memory.make.memory_items makes"
     external = np.flatnonzero(items.source == "external")
     (a.work / "external.ids").write_text("\n".join(map(str, external)))
 
@@ -153,7 +155,7 @@ def main() -> None:
     images = [png(dataset.pools[test.pool].image(int(i))) for i in test.index[:limit]]
     buckets, classes = manifest.evaluation["buckets"], manifest.classes
     t = time.perf_counter()
-    ops.remove(a.artifacts, a.work / "external.ids", root / "downstream")
+    ops.remove(a.artifacts, root / "downstream", a.work / "external.ids")
     timings = {"remove_external_s": round(time.perf_counter() - t, 1)}
     ops.publish(root / "downstream", root)
     rows: list[dict[str, Any]] = []
@@ -161,14 +163,14 @@ def main() -> None:
     with serving(root, **env) as url:
 
         def measure(name: str, directory: Path, external_items: int) -> None:
-            version = A.read_manifest(directory).memory_version
+            version = read_manifest(directory).memory_version
             swap_wait = wait_for(url, version, images[0])
             pred = classify_all(url, images, version)
             row = {
                 "memory": name,
                 "version": version,
                 "external_items": external_items,
-                "items": A.read_manifest(directory).memory.size,
+                "items": read_manifest(directory).memory.size,
                 "seen_after_s": round(swap_wait, 2),
                 "test_top1": accuracy(pred, labels, buckets, classes),
             }
@@ -180,7 +182,7 @@ def main() -> None:
         for s, e, f in zip(cuts, cuts[1:], fractions, strict=False):
             out = root / f"external-{f:g}"
             t = time.perf_counter()
-            ops.add(previous, pngs / f"add-{f:g}.txt", out)
+            add(previous, pngs / f"add-{f:g}.txt", out)
             timings[f"add_{e - s}_s"] = round(time.perf_counter() - t, 1)
             ops.publish(out, root)
             added += e - s
@@ -188,10 +190,10 @@ def main() -> None:
             previous = out
         full = previous
         # The reverse: the external items taken out again (their ids in the full version).
-        with sqlite3.connect(f"file:{full / A.ITEMS}?mode=ro", uri=True) as db:
+        with sqlite3.connect(f"file:{full / ITEMS}?mode=ro", uri=True) as db:
             ids = [r[0] for r in db.execute("SELECT id FROM items WHERE source = 'external'")]
         (a.work / "again.ids").write_text("\n".join(map(str, ids)))
-        ops.remove(full, a.work / "again.ids", root / "removed-again")
+        ops.remove(full, root / "removed-again", a.work / "again.ids")
         ops.publish(root / "removed-again", root)
         measure("external removed again", root / "removed-again", 0)
 

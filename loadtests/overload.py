@@ -16,18 +16,23 @@ import asyncio
 import contextlib
 import itertools
 import json
-import threading
+import multiprocessing
+import queue
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import numpy as np
 
 from loadtests import multipart
+
+REFUSED = (503, 429)  # the statuses of a refusal for load
 
 
 def read_bodies(path: Path) -> list[bytes]:
@@ -48,18 +53,19 @@ def write_bodies(path: Path, bodies: list[bytes], extras: list[str] | None = Non
             f.write(f"{len(body)}{extra}\n".encode() + body)
 
 
-async def _response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """Read one HTTP/1.1 response: (status, whether the server closes the connection)."""
+async def _response(reader: asyncio.StreamReader) -> tuple[int, bool, bool]:
+    """Read one HTTP/1.1 response: (status, whether the server closes the connection, whether it says when to
+    retry)."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
     await reader.readexactly(int(headers.get("content-length", "0")))
-    return status, headers.get("connection", "").lower() == "close"
+    return status, headers.get("connection", "").lower() == "close", "retry-after" in headers
 
 
 async def _connection(
-    host: str, port: int, requests: Iterator[bytes], deadline: float, out: list[tuple[int, float]]
+    host: str, port: int, requests: Iterator[bytes], deadline: float, out: list[tuple[int, float, bool]]
 ) -> None:
     """One client connection: a request, its answer, the next; reconnect when the server closes."""
     writer: asyncio.StreamWriter | None = None
@@ -69,10 +75,10 @@ async def _connection(
             if writer is None:
                 reader, writer = await asyncio.open_connection(host, port)
             writer.write(next(requests))
-            status, close = await asyncio.wait_for(_response(reader), max(0.1, deadline + 10 - t))
+            status, close, retry = await asyncio.wait_for(_response(reader), max(0.1, deadline + 10 - t))
         except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
-            status, close = 0, True  # a socket error: counted, never retried at once
-        out.append((status, time.perf_counter() - t))
+            status, close, retry = 0, True, False  # a socket error: counted, never retried at once
+        out.append((status, time.perf_counter() - t, retry))
         if close and writer is not None:
             writer.close()
             with contextlib.suppress(OSError):
@@ -84,25 +90,32 @@ async def _connection(
         writer.close()
 
 
-def _probe_ready(url: str, stop: threading.Event, out: list[float]) -> None:
-    """/readyz every 100 ms on a new connection; a failure or a 5 s wait counts as 5 s."""
+def probe_ready(url: str, stop: Event, out: Queue[float]) -> None:
+    """/readyz every 100 ms on a new connection, as a load balancer asks, in a process of its own (a thread
+    beside the generator would wait for the generator's GIL and time that too); a failure or a 5 s wait
+    counts as 5 s."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    request = f"GET /readyz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
     while not stop.is_set():
         t = time.perf_counter()
         try:
-            ok = httpx.get(f"{url}/readyz", timeout=5).status_code == 200
-        except httpx.HTTPError:
+            with socket.create_connection((host, port), timeout=5) as s:
+                s.sendall(request)
+                ok = s.recv(64).startswith(b"HTTP/1.1 200")
+        except OSError:
             ok = False
-        out.append(time.perf_counter() - t if ok else 5.0)
+        out.put(time.perf_counter() - t if ok else 5.0)
         stop.wait(0.1)
 
 
-async def _run(url: str, bodies: list[bytes], connections: int, seconds: float) -> list[tuple[int, float]]:
+async def _run(url: str, bodies: list[bytes], connections: int, seconds: float) -> list[tuple[int, float, bool]]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     head = f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: {multipart.CONTENT_TYPE}\r\n"
     prepared = [f"{head}Content-Length: {len(b)}\r\n\r\n".encode() + b for b in bodies]
     requests = itertools.cycle(prepared)
-    out: list[tuple[int, float]] = []
+    out: list[tuple[int, float, bool]] = []
     deadline = time.perf_counter() + seconds
     await asyncio.gather(*(_connection(host, port, requests, deadline, out) for _ in range(connections)))
     return out
@@ -115,17 +128,23 @@ def measure(url: str, bodies: list[bytes], connections: int, seconds: float) -> 
         uvloop.install()
     except ImportError:
         pass
-    stop, ready = threading.Event(), list[float]()
-    prober = threading.Thread(target=_probe_ready, args=(url, stop, ready), daemon=True)
+    ctx = multiprocessing.get_context("spawn")
+    stop, probes = ctx.Event(), ctx.Queue()
+    prober = ctx.Process(target=probe_ready, args=(url, stop, probes), daemon=True)
     prober.start()
+    probes.get(timeout=60)  # its first probe, before the load: the prober has started
     t = time.perf_counter()
     answers = asyncio.run(_run(url, bodies, connections, seconds))
     wall = time.perf_counter() - t
     stop.set()
     prober.join()
-    statuses = Counter(s for s, _ in answers)
-    ok = np.array([d for s, d in answers if s == 200]) * 1000
-    refused = np.array([d for s, d in answers if s == 503]) * 1000
+    ready = []
+    with contextlib.suppress(queue.Empty):  # the prober has exited: what it sent is all there
+        while True:
+            ready.append(probes.get(timeout=0.5))
+    statuses = Counter(s for s, _, _ in answers)
+    ok = np.array([d for s, d, _ in answers if s == 200]) * 1000
+    refused = np.array([d for s, d, _ in answers if s in REFUSED]) * 1000
 
     def pct(a: np.ndarray, q: float) -> float | None:
         return float(np.percentile(a, q)) if len(a) else None
@@ -134,8 +153,11 @@ def measure(url: str, bodies: list[bytes], connections: int, seconds: float) -> 
         "connections": connections,
         "seconds": wall,
         "ok_per_s": statuses[200] / wall,
-        "refused_per_s": statuses[503] / wall,
+        "refused_per_s": sum(statuses[s] for s in REFUSED) / wall,
         "statuses": {str(s): n for s, n in sorted(statuses.items())},  # 0: socket errors
+        # Answers that are neither a success nor a refusal (503, 429) that says when to retry: none expected.
+        "errors": {str(s): n for s, n in sorted(statuses.items()) if s != 200 and s not in REFUSED},
+        "refused_without_retry_after": sum(1 for s, _, retry in answers if s in REFUSED and not retry),
         "ok_p50_ms": pct(ok, 50),
         "ok_p99_ms": pct(ok, 99),
         "refused_p50_ms": pct(refused, 50),

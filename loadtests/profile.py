@@ -26,9 +26,8 @@ from typing import Any
 import psutil
 
 from loadtests import multipart
-from loadtests.bench import wrk
+from loadtests.drivers import server_tree, wrk
 from loadtests.images import pngs
-from loadtests.protocols import server_tree
 from loadtests.server import serving
 
 # A part of the request path and the frames that mark it (substrings of py-spy's "function (file:line)").

@@ -7,7 +7,7 @@
     python -m loadtests.protocols --classify --grpc-processes '' --checkout before=/tmp/old --checkout after=. \
         --repeat 3 --json results/classify_ab.json
 
-The v2 part of `rac bench` alone (loadtests/bench.py: wrk with prepared binary-tensor bodies for REST, the
+The v2 part of `rac bench` alone (loadtests/drivers.py: wrk with prepared binary-tensor bodies for REST, the
 separate loadtests/v2load.py processes for gRPC, every request a new image), without the ceiling, encoder,
 /classify and overload runs that make the whole bench long, with what each request cost: the server's CPU
 (all its processes), the load generator's, and the mean batch the server ran. `--grpc-processes` gives the
@@ -25,49 +25,15 @@ import itertools
 import json
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from loadtests import multipart
-from loadtests.bench import server_processes, v2_grpc, v2_http, wrk
+from loadtests.drivers import measured, server_tree, v2_grpc, v2_http, wrk
 from loadtests.images import pngs
-from loadtests.server import ROOT, free_port, scrape, serving
+from loadtests.server import ROOT, free_port, serving
 
 SHARE = 1_500  # distinct images per second of measurement and API: every request a cache miss
-
-
-def server_tree(url: str) -> list[psutil.Process]:
-    """Every process of the server: uvicorn's supervisor (`python -m service`) and all its children (its
-    workers share one listening socket, which the kernel names under one of them only)."""
-    tree: dict[int, psutil.Process] = {}
-    for p in server_processes(url):
-        parent = p.parent()
-        top = parent if parent is not None and "service" in parent.cmdline() else p
-        for q in [top, *top.children(recursive=True)]:
-            tree[q.pid] = q
-    return list(tree.values())
-
-
-def measured(url: str, processes: list[psutil.Process], drive: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """One load run, with what it cost per request: the server's CPU (all its processes), the generator's, and
-    the mean size of the batches the server ran meanwhile (rac_batch_size)."""
-
-    def cpu() -> float:
-        return sum(sum(p.cpu_times()[:2]) for p in processes)
-
-    before, used = scrape(url), cpu()
-    stats = drive()
-    used, after = cpu() - used, scrape(url)
-    batches = after.get("rac_batch_size_count", 0.0) - before.get("rac_batch_size_count", 0.0)
-    images = after.get("rac_batch_size_sum", 0.0) - before.get("rac_batch_size_sum", 0.0)
-    n = max(1, stats["requests"])
-    stats["server_cpu_ms_per_request"] = 1000 * used / n
-    stats["client_cpu_ms_per_request"] = 1000 * stats["client_cores"] * stats["seconds"] / n
-    stats["mean_batch"] = images / batches if batches else None
-    return stats
 
 
 def run(

@@ -32,7 +32,8 @@ DEPLOY_S = 180  # a deployment's replicas started, the artifacts loaded and warm
 
 
 class LocalCluster:
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        """env: more environment for every Ray process (e.g. Serve's RAY_SERVE_* switches)."""
         # A short path: Ray's unix sockets live under it (at most 107 bytes).
         self.temp_dir = tempfile.mkdtemp(prefix="rac-ray-", dir="/tmp")
         self.port = free_port()
@@ -40,6 +41,7 @@ class LocalCluster:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAC_") and k != "REDIS_URL"}
         self.env |= {MARKER: self.temp_dir, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": self.address}
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.env |= env or {}
 
     def _ray(self, *args: str) -> None:
         subprocess.run([str(BIN / "ray"), *args], cwd=ROOT, env=self.env, check=True, capture_output=True)
@@ -99,6 +101,8 @@ class LocalCluster:
         and those with a file open under the temp dir (an agent's retitled process hides its environment)."""
         out = []
         for p in psutil.process_iter():
+            if p.pid == os.getpid():  # a driver connected from this process opens files there too
+                continue
             try:
                 if p.environ().get(MARKER) == self.temp_dir or any(
                     f.path.startswith(self.temp_dir + "/") for f in p.open_files()
@@ -138,8 +142,8 @@ class LocalCluster:
 
 
 @contextmanager
-def ray_cluster() -> Iterator[LocalCluster]:
-    cluster = LocalCluster()
+def ray_cluster(env: dict[str, str] | None = None) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(env)
     try:
         cluster.start()
         yield cluster

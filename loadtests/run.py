@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         artifacts = a.artifacts
         if a.quick:
             artifacts = Path(tmp) / "artifacts"
-            build = [sys.executable, "-m", "models.cli", "build", "--quick", "--out", str(artifacts)]
+            build = [sys.executable, "-m", "rac.cli", "build", "--quick", "--out", str(artifacts)]
             subprocess.run(build, check=True, cwd=ROOT, env=os.environ | {"TQDM_DISABLE": "1"})
         forget_cached(artifacts, a.redis)
         samples: list[dict[str, Any]] = []

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -70,7 +70,39 @@ class FileImages:
         return h.hexdigest()
 
 
-ImageSet = ArrayImages | FileImages
+class AugmentedImages:
+    """A seeded random view of each image of a set, the same every time it is asked for (so that features of
+    it can be cached): a mirror image with probability 1/2 ("flip"), a shift by up to `shift` pixels each way
+    with black fill ("shift"), or both ("flip+shift")."""
+
+    def __init__(self, base: ArrayImages | FileImages, kind: str, seed: int, shift: int = 3):
+        if kind not in ("flip", "shift", "flip+shift"):
+            raise ValueError(f"augmentation must be flip, shift or flip+shift, not {kind!r}")
+        self.base, self.kind, self.seed, self.shift = base, kind, seed, shift
+        self.labels = base.labels
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def image(self, i: int) -> Image.Image:
+        im = self.base.image(i)
+        rng = np.random.default_rng((self.seed, i))
+        if "flip" in self.kind and rng.random() < 0.5:
+            im = ImageOps.mirror(im)
+        if "shift" in self.kind:
+            dx, dy = (int(v) for v in rng.integers(-self.shift, self.shift + 1, 2))
+            im = im.transform(im.size, Image.Transform.AFFINE, (1, 0, dx, 0, 1, dy))
+        return im
+
+    def subset(self, index: np.ndarray) -> AugmentedImages:
+        return AugmentedImages(self.base.subset(index), self.kind, self.seed, self.shift)
+
+    def fingerprint(self) -> str:
+        key = f"{self.base.fingerprint()}|{self.kind}|{self.seed}|{self.shift}"
+        return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+
+
+ImageSet = ArrayImages | FileImages | AugmentedImages
 
 
 @dataclass

@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.decode import InputSpec
+from service.core.decode import InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -216,24 +217,80 @@ def fit_pca(x: np.ndarray, dim: int) -> Projection:
 # ---------------------------------------------------------------- export
 
 
-def export_onnx(model: nn.Module, input_size: int, path: Path, opset: int = 17) -> None:
-    """Export with a dynamic batch axis. The model is put in eval mode first: torch.onnx.export restores a
-    wrapper's training flag afterwards, which would flip inner BatchNorm layers back to training."""
+def export_onnx(
+    model: nn.Module, input_size: int, path: Path, outputs: Sequence[str] = ("embedding",), opset: int = 18
+) -> None:
+    """An image encoder: input `pixels` (B, 3, S, S) float32, one output per name in `outputs`, a dynamic
+    batch axis. Parity with torch: tests/test_encoders.py, tests/test_finetune.py."""
+    dummy = torch.zeros(2, 3, input_size, input_size)  # batch 2: a batch of 1 would be specialised
+    export_graph(model, (dummy,), path, ["pixels"], outputs, [{0: "batch"}], opset)
+
+
+def export_graph(
+    model: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    dynamic: Sequence[dict[int, str]],
+    opset: int = 18,
+) -> None:
+    """ONNX through torch.export (the `dynamo=True` exporter), one self-contained file (the artifact contract
+    names one file per graph). dynamic: per input, its dynamic axes by name. The model is put in eval mode
+    first, and again after: an exporter may restore a wrapper's training flag, which flips inner BatchNorm
+    layers back to training."""
     model.eval()
-    dummy = torch.zeros(2, 3, input_size, input_size)
+    dims = {name: torch.export.Dim(name) for axes in dynamic for name in axes.values()}
+    shapes = tuple({axis: dims[name] for axis, name in axes.items()} for axes in dynamic)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        torch.onnx.export(
-            model,
-            (dummy,),
-            str(path),
-            input_names=["pixels"],
-            output_names=["embedding"],
-            dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}},
-            opset_version=opset,
-            dynamo=False,
-        )
+    with torch.no_grad(), quiet_exporter():
+        program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=shapes, opset_version=opset, verbose=False)
+    assert program is not None
+    graph = program.model.graph
+    _name_values(graph, [*graph.inputs], inputs)
+    _name_values(graph, [*graph.outputs], outputs)
+    program.save(str(path), external_data=False)
     model.eval()
+
+
+def _name_values(graph: Any, values: list[Any], names: Sequence[str]) -> None:
+    """Name the graph's inputs or outputs (onnx_ir values). The exporter's `output_names` cannot be used: it
+    names inner values after the operator that made them (BERT's token lookup is `embedding`), and renaming
+    an output to a taken name gives an invalid graph. A clashing inner value is renamed first."""
+    if len(values) != len(names):
+        raise ValueError(f"the graph has {len(values)} values where {len(names)} names were given: {list(names)}")
+    inner = {v.name: v for node in graph.all_nodes() for v in node.outputs} | dict(graph.initializers)
+    for value, name in zip(values, names, strict=True):
+        clash = inner.get(name)
+        if clash is not None and clash is not value:
+            clash.name = f"{name}__inner"
+        value.name = name
+
+
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """What torch 2.13's own exporter says that no caller can act on: a FutureWarning raised inside it (it
+    deep-copies a pytree spec through the deprecated `LeafSpec`, torch/onnx/_internal/exporter/_core.py); a
+    note that an axis name is applied once where two inputs share that axis (the text tower's mask has the
+    ids' axes: one Dim, on purpose); and a logged warning per torchvision operator it cannot register
+    (torchvision is not installed on purpose: PyPI's build does not import beside this torch). Anything else
+    it warns is left alone."""
+    # Its graph passes (onnx_ir, onnxscript) log at INFO a line per initializer merged or rule applied:
+    # hundreds of lines an export, in a build that logs at INFO.
+    quiet = {"torch.onnx._internal.exporter._registration": logging.ERROR, "onnx_ir": logging.WARNING}
+    quiet["onnxscript"] = logging.WARNING
+    loggers = {logging.getLogger(name): level for name, level in quiet.items()}
+    levels = {logger: logger.level for logger in loggers}
+    for logger, level in loggers.items():
+        logger.setLevel(level)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r"# The axis name: .* since it shares", category=UserWarning)
+            yield
+    finally:
+        for logger, level in levels.items():
+            logger.setLevel(level)
 
 
 def image_encoder(name: str, input_size: int, grey: bool, checkpoint: Path | None = None) -> tuple[Embedder, InputSpec]:

@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from models.data import Dataset, ImageSet, Splits
 from service.artifacts import digest
-from service.decode import InputSpec, preprocess
-from service.encode import Encoder
+from service.core.decode import InputSpec, preprocess
+from service.core.encode import Encoder
 
 log = logging.getLogger(__name__)
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.mam import Head, HeadConfig
-from models.memory import Retrieved
+from models.heads import Head, HeadConfig
+from models.memory.make import Retrieved
 
 
 @dataclass
@@ -58,6 +59,30 @@ class MemoryTensors:
         return z, sims, torch.from_numpy(keys), torch.from_numpy(values)  # (b, k, d), (b, k, dv)
 
 
+@dataclass
+class TunedQuery:
+    """A query encoder's tail trained with the head: the head reads tail(features) instead of the frozen z,
+    and the tail's parameters get their own learning rate. Only the tail runs: its input, the frozen
+    trunk's features of every training query, is computed once (models/finetune.py)."""
+
+    tail: nn.Module  # (b, F) trunk features -> (b, d) L2-normalised query vectors
+    feats: np.ndarray  # (views, n, F) float32: view 0 each training query itself, then augmented views
+    lr: float
+
+    def train(self) -> None:
+        """Training mode, with BatchNorm kept on its pretrained statistics: the trained blocks see 2x2 maps, and
+        their statistics over a batch of a long-tailed split would shift the frozen tail's features away."""
+        self.tail.train()
+        for m in self.tail.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+    def queries(self, rows: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        """(b, d) query vectors of training rows, each from one of its views drawn at random."""
+        view = rng.integers(0, len(self.feats), len(rows))
+        return self.tail(torch.from_numpy(self.feats[view, rows]))
+
+
 def balanced_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One epoch of query rows drawn with probability 1 / count of their class (with replacement): every
     class is drawn about len(labels) / C times, whatever the long tail."""
@@ -96,8 +121,10 @@ def train_head(
     num_classes: int,
     progress: bool = True,
     item_labels: np.ndarray | None = None,
+    tuned: TunedQuery | None = None,
 ) -> Head:
-    """item_labels (M,): the class each memory item's text names; needed for attention supervision."""
+    """item_labels (M,): the class each memory item's text names; needed for attention supervision.
+    tuned: a query tail trained with the head (the head then reads its vectors, not train.z)."""
     if tcfg.attn_supervision > 0 and item_labels is None:
         raise ValueError("attention supervision needs the memory items' labels")
     torch.manual_seed(tcfg.seed)
@@ -106,7 +133,10 @@ def train_head(
     counts = np.bincount(train.labels, minlength=num_classes).astype(np.float64)
     # LACE: the prior added to training logits; a class absent from training gets a tiny prior.
     log_prior = torch.tensor(np.log(np.maximum(counts, 0.5) / counts.sum()), dtype=torch.float32)
-    opt = torch.optim.AdamW(head.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    groups: list[dict[str, Any]] = [{"params": list(head.parameters())}]
+    if tuned is not None:
+        groups.append({"params": list(tuned.tail.parameters()), "lr": tuned.lr})
+    opt = torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     steps_per_epoch = math.ceil(len(train.labels) / tcfg.batch_size)
     total, warmup = tcfg.epochs * steps_per_epoch, max(1, int(tcfg.warmup_epochs * steps_per_epoch))
 
@@ -119,12 +149,18 @@ def train_head(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=tcfg.label_smoothing)
     labels = torch.from_numpy(train.labels)
     head.train()
-    bar = tqdm(total=total, desc=f"train {cfg.kind}", unit="step", leave=False, disable=None if progress else True)
+    if tuned is not None:
+        tuned.train()
+    desc = f"train {cfg.kind}" + (" + encoder" if tuned is not None else "")
+    bar = tqdm(total=total, desc=desc, unit="step", leave=False, disable=None if progress else True)
     for _ in range(tcfg.epochs):
         order = balanced_order(train.labels, rng) if tcfg.balanced else rng.permutation(len(train.labels))
         for s in range(0, len(order), tcfg.batch_size):
             rows = order[s : s + tcfg.batch_size]
-            logits, attn = head(*memory.batch(train, rows, k, head))  # (b, C), (b, L, k)
+            z, sims, keys, values = memory.batch(train, rows, k, head)
+            if tuned is not None:
+                z = tuned.queries(rows, rng)  # (b, d), with gradients into the tail
+            logits, attn = head(z, sims, keys, values)  # (b, C), (b, L, k)
             loss = loss_fn(logits + tcfg.tau * log_prior, labels[rows])
             if tcfg.attn_supervision > 0 and item_labels is not None:
                 target, valid = attention_target(train.ids[rows, :k], item_labels, train.labels[rows])
@@ -136,6 +172,8 @@ def train_head(
             sched.step()
             bar.update()
     bar.close()
+    if tuned is not None:
+        tuned.tail.eval()
     return head.eval()
 
 

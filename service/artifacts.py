@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from service.integrity import FileChunks, sampled_ok
+from service.memory.integrity import FileChunks, sampled_ok
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -18,10 +18,12 @@ INDEX = "index.faiss"
 KEYS = "keys.npy"
 VALUES = "values.npy"
 ITEMS = "items.sqlite"
+IDS = "ids.npy"  # the stable id of each row of keys and values; absent in directories written before: id == row
 HEAD = "head.pt"
 EXAMPLES = "examples"
-CHECKED_FILES = (ENCODER, INDEX, KEYS, VALUES, ITEMS, HEAD)
-# Zero-shot parts (`rac build --zero-shot`), optional: see models/zeroshot_build.py
+CHECKED_FILES = (ENCODER, INDEX, KEYS, VALUES, ITEMS, HEAD, IDS)
+OPTIONAL_FILES = (IDS,)  # checked where the manifest names them
+# Zero-shot parts (`rac build --zero-shot`), optional: see models/zero_shot/build.py
 ZS_TEXT_TOWER = "text_tower.onnx"
 ZS_TOKENIZER = "tokenizer.json"
 ZS_TEXT_INDEX = "text_index.faiss"
@@ -35,16 +37,42 @@ ZS_FILES = ZS_MODEL_FILES + ZS_MEMORY_FILES
 CURRENT = "current"  # in a serving root: the symlink to the version directory being served
 
 
+class QueryInfo(BaseModel):
+    """A fine-tuned build's query vector: the encoder graph's second output, `query`, which the head reads.
+    The search key stays the frozen encoder's first output, so the memory depends on the frozen part only."""
+
+    output: str = "query"
+    dim: int
+    finetune: dict[str, Any]  # models.finetune.FinetuneConfig: blocks trained with the head, their lr, views
+
+
 class EncoderInfo(BaseModel):
     name: str
-    input: dict[str, Any]  # service.decode.InputSpec.to_dict()
-    dim: int  # embedding dimension (after the projection, if any)
+    input: dict[str, Any]  # service.core.decode.InputSpec.to_dict()
+    dim: int  # embedding dimension (after the projection, if any): the search key's
     projection: str  # "none" or "pca-<d> of <raw dim>"
+    query: QueryInfo | None = None  # absent: the head reads the search key
+
+    def roles(self) -> dict[str, str]:
+        """Which encoder produced the search key and which the query vector the head reads (for /info)."""
+        key = f"{self.name}, frozen (output `embedding`, {self.dim}-d): the memory's keys come from it too"
+        if self.query is None:
+            return {"search_key": key, "query_vector": "the search key"}
+        blocks = self.query.finetune.get("blocks")
+        return {
+            "search_key": key,
+            "query_vector": f"{self.name} with its last {blocks} blocks, head conv and projection fine-tuned "
+            f"with the head, over the same frozen trunk (output `{self.query.output}`, {self.query.dim}-d)",
+        }
 
 
 class MemoryInfo(BaseModel):
     size: int
     sources: dict[str, int]  # items per source
+    tags: dict[str, int] = {}  # items per tag
+    # The id the next item added gets: above every id this memory's lineage ever gave, so that an id is never
+    # given twice. None: a memory written before ids were stable, whose ids are its rows (next: its size).
+    next_id: int | None = None
     value_encoder: str
     value_dim: int
     text_noise: float  # probability that an external item's text names a wrong class
@@ -97,7 +125,7 @@ class Manifest(BaseModel):
     evaluation: dict[str, Any]  # figures measured when built (see README)
     examples: list[dict[str, Any]]  # example PNGs with the labels and predictions made offline
     build: dict[str, Any]  # the offline configuration that made this directory
-    chunks: dict[str, FileChunks] = {}  # file name -> chunk digests (large memories: see service/integrity.py)
+    chunks: dict[str, FileChunks] = {}  # file name -> chunk digests (large memories: see service/memory/integrity.py)
     zero_shot: ZeroShotInfo | None = None  # absent: built without `--zero-shot`
     # The model this memory belongs to (model_identity()); absent in directories written before versions.
     model_id: str | None = None
@@ -129,8 +157,10 @@ def read_manifest(directory: Path) -> Manifest:
 
 
 def version_id(files: dict[str, str]) -> str:
-    """A memory version: a hash of the memory files' digests (index, keys, values, items)."""
-    return hashlib.blake2b("".join(files[n] for n in (INDEX, KEYS, VALUES, ITEMS)).encode(), digest_size=6).hexdigest()
+    """A memory version: a hash of the memory files' digests (index, keys, values, items, and ids where
+    the directory has them)."""
+    parts = "".join(files[n] for n in (INDEX, KEYS, VALUES, ITEMS)) + files.get(IDS, "")
+    return hashlib.blake2b(parts.encode(), digest_size=6).hexdigest()
 
 
 def model_parts(manifest: Manifest) -> dict[str, str]:
@@ -178,6 +208,8 @@ def verify_files(
     sample of chunks instead."""
     for name in names:
         path = directory / name
+        if name in OPTIONAL_FILES and name not in manifest.files:
+            continue
         if not path.exists():
             raise ArtifactError(f"{path} is missing")
         chunks = manifest.chunks.get(name)

@@ -10,12 +10,32 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 
 STAGES = ("decode", "queue", "encode", "search", "head", "total")
 # 0.1 ms .. 5 s: the stages of one batch run from tens of microseconds to tens of milliseconds.
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class Labelled(Generic[M]):
+    """A labelled metric whose children are kept here once looked up: prometheus_client's labels() builds a
+    tuple of strings and takes a lock at every call, several times a request, on the event loop and in the
+    batch thread at once."""
+
+    def __init__(self, metric: M):
+        self.metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def labels(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:  # two threads may both get here: labels() gives them the same child
+            child = self._children[values] = self.metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -28,22 +48,36 @@ class Metrics:
         self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
         r = self.registry
-        self.stage_seconds = Histogram(
-            "rac_stage_seconds",
-            "Latency of each pipeline stage (batch stages: the batch's time)",
-            ["stage"],
-            buckets=BUCKETS,
-            registry=r,
+        self.stage_seconds = Labelled(
+            Histogram(
+                "rac_stage_seconds",
+                "Latency of each pipeline stage (batch stages: the batch's time)",
+                ["stage"],
+                buckets=BUCKETS,
+                registry=r,
+            )
         )
-        self.requests = Counter(
-            "rac_requests_total", "HTTP requests by route and status", ["route", "status"], registry=r
+        self.requests = Labelled(
+            Counter("rac_requests_total", "HTTP requests by route and status", ["route", "status"], registry=r)
         )
-        self.images = Counter("rac_images_total", "Images classified or refused, by outcome", ["outcome"], registry=r)
-        self.cache = Counter(
-            "rac_cache_total",
-            "Neighbour cache lookups: hit, miss, error, or stale (an entry whose shape does not fit: ignored)",
-            ["result"],
-            registry=r,
+        self.key_requests = Labelled(
+            Counter("rac_key_requests_total", "Requests by API key name (never the key)", ["key"], registry=r)
+        )
+        self.images = Labelled(
+            Counter(
+                "rac_images_total",
+                "Images classified or refused, by outcome and memory",
+                ["outcome", "memory"],
+                registry=r,
+            )
+        )
+        self.cache = Labelled(
+            Counter(
+                "rac_cache_total",
+                "Neighbour cache lookups: hit, miss, error, or stale (an entry whose shape does not fit: ignored)",
+                ["result"],
+                registry=r,
+            )
         )
         self.batch_size = Histogram(
             "rac_batch_size", "Images per encode/search/head batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
@@ -51,16 +85,33 @@ class Metrics:
         self.queue_depth = Gauge(
             "rac_queue_depth", "Images admitted and not yet answered", multiprocess_mode="livesum", registry=r
         )
-        self.refused = Counter("rac_refused_total", "Requests refused with 503 because the queue was full", registry=r)
-        # Memory versions (service/versions.py)
-        self.memory_version = Gauge(
-            "rac_memory_version",
-            "Server processes serving each memory version",
-            ["version"],
+        self.uploads = Gauge(
+            "rac_uploads", "Requests admitted whose bodies are still arriving", multiprocess_mode="livesum", registry=r
+        )
+        self.refused = Counter(
+            "rac_refused_total",
+            "Requests refused with 503 for load (full, waited too long, too many waiting)",
+            registry=r,
+        )
+        self.waiting = Gauge(
+            "rac_waiting",
+            "Requests waiting at the door for admission, bodies unread",
             multiprocess_mode="livesum",
             registry=r,
         )
-        self.memory_swaps = Counter("rac_memory_swaps_total", "Memory versions swapped in while serving", registry=r)
+        # Memory versions (service/memory/versions.py)
+        self.memory_version = Labelled(
+            Gauge(
+                "rac_memory_version",
+                "Server processes serving each memory version, by named memory",
+                ["memory", "version"],
+                multiprocess_mode="livesum",
+                registry=r,
+            )
+        )
+        self.memory_swaps = Counter(
+            "rac_memory_swaps_total", "Memory versions swapped in while serving", ["memory"], registry=r
+        )
         self.memory_swap_seconds = Histogram(
             "rac_memory_swap_seconds",
             "From seeing a new memory version to serving it: load, check, pre-fault, warm up, switch",
@@ -68,7 +119,10 @@ class Metrics:
             registry=r,
         )
         self.memory_load_failures = Counter(
-            "rac_memory_load_failures_total", "Memory versions refused (the old one kept serving)", registry=r
+            "rac_memory_load_failures_total",
+            "Memory versions refused (the old one kept serving)",
+            ["memory"],
+            registry=r,
         )
         for stage in STAGES:  # export every series from the start, so dashboards never see a gap
             self.stage_seconds.labels(stage)

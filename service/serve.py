@@ -7,7 +7,10 @@ the Prometheus metrics are summed across processes through files in a fresh dire
 run and removed after it, so that no earlier run's counts are ever added in.
 
 A process that refuses to start (artifacts that do not fit, a failed warm-up) makes the whole server exit
-with a non-zero status, with one process or several, so that systemd, Docker and Kubernetes see it.
+with a non-zero status within a second or so, with one process or several, so that systemd, Docker and
+Kubernetes see it. SIGHUP to the main process (`docker kill -s HUP`, systemd's ExecReload, a Kubernetes
+hook: they all signal the main process) makes every server process look at the serving root's `current`
+link now; POST /admin/reload to any process does the same through it.
 """
 
 from __future__ import annotations
@@ -15,18 +18,23 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import tempfile
+from multiprocessing.connection import wait
 from typing import TYPE_CHECKING
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
+from uvicorn.supervisors.multiprocess import Process
 
+from service.api.parking import ParkingProtocol
 from service.settings import Settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+log = logging.getLogger("uvicorn.error")
 # prometheus_client decides, when it is imported, whether values live in files; it reads this variable for
 # that, in each server process: the one environment variable set here, before any server process starts.
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
@@ -36,14 +44,72 @@ class AppFactory:
     """Builds the app in a server process from the settings it was bound to. Picklable: uvicorn's process
     launcher sends it to every process it starts (so no setting travels through the environment)."""
 
-    def __init__(self, settings: Settings, metrics_dir: str | None = None):
-        self.settings, self.metrics_dir = settings, metrics_dir
+    def __init__(self, settings: Settings, metrics_dir: str | None = None, supervisor: int | None = None):
+        """supervisor: the pid of the process that started this one, where there are several (a reload asked
+        of one process reaches the others through it)."""
+        self.settings, self.metrics_dir, self.supervisor = settings, metrics_dir, supervisor
 
     def __call__(self) -> FastAPI:
         from service.app import create_app  # the heavy imports happen in the server processes only
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        return create_app(self.settings, self.metrics_dir)
+        # A SIGHUP before the app has started (its handler wakes the memory followers) would end the process.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        return create_app(self.settings, self.metrics_dir, supervisor=self.supervisor)
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor of the server processes, but: SIGHUP is passed on to every process that has
+    started (a reload: they look at the memory root; uvicorn's own restarts them all); a process that exits
+    is seen at once (uvicorn asks each process for a health answer and, for one that has just died, waits the
+    whole health-check timeout); and when one refuses to start, the others are stopped at once, not left to
+    finish loading."""
+
+    def handle_hup(self) -> None:
+        started = [p for p in self.processes if p.exitcode is None and _answer(p, 1.0) is True]
+        log.info("SIGHUP: server processes %s look at the memory root now", [p.pid for p in started])
+        for p in started:
+            if p.pid is not None:
+                os.kill(p.pid, signal.SIGHUP)
+
+    def keep_subprocess_alive(self) -> None:
+        if self.should_exit.is_set():
+            return
+        for idx, process in enumerate(self.processes):
+            if process.exitcode is None and _answer(process, self.config.timeout_worker_healthcheck) is not None:
+                continue
+            process.kill()  # hung, or gone
+            process.join()
+            if process.exitcode == STARTUP_FAILURE:  # it would fail the same way again
+                log.error("server process %s refused to start: stopping", process.pid)
+                self.should_exit.set()
+                return
+            log.info("server process %s died: starting another", process.pid)
+            self.processes[idx] = Process(self.config, self.sockets)
+            self.processes[idx].start()
+
+    def join_all(self) -> None:
+        """After a refusal to start the others are still loading: they get 2 s to stop, then are killed."""
+        failed = any(p.exitcode == STARTUP_FAILURE for p in self.processes)
+        for p in self.processes:
+            p.process.join(2.0 if failed else None)
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+
+
+def _answer(process: Process, timeout: float) -> bool | None:
+    """The process's health answer (whether it has started serving), or None when it does not answer in time
+    or exits meanwhile (its sentinel: the pipe to it stays open in this process, so no EOF would come)."""
+    try:
+        process.parent_conn.send(b"ping")
+        ready = wait([process.parent_conn, process.process.sentinel], timeout)
+        if process.parent_conn in ready:
+            started: bool = process.parent_conn.recv()
+            return started
+    except (OSError, EOFError):
+        pass
+    return None
 
 
 def serve(settings: Settings) -> int:
@@ -58,15 +124,15 @@ def serve(settings: Settings) -> int:
         return 0 if server.started else STARTUP_FAILURE
     metrics_dir = os.environ[METRICS_DIR_VARIABLE] = tempfile.mkdtemp(prefix="rac-metrics-")
     try:
-        config = _config(AppFactory(settings, metrics_dir), workers)
-        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+        config = _config(AppFactory(settings, metrics_dir, os.getpid()), workers)
+        supervisor = Supervisor(config, sockets=[config.bind_socket()])
         supervisor.run()  # returns, status unsaid, once a process failed to start or a signal came
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         os.environ.pop(METRICS_DIR_VARIABLE, None)
     failed = [p.pid for p in supervisor.processes if p.exitcode == STARTUP_FAILURE]
     if failed:
-        logging.getLogger("uvicorn.error").error("server process %s refused to start: exiting", failed[0])
+        log.error("server process %s refused to start: exiting", failed[0])
         return STARTUP_FAILURE
     return 0
 
@@ -81,6 +147,10 @@ def _config(factory: AppFactory, workers: int) -> uvicorn.Config:
         workers=workers,
         backlog=s.backlog,
         access_log=False,
+        # Neither X-Forwarded-* (client addresses are never used here) nor a Server header: work per request saved.
+        proxy_headers=False,
+        server_header=False,
+        http=ParkingProtocol,  # keep-alive connections are not read while the process is full
         timeout_graceful_shutdown=int(s.shutdown_timeout_s),
         # The launcher kills a process that does not answer its ping in time and starts another: 5 s (the
         # default) is shorter than a start-up on a busy host (imports and checksums hold the interpreter),

@@ -3,30 +3,41 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RAC_", frozen=True)
 
+    # The artifact directory (`rac build --out`) or serving root (a `current` link) served as one memory named
+    # `default`, where RAC_MEMORIES is unset.
     artifacts: Path = Path("artifacts/demo")
+    # Several named memories served by one model: "a=ROOT_A,b=ROOT_B" (each a serving root or a flat artifact
+    # directory; the first is the default a request gets unless it names one with ?memory=). Wins over artifacts.
+    memories: str | None = None  # what `rac build` wrote, or a serving root (its `current` link)
     verify_checksums: bool = True  # check artifact files at start-up against the manifest
     # Hash every byte even of files with chunk digests (a 10M-item memory: minutes); else sizes + sampled chunks.
     verify_full: bool = False
     prefault: bool = True  # read the index, keys and values into memory before turning ready
     # A serving root (a `current` link to a version directory): how often each process looks at the link.
     memory_poll_s: float = 1.0
-    # Bearer token for POST /admin/reload; unset: the admin routes are off (404).
+    # Bearer token for POST /admin/reload; unset: the admin routes are off (404). With a keys file it is one
+    # more admin key.
     admin_token: str | None = None
+    # The API keys file (`rac keys add`): set, every route but health, readiness and the page's static files
+    # needs a key (service/auth.py); unset, the service is open. Read again when it changes.
+    api_keys: Path | None = None
+    api_keys_poll_s: float = 1.0  # how often, at most, the keys file is looked at for a change
 
     # Serving (`python -m service`)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    # The Open Inference Protocol's gRPC service (service/v2_grpc.py), in every server process; 0: off.
+    host: str = "127.0.0.1"  # where `python -m service` listens (the image sets 0.0.0.0)
+    port: int = 8000  # its HTTP port: the API, the v2 REST routes, /metrics and the page
+    # The Open Inference Protocol's gRPC service (service/v2/grpc.py), in every server process; 0: off.
     grpc_port: int = 8001
     # Server processes `python -m service` starts, each with its own pipeline; 0: one per core. Processes, not
     # threads, because one process spends much of its time holding the GIL (HTTP, decoding, batching) while
@@ -37,23 +48,28 @@ class Settings(BaseSettings):
     # On SIGTERM: /readyz answers 503 at once and the server keeps serving this long (a load balancer's time
     # to notice), then stops accepting, finishes the requests in flight (at most shutdown_timeout_s) and exits.
     drain_s: float = 1.0
-    shutdown_timeout_s: float = 10.0
+    shutdown_timeout_s: float = 10.0  # on SIGTERM, after drain_s: how long the requests in flight get
 
     # Compute
     device: Literal["auto", "cpu", "cuda"] = "auto"  # encoder: CUDA where a GPU is present, else CPU
     encoder_threads: int = 0  # onnxruntime intra-op threads per process; 0: the cores shared among the workers
-    encoder_spin: bool = False  # let onnxruntime's idle threads spin (see service/encode.py)
+    encoder_spin: bool = False  # let onnxruntime's idle threads spin (see service/core/encode.py)
     search_threads: int = 1  # FAISS OpenMP threads: small batches gain nothing from more
     head_threads: int = 1  # torch threads for the head
-    decode_threads: int = 2  # zero-shot images (service/zeroshot.py); /classify decodes in its batch thread
 
     # Micro-batching and back-pressure
     max_batch: int = 32  # images per encode/search/head batch
-    max_wait_ms: float = 2.0  # how long a batch waits to fill once its first image arrived
+    # How long a batch, once it holds its first image, may wait for images still on their way to the queue
+    # (admitted, in their cache lookup); it takes what is queued at once, and goes when nothing more is coming.
+    max_wait_ms: float = 2.0
     # Batches running at once: more than 1 only where a batch mostly waits (a sharded memory's round trips to
     # its shards, on machines of their own); where the shards share the ingress's cores it costs throughput.
     batches_in_flight: int = Field(default=1, ge=1)
-    max_pending: int = 256  # images admitted (decoding or queued) at once; beyond: 503 at once
+    max_pending: int = 256  # images admitted (decoding or queued) at once, per process; beyond: wait at the door
+    # A request that finds its process full waits at the door (its body unread, first come first served) at most
+    # this long, then is refused with 503 and Retry-After; 0: refused at once (docs/overload.md).
+    max_queue_s: float = Field(default=2.0, ge=0)
+    max_waiting: int = Field(default=1024, ge=0)  # requests waiting at the door at once, per process; beyond: 503
     # Request bodies held in memory at once by one process (being read or waiting for their answer); beyond:
     # 503 before the body is read. At least one largest batch request fits.
     max_body_bytes: int = 512 * 1024 * 1024
@@ -66,14 +82,26 @@ class Settings(BaseSettings):
     # Zero-shot classification (POST /classify/zero-shot, where the artifacts have zero-shot parts)
     zero_shot_template: str = "a photo of a {}."  # default prompt; a request may send its own `template`
     zero_shot_max_labels: int = 64  # candidate labels in one request
-    zero_shot_max_label_chars: int = 100
+    zero_shot_max_label_chars: int = 100  # characters in one label
 
     # Neighbour cache: Redis when a URL is set (REDIS_URL or RAC_REDIS_URL), else in-process LRU
+    # The Redis URL of the neighbour cache, shared by the server processes; unset: each keeps its own LRU.
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("RAC_REDIS_URL", "REDIS_URL"))
-    cache_ttl_s: int = 24 * 3600
+    cache_ttl_s: int = 24 * 3600  # a cache entry's lifetime, in Redis and in the LRU alike
     cache_entries: int = 50_000  # in-process LRU size
     redis_timeout_ms: float = 50.0  # per operation: a slow Redis costs at most this, then is skipped
     redis_retry_s: float = 1.0  # after a Redis failure, go without it this long, then try again
+
+    @field_validator("memories")
+    @classmethod
+    def _memories(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_memories(value)
+        return value
+
+    def named_memories(self) -> list[tuple[str, Path]]:
+        """(name, path) of every memory served, the default first."""
+        return parse_memories(self.memories) if self.memories else [("default", self.artifacts)]
 
     @property
     def processes(self) -> int:
@@ -87,6 +115,30 @@ class Settings(BaseSettings):
     def body_limit(self, many: bool) -> int:
         """The byte limit of one request body: a batch of images, or one image (with multipart overhead)."""
         return self.max_request_bytes if many else self.max_image_bytes + 64 * 1024
+
+    @property
+    def zero_shot_body_bytes(self) -> int:
+        """The byte limit of a zero-shot request: one image and its candidate labels, with multipart overhead."""
+        labels = self.zero_shot_max_labels * (4 * self.zero_shot_max_label_chars + 256)
+        return self.max_image_bytes + 64 * 1024 + labels
+
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def parse_memories(text: str) -> list[tuple[str, Path]]:
+    """ "a=ROOT_A,b=ROOT_B" -> [("a", Path("ROOT_A")), ...]; ValueError naming what is wrong."""
+    out: list[tuple[str, Path]] = []
+    for part in text.split(","):
+        name, eq, path = part.strip().partition("=")
+        if not eq or not NAME.match(name) or not path.strip():
+            raise ValueError(f"memory {part.strip()!r}: expected NAME=PATH, NAME of letters, digits, '.', '_', '-'")
+        if name in dict(out):
+            raise ValueError(f"memory {name!r} is named twice")
+        out.append((name, Path(path.strip())))
+    if not out:
+        raise ValueError("no memory named")
+    return out
 
 
 def cores() -> int:

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from service.batching import Admission, Batcher, Overloaded
+from service.core.batching import Admission, Batcher, Overloaded
 from service.metrics import Metrics
 
 

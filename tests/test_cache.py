@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from loadtests.server import free_port
-from service.cache import Entry, LocalCache, NeighbourCache, RedisCache, cache_key
+from service.core.cache import Cache, Entry, LocalCache, RedisCache, cache_key
 from service.metrics import Metrics
 
 
@@ -28,16 +28,17 @@ def counts(m: Metrics) -> dict[str, float]:
 def test_entries_round_trip_exactly_and_compactly() -> None:
     e = entry()
     blob = e.pack()
-    assert len(blob) == 5 + 4 * 256 + 8 * 100
+    assert len(blob) == 7 + 4 * 256 + 8 * 100  # header: format version, d, k, query dimension (0)
     back = Entry.unpack(blob)
     assert np.array_equal(back.z, e.z) and np.array_equal(back.ids, e.ids) and np.array_equal(back.sims, e.sims)
     with pytest.raises(ValueError):
         Entry.unpack(blob[:-4])
 
 
-def test_keys_depend_on_the_bytes_and_the_memory_version() -> None:
-    assert cache_key(b"abc", "v1") == cache_key(b"abc", "v1")
-    assert len({cache_key(b"abc", "v1"), cache_key(b"abd", "v1"), cache_key(b"abc", "v2")}) == 3
+def test_keys_depend_on_the_bytes_the_memory_and_its_version() -> None:
+    assert cache_key(b"abc", "a", "v1") == cache_key(b"abc", "a", "v1")
+    keys = {cache_key(b"abc", "a", "v1"), cache_key(b"abd", "a", "v1"), cache_key(b"abc", "a", "v2")}
+    assert len(keys | {cache_key(b"abc", "b", "v1")}) == 4
 
 
 def test_local_cache_evicts_the_least_recently_used() -> None:
@@ -55,10 +56,10 @@ def test_local_cache_evicts_the_least_recently_used() -> None:
 def test_neighbour_cache_counts_hits_and_misses() -> None:
     async def run() -> Metrics:
         m = Metrics()
-        cache = NeighbourCache(LocalCache(10), 60, m)
+        cache = Cache(LocalCache(10), 60, m)
         assert await cache.get("k") is None
         cache.put("k", entry())
-        await asyncio.sleep(0)  # the write runs in the background
+        await cache.written()  # the write runs in the background
         got = await cache.get("k")
         assert got is not None and np.array_equal(got.ids, entry().ids)
         await cache.close()
@@ -81,10 +82,12 @@ def test_redis_cache_stores_with_a_ttl(redis_url: str) -> None:
 
 
 def test_unreachable_redis_is_skipped_fast_and_counted() -> None:
+    now = [0.0]  # the breaker's clock, moved by the test
+
     async def run() -> tuple[Metrics, float, RedisCache]:
         m = Metrics()
-        store = RedisCache(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.05, retry_s=0.3)
-        cache = NeighbourCache(store, 60, m)
+        store = RedisCache(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.05, retry_s=0.3, clock=lambda: now[0])
+        cache = Cache(store, 60, m)
         assert await cache.get("k") is None  # the failure: counted, and the breaker opens
         t = time.perf_counter()
         for _ in range(20):  # while open, no network at all
@@ -98,5 +101,7 @@ def test_unreachable_redis_is_skipped_fast_and_counted() -> None:
     assert counts(m) == {"hit": 0, "miss": 0, "error": 22}
     assert fast < 0.02
     assert not store.available
-    time.sleep(0.35)
+    now[0] += 0.29
+    assert not store.available
+    now[0] += 0.02
     assert store.available  # after retry_s it is tried again

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from models.choices import knn_accuracy
+from models.build.choices import knn_accuracy
 
 
 def test_knn_accuracy_votes_among_the_k_most_similar() -> None:

@@ -1,12 +1,12 @@
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from service.decode import DecodeError, InputSpec, decode, preprocess
+from service.core.decode import InputSpec, decode, preprocess
+from service.errors import RequestError
+from tests.helpers import png_header_only
 
 GREY = InputSpec(32, grey=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 RGB = InputSpec(32, grey=False, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -65,26 +65,16 @@ def test_non_square_images_are_centre_cropped() -> None:
     ],
 )
 def test_bad_input_raises_with_a_status_and_message(data: bytes, status: int, words: str) -> None:
-    with pytest.raises(DecodeError) as e:
+    with pytest.raises(RequestError) as e:
         decode(data, GREY, 10**6)
     assert e.value.status == status and words in e.value.message
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height, with one tiny data chunk: a decompression-bomb shape."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
-
-
 def test_pixel_limit_is_checked_before_decoding() -> None:
-    with pytest.raises(DecodeError) as e:
+    with pytest.raises(RequestError) as e:
         decode(png_header_only(50_000, 50_000), GREY, max_pixels=40_000_000)
     assert e.value.status == 413 and "pixels" in e.value.message
-    with pytest.raises(DecodeError) as e:  # under PIL's own bomb limit, over ours
+    with pytest.raises(RequestError) as e:  # under PIL's own bomb limit, over ours
         decode(png_header_only(5_000, 5_000), GREY, max_pixels=1_000_000)
     assert e.value.status == 413 and "limit is 1000000" in e.value.message
 

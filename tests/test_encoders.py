@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from models.encoders import VitShape, export_onnx, fit_pca, timm_to_hf, vit_from_timm, vit_random
-from service.encode import Encoder
+from service.core.encode import Encoder
 
 TINY_VIT = VitShape(hidden=64, layers=2, heads=4, mlp=128, patch=8, image=32)
 

@@ -1,6 +1,6 @@
 import numpy as np
 
-from models.evaluate import attention_focus, bucket_accuracy, summarise
+from models.build.evaluate import attention_focus, bucket_accuracy, summarise
 
 
 def test_bucket_accuracy_counts_each_bucket_by_class() -> None:

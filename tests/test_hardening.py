@@ -18,13 +18,13 @@ from PIL import Image
 
 from models import features
 from service.app import create_app
-from service.cache import LocalCache, RedisCache
-from service.decode import DecodeError, InputSpec, decode
-from service.pipeline import Pipeline
+from service.core.cache import LocalCache, RedisCache
+from service.core.decode import InputSpec, decode
+from service.core.pipeline import Pipeline
+from service.errors import RequestError
 from service.settings import Settings
+from tests.helpers import client, png_header_only
 from tests.synthetic import png
-from tests.test_decode import png_header_only
-from tests.test_service import client
 
 SPEC = InputSpec(16, True, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -149,7 +149,7 @@ def test_a_failed_warm_up_refuses_to_start(synthetic_artifacts: Path, monkeypatc
 def test_too_many_pixels_quotes_the_services_limit() -> None:
     """Over Pillow's own bomb limit (about 89 million pixels) as under it."""
     for side in (8_000, 20_000):
-        with pytest.raises(DecodeError) as e:
+        with pytest.raises(RequestError) as e:
             decode(png_header_only(side, side), SPEC, max_pixels=40_000_000)
         assert e.value.status == 413
         assert e.value.message == f"image is {side}x{side} = {side * side} pixels; the limit is 40000000"

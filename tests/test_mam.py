@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.mam import Head, HeadConfig, MemoryAttention
-from models.memory import Retrieved
+from models.heads import Head, HeadConfig, MemoryAttention
+from models.memory.make import Retrieved
 from models.train import MemoryTensors, TrainConfig, predict, train_head
 
 B, K, D, DV, C = 5, 7, 16, 12, 4

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from models.data import ArrayImages, Dataset, long_tailed_splits
-from models.memory import (
+from models.memory.make import (
     PROMPT,
     build_index,
     index_factory,
@@ -19,7 +19,7 @@ from models.memory import (
     tune_nprobe,
     write_memory,
 )
-from service.memory import Memory
+from service.memory.store import Memory
 
 
 def clustered(n: int, d: int = 32, centres: int = 20, seed: int = 0) -> np.ndarray:
@@ -99,7 +99,7 @@ def test_ivf_search_agrees_with_exact_search() -> None:
 
 
 def write_toy_memory(tmp_path: Path, factory: str, n: int = 2000) -> tuple[np.ndarray, np.ndarray]:
-    from models.memory import MemoryItems
+    from models.memory.make import MemoryItems
 
     keys = clustered(n, seed=3)
     values = np.random.default_rng(4).standard_normal((n, 6)).astype(np.float32)
@@ -124,7 +124,7 @@ def test_served_memory_reads_the_written_files(tmp_path: Path, factory: str) -> 
     assert np.array_equal(got_values, values[ids].astype(np.float16))  # stored as fp16
     assert np.allclose(got_keys.astype(np.float32), keys[ids], atol=1e-3)
     assert memory.gather(ids, keys=False, values=True)[0].shape == (8, 5, 0)
-    items = memory.items([int(i) for i in ids[0]])
+    items = memory.table.items([int(i) for i in ids[0]])
     assert items[int(ids[0, 0])].text == f"item {ids[0, 0]}" and items[int(ids[0, 0])].source == "external"
     assert isinstance(memory.index, faiss.IndexIVF) == factory.startswith("IVF")
 

@@ -6,7 +6,6 @@ RAC_REQUIRE_BROWSER=1), where it fails."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,55 +14,16 @@ import httpx
 import pytest
 
 from loadtests.server import serving
-from service import artifacts as A
+from models.memory import ops
+from service.artifacts import read_manifest
+from service.auth import add_key
+from tests.browser import RESULTS, THUMBS_LOADED, WAIT_MS, open_page
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "results"
-CHROMIUM = Path("/usr/bin/chromium")
-# Headless and quiet: no GPU, no sandbox (root in CI), nothing fetched from the network by the browser itself.
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
 NEIGHBORS, TOP_K = 12, 3
 EXAMPLE = 9  # the build's tenth example (an ankle boot): its neighbours' alt-text often names other classes
-WAIT_MS = 30_000
 MAX_IMAGE_BYTES = 1 << 20  # the server's limit here (8 MiB by default): the too-large upload stays small
-
-THUMBS_LOADED = """n => {
-  const imgs = [...document.querySelectorAll('#neighbor-grid img.thumb')];
-  return imgs.length === n && imgs.every(i => i.complete && i.naturalWidth > 0);
-}"""
-
-
-def _required() -> bool:
-    return os.environ.get("CI", "").lower() == "true" or os.environ.get("RAC_REQUIRE_BROWSER") == "1"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    why = None
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        why = "playwright is not installed: pip install -e '.[dev]'"
-    if why is None and not CHROMIUM.exists():
-        why = f"no {CHROMIUM}: `make browser` installs Debian's chromium (as root)"
-    if why is not None:
-        if _required():
-            pytest.fail(why)
-        pytest.skip(why)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
@@ -72,35 +32,14 @@ def server(quick_artifacts: Path) -> Iterator[str]:
         yield url
 
 
-def open_page(browser: Any, url: str, starting: int = 0, **context: Any) -> tuple[Any, list[str]]:
-    """A fresh page on `url`, once it shows what is served; with the script errors it raises, if any.
-    starting: answer the page's first `starting` /info requests with the 503 of a service still loading."""
-    page = browser.new_context(**context).new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    refused: list[int] = []
-
-    def info(route: Any) -> None:
-        if len(refused) < starting:
-            refused.append(1)
-            route.fulfill(status=503, headers={"Retry-After": "1"}, body='{"detail": "not ready"}')
-        else:
-            route.continue_()
-
-    page.route("**/info", info)
-    page.goto(f"{url}/")
-    page.wait_for_function("document.querySelectorAll('#examples button').length > 0", timeout=WAIT_MS)
-    return page, errors
-
-
 def example(artifacts: Path, n: int) -> dict[str, Any]:
-    return dict(A.read_manifest(artifacts).examples[n])
+    return dict(read_manifest(artifacts).examples[n])
 
 
 def test_an_uploaded_image_shows_classes_neighbours_and_thumbnails(
     browser: Any, server: str, quick_artifacts: Path
 ) -> None:
-    manifest = A.read_manifest(quick_artifacts)
+    manifest = read_manifest(quick_artifacts)
     ex = example(quick_artifacts, EXAMPLE)
     page, errors = open_page(browser, server, viewport={"width": 1280, "height": 900})
     assert manifest.memory_version in page.inner_text("#served")
@@ -216,7 +155,7 @@ def test_errors_are_messages_on_the_page_and_the_keyboard_works(
 def test_a_phone_sized_screen_has_no_horizontal_overflow(browser: Any, server: str, quick_artifacts: Path) -> None:
     phone = {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 2, "is_mobile": True, "has_touch": True}
     page, errors = open_page(browser, server, starting=2, **phone)  # opened while the service was starting
-    assert A.read_manifest(quick_artifacts).memory_version in page.inner_text("#served")
+    assert read_manifest(quick_artifacts).memory_version in page.inner_text("#served")
     ex = example(quick_artifacts, EXAMPLE)
     page.click(f"#examples li:nth-child({EXAMPLE + 1}) button")
     page.wait_for_function(THUMBS_LOADED, arg=12, timeout=WAIT_MS)  # the page's default neighbour count
@@ -229,3 +168,37 @@ def test_a_phone_sized_screen_has_no_horizontal_overflow(browser: Any, server: s
         assert right <= width + 0.5, width
     assert errors == []
     page.context.close()
+
+
+def test_a_server_that_needs_a_key_gets_it_from_the_page_for_the_tab(
+    browser: Any, quick_artifacts: Path, tmp_path: Path
+) -> None:
+    """Keys configured: the page asks for one, keeps it for the tab (sessionStorage, never localStorage), and
+    sends it with every request, the thumbnails' too; a memory selector where the server has several."""
+    keys = tmp_path / "keys.json"
+    key = add_key(keys, "page", "classify", None)
+    (tmp_path / "gone.txt").write_text("0 1 2")
+    ops.remove(quick_artifacts, tmp_path / "other", tmp_path / "gone.txt")
+    memories = f"main={quick_artifacts},other={tmp_path / 'other'}"
+    with serving(quick_artifacts, RAC_WORKERS="1", RAC_API_KEYS=str(keys), RAC_MEMORIES=memories) as url:
+        page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{url}/")
+        page.wait_for_selector("#key-box", state="visible", timeout=WAIT_MS)
+        page.fill("#key", key)
+        page.click("#key-form button")
+        page.wait_for_function("document.querySelectorAll('#examples button').length > 0", timeout=WAIT_MS)
+        assert page.is_visible("#memory-box") and "memory main" in page.inner_text("#served")
+        page.select_option("#memory", "other")
+        page.wait_for_function(
+            "document.querySelector('#served').textContent.includes('memory other')", timeout=WAIT_MS
+        )
+        ex = example(quick_artifacts, EXAMPLE)
+        page.fill("#neighbors", "4")
+        page.set_input_files("#file", str(quick_artifacts / ex["file"]))
+        page.wait_for_function(THUMBS_LOADED, arg=4, timeout=WAIT_MS)  # thumbnails fetched with the key
+        assert "memory other" in page.inner_text("#status")
+        stored = page.evaluate("[sessionStorage.getItem('rac-api-key'), localStorage.length]")
+        assert stored == [key, 0]
+        assert errors == []

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -24,95 +21,23 @@ import orjson
 import pytest
 
 from loadtests.server import free_port
-from service import artifacts as A
-from tests.conftest import redis_up, wait_until
+from service.artifacts import VALUES
+from tests.helpers import redis_up, tampered, unavailable, wait_until
+from tests.processes import ROOT, answer, environ, metric, multipart, server, upload_head
 from tests.synthetic import png
-from tests.test_service import tampered
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
-BOUNDARY = "rac-test-boundary"
-
-
-def environ(artifacts: Path, port: int, **env: str) -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAC_") and k != "REDIS_URL"}
-    clean.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    return clean | {"RAC_ARTIFACTS": str(artifacts), "RAC_PORT": str(port), "TQDM_DISABLE": "1", **env}
-
-
-@contextmanager
-def server(artifacts: Path, **env: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """`python -m service` on a free port; yields the process and its URL once /readyz answers 200."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile("w+") as log:
-        cmd = [sys.executable, "-m", "service"]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=environ(artifacts, port, **env), stdout=log, stderr=log, text=True)
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                assert proc.poll() is None, f"exited with {proc.returncode}: {log.seek(0) and log.read()}"
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, "not ready in 60 s"
-                time.sleep(0.1)
-            yield proc, url
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-
-
-def upload_head(port: int, length: int, path: str = "/classify") -> socket.socket:
-    """A connection that has sent a request's headers (declaring `length` body bytes) and no body yet."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    s.sendall(
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-        f"Content-Length: {length}\r\n\r\n".encode()
-    )
-    return s
-
-
-def multipart(data: bytes, field: str = "image") -> bytes:
-    return (
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="x.png"\r\n'
-        f"Content-Type: image/png\r\n\r\n".encode()
-        + data
-        + f"\r\n--{BOUNDARY}--\r\n".encode()
-    )
-
-
-def answer(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """Read one HTTP response (status, headers, body) from a socket."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = s.recv(65536)
-        assert chunk, f"connection closed before a response: {buf!r}"
-        buf += chunk
-    head, body = buf.split(b"\r\n\r\n", 1)
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
-    while len(body) < int(headers.get("content-length", 0)):
-        chunk = s.recv(65536)
-        assert chunk
-        body += chunk
-    return int(status_line.split()[1]), headers, body
-
-
 # ---------------------------------------------------------------- refusing to start
 
 
 @pytest.mark.parametrize(
     ("command", "workers"),
-    [(["-m", "service"], "1"), (["-m", "service"], "2"), (["-m", "models.cli", "serve"], "2")],
+    [(["-m", "service"], "1"), (["-m", "service"], "2"), (["-m", "rac.cli", "serve"], "2")],
 )
 def test_a_refusal_to_start_exits_non_zero(
     synthetic_artifacts: Path, tmp_path: Path, workers: str, command: list[str]
 ) -> None:
-    bad = tampered(synthetic_artifacts, tmp_path / "bad", file=A.VALUES)
+    bad = tampered(synthetic_artifacts, tmp_path / "bad", file=VALUES)
     env = environ(bad, free_port(), RAC_WORKERS=workers)
     done = subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode != 0, done.stderr
@@ -139,7 +64,7 @@ def test_sigterm_turns_readyz_503_then_answers_the_requests_in_flight(synthetic_
         conns = [upload_head(port, len(b)) for b in bodies]  # accepted, bodies half sent
         for s, body in zip(conns, bodies, strict=True):
             s.sendall(body[: len(body) // 2])
-        time.sleep(0.3)
+        wait_until(lambda: metric(url, "rac_uploads") == 8, 10, "the eight uploads admitted")
         proc.send_signal(signal.SIGTERM)
         # Still accepting, not ready (with several processes, once the launcher has passed the signal on)
         wait_until(lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 503, 2.5, "readyz 503")
@@ -158,24 +83,17 @@ def test_sigterm_turns_readyz_503_then_answers_the_requests_in_flight(synthetic_
 
 @pytest.fixture(scope="module")
 def bounded(synthetic_artifacts: Path) -> Iterator[str]:
-    """One process admitting 8 uploads (RAC_MAX_PENDING) and 5 MB of bodies at once, caching in Redis."""
+    """One process admitting 8 uploads (RAC_MAX_PENDING) and 5 MB of bodies at once and refusing the rest at
+    once (no waiting at the door: RAC_MAX_WAITING 0), caching in Redis."""
     if not redis_up():
-        if os.environ.get("RAC_REQUIRE_REDIS") == "1":
-            pytest.fail("Redis is not answering on 127.0.0.1:6379")
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    limits = {"RAC_MAX_PENDING": "8", "RAC_MAX_BODY_BYTES": "5000000", "REDIS_URL": "redis://127.0.0.1:6379/0"}
+        unavailable("no Redis on 127.0.0.1:6379", "RAC_REQUIRE_REDIS")
+    limits = {"RAC_MAX_PENDING": "8", "RAC_MAX_WAITING": "0", "RAC_MAX_BODY_BYTES": "5000000"}
+    limits["REDIS_URL"] = "redis://127.0.0.1:6379/0"
     # A Redis call gets 200 ms and a failure skips Redis for 0.1 s: room for a host whose cores are shared
     # (a Redis starved of CPU is slow, whatever the server does), short enough to see the cache bypassed.
     limits |= {"RAC_REDIS_TIMEOUT_MS": "200", "RAC_REDIS_RETRY_S": "0.1"}
     with server(synthetic_artifacts, RAC_WORKERS="1", **limits) as (_, url):
         yield url
-
-
-def metric(url: str, series: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"no {series}")
 
 
 def refused(url: str) -> float:
@@ -215,7 +133,8 @@ def test_a_burst_far_above_the_limits_is_refused_before_the_bodies_are_read(boun
                 assert status == 503 and headers["retry-after"] == "1" and words in orjson.loads(body)["detail"]
             for s in conns:
                 s.close()
-            time.sleep(0.2)  # the admitted ones see their clients leave and let go
+            # The admitted ones see their clients leave and let go of their slots.
+            wait_until(lambda: metric(bounded, "rac_uploads") == metric(bounded, "rac_queue_depth") == 0, 10, "idle")
         sampling.result()
     assert refused(bounded) - before == 2 * 64 - 2 - 8
     assert np.percentile(readyz, 99) < 0.1

@@ -4,8 +4,8 @@ example where the right answer is known."""
 import numpy as np
 import torch
 
-from models.mam import HeadConfig
-from models.memory import Retrieved
+from models.heads import HeadConfig
+from models.memory.make import Retrieved
 from models.train import (
     MemoryTensors,
     TrainConfig,

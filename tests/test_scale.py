@@ -10,12 +10,13 @@ import faiss
 import numpy as np
 import pytest
 
-from models.scale import SynthConfig, build_ivf, exact_search, nlist_for, synth
-from service import artifacts as A
-from service.memory import Memory
+from models.memory import ops
+from models.memory.scale import SynthConfig, build_ivf, exact_search, nlist_for, synth
+from service.artifacts import IDS, INDEX, ITEMS, KEYS, MANIFEST, VALUES, ArtifactError, read_manifest, verify_files
+from service.core.pipeline import Pipeline
+from service.memory.rerank import quantized, rerank
+from service.memory.store import Memory
 from service.metrics import Metrics
-from service.pipeline import Pipeline
-from service.rerank import quantized, rerank
 from service.settings import Settings
 
 SIZE = 20_000
@@ -47,14 +48,14 @@ def test_rerank_of_every_item_is_exact_search() -> None:
     assert (ids == want_ids).mean() > 0.99
 
 
-def test_rerank_ignores_missing_candidates_and_refuses_too_few() -> None:
+def test_rerank_ignores_missing_candidates_and_pads_too_few() -> None:
     keys = unit_keys(100, 8, 0).astype(np.float16)
     z = unit_keys(1, 8, 1)
     cands = np.array([[5, -1, 7, 9, -1]])
     _, ids = rerank(z, cands, keys, 3)
     assert sorted(ids[0].tolist()) == [5, 7, 9]
-    with pytest.raises(RuntimeError, match="fewer than k"):
-        rerank(z, cands, keys, 4)
+    sims, ids = rerank(z, cands, keys, 4)  # three candidates for four places: padded as the index pads
+    assert sorted(ids[0, :3].tolist()) == [5, 7, 9] and ids[0, 3] == -1 and sims[0, 3] == -np.inf
 
 
 def test_out_of_core_build_equals_one_shot_build(tmp_path: Path) -> None:
@@ -73,19 +74,22 @@ def test_out_of_core_build_equals_one_shot_build(tmp_path: Path) -> None:
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_array_equal(d1, d2)
     assert quantized(chunked) and not quantized(faiss.index_factory(32, "IVF4,Flat"))
+    # A flat index carrying item ids is exact (no re-ranking against the float16 keys); a PQ one is not.
+    assert not quantized(faiss.IndexIDMap2(faiss.IndexFlatIP(32)))
+    assert quantized(faiss.IndexIDMap2(faiss.index_factory(32, "PQ4")))
 
 
 def test_synthetic_memory_keeps_the_real_items_and_copies_values(scale_dir: Path, synthetic_artifacts: Path) -> None:
-    m = A.read_manifest(scale_dir)
-    src = A.read_manifest(synthetic_artifacts)
+    m = read_manifest(scale_dir)
+    src = read_manifest(synthetic_artifacts)
     n0 = src.memory.size
     assert m.memory.size == SIZE and m.memory.sources["synthetic"] == SIZE - n0
     assert m.index.type == f"IVF{nlist_for(SIZE)},PQ8" and m.memory_version != src.memory_version
-    keys, values = np.load(scale_dir / A.KEYS, mmap_mode="r"), np.load(scale_dir / A.VALUES, mmap_mode="r")
-    src_keys, src_values = np.load(synthetic_artifacts / A.KEYS), np.load(synthetic_artifacts / A.VALUES)
+    keys, values = np.load(scale_dir / KEYS, mmap_mode="r"), np.load(scale_dir / VALUES, mmap_mode="r")
+    src_keys, src_values = np.load(synthetic_artifacts / KEYS), np.load(synthetic_artifacts / VALUES)
     np.testing.assert_array_equal(keys[:n0], src_keys)
     np.testing.assert_allclose(np.linalg.norm(keys.astype(np.float32), axis=1), 1, atol=2e-3)
-    with sqlite3.connect(scale_dir / A.ITEMS) as db:
+    with sqlite3.connect(scale_dir / ITEMS) as db:
         rows = db.execute("SELECT id, source, text, label, origin FROM items WHERE id >= ? LIMIT 500", (n0,)).fetchall()
         real = dict(db.execute("SELECT id, text FROM items WHERE id < ?", (n0,)).fetchall())
         assert db.execute("SELECT COUNT(*) FROM items").fetchone()[0] == SIZE
@@ -100,9 +104,9 @@ def test_synthetic_memory_keeps_the_real_items_and_copies_values(scale_dir: Path
 
 def test_synthetic_lists_are_as_uneven_as_the_real_ones(scale_dir: Path, synthetic_artifacts: Path) -> None:
     """The IVF list sizes of the synthetic items follow those of the real items they came from."""
-    index = faiss.read_index(str(scale_dir / A.INDEX))
-    n0 = A.read_manifest(synthetic_artifacts).memory.size
-    keys = np.asarray(np.load(scale_dir / A.KEYS, mmap_mode="r"), np.float32)
+    index = faiss.read_index(str(scale_dir / INDEX))
+    n0 = read_manifest(synthetic_artifacts).memory.size
+    keys = np.asarray(np.load(scale_dir / KEYS, mmap_mode="r"), np.float32)
     _, lists = faiss.extract_index_ivf(index).quantizer.search(keys, 1)
     nlist = faiss.extract_index_ivf(index).nlist
     real = np.bincount(lists[:n0, 0], minlength=nlist)
@@ -113,7 +117,7 @@ def test_synthetic_lists_are_as_uneven_as_the_real_ones(scale_dir: Path, synthet
 def test_served_search_is_exact_after_reranking(scale_dir: Path) -> None:
     """The served IVF-PQ search: every similarity the head sees is the exact cosine against the stored key, and
     with every list probed the neighbours are exact search's."""
-    m = A.read_manifest(scale_dir)
+    m = read_manifest(scale_dir)
     assert m.index.recall_at_k >= 0.9  # measured at build time at the manifest's nprobe
     nlist = nlist_for(SIZE)
     memory = Memory(scale_dir, nprobe=nlist)
@@ -131,14 +135,14 @@ def test_served_search_is_exact_after_reranking(scale_dir: Path) -> None:
 def test_scale_memory_serves_and_prefaults(scale_dir: Path) -> None:
     pipeline = Pipeline(Settings(artifacts=scale_dir, max_batch=4), Metrics())
     pipeline.warmup()  # loading pre-faulted: every page of the values is mapped in this process
-    resident = _rss_of(scale_dir / A.VALUES)
-    assert resident >= (scale_dir / A.VALUES).stat().st_size // 1024 - 8  # kB
+    resident = _rss_of(scale_dir / VALUES)
+    assert resident >= (scale_dir / VALUES).stat().st_size // 1024 - 8  # kB
     memory = pipeline.version.memory
     assert isinstance(memory, Memory) and memory.values.shape[0] == SIZE
 
 
 def test_prefault_only_what_the_page_cache_can_hold(tmp_path: Path) -> None:
-    from service import paging
+    from service.memory import paging
 
     gib = 1 << 30
     # 24 GiB machine with 20 available: the reserve is 3 GiB, so 17 GiB fit and 17 GiB + 1 byte does not.
@@ -168,23 +172,41 @@ def test_checksums_sampled_at_start_full_on_request(scale_dir: Path, tmp_path: P
 
     copy = tmp_path / "copy"
     shutil.copytree(scale_dir, copy)
-    m = A.read_manifest(copy)
-    assert set(m.chunks) == {A.INDEX, A.KEYS, A.VALUES, A.ITEMS}
-    A.verify_files(copy, m, full=False)
-    A.verify_files(copy, m, full=True)
-    with (copy / A.VALUES).open("r+b") as f:  # one byte flipped in the last chunk (always sampled)
+    m = read_manifest(copy)
+    assert set(m.chunks) == {INDEX, KEYS, VALUES, ITEMS, IDS}
+    verify_files(copy, m, full=False)
+    verify_files(copy, m, full=True)
+    with (copy / VALUES).open("r+b") as f:  # one byte flipped in the last chunk (always sampled)
         f.seek(-10, 2)
         b = f.read(1)
         f.seek(-10, 2)
         f.write(bytes([b[0] ^ 1]))
-    with pytest.raises(A.ArtifactError, match="chunk"):
-        A.verify_files(copy, m, full=False)
-    with pytest.raises(A.ArtifactError, match="checksum"):
-        A.verify_files(copy, m, full=True)
-    with (copy / A.KEYS).open("ab") as f:
+    with pytest.raises(ArtifactError, match="chunk"):
+        verify_files(copy, m, full=False)
+    with pytest.raises(ArtifactError, match="checksum"):
+        verify_files(copy, m, full=True)
+    with (copy / KEYS).open("ab") as f:
         f.write(b"\0")
-    with pytest.raises(A.ArtifactError, match="bytes"):
-        A.verify_files(copy, m, full=False)
+    with pytest.raises(ArtifactError, match="bytes"):
+        verify_files(copy, m, full=False)
+
+
+def test_a_version_derived_from_a_scale_memory_has_its_own_chunk_digests(scale_dir: Path, tmp_path: Path) -> None:
+    """tag, remove and add write new files: their chunk digests are made again (not the parent's), so the new
+    version passes the sampled check at start and fails it when changed."""
+    (tmp_path / "ids.txt").write_text(" ".join(map(str, range(0, SIZE, 2))))
+    tagged = ops.tag(scale_dir, tmp_path / "tagged", tmp_path / "ids.txt", None, ["half"], [])
+    (tmp_path / "gone.txt").write_text(" ".join(map(str, range(1, 400, 2))))
+    removed = ops.remove(tmp_path / "tagged", tmp_path / "removed", tmp_path / "gone.txt")
+    for directory, m in ((tmp_path / "tagged", tagged), (tmp_path / "removed", removed)):
+        assert set(m.chunks) == set(read_manifest(scale_dir).chunks)
+        assert m.chunks[ITEMS].size == (directory / ITEMS).stat().st_size
+        verify_files(directory, read_manifest(directory), full=False)
+    assert removed.chunks[KEYS].size < read_manifest(scale_dir).chunks[KEYS].size
+    with (tmp_path / "removed" / ITEMS).open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ArtifactError, match="bytes"):
+        verify_files(tmp_path / "removed", removed, full=False)
 
 
 @pytest.mark.slow
@@ -198,16 +220,16 @@ def test_memory_bench_runs_end_to_end(synthetic_artifacts: Path, tmp_path: Path)
     out = tmp_path / "memory_scale.json"
     main(synthetic_artifacts, [3000], tmp_path / "cache", out, requests=8)
     r = json.loads(out.read_text())["sizes"]["3000"]
-    assert r["index"].startswith("IVF") and set(r["disk_mb"]) == {A.INDEX, A.KEYS, A.VALUES, A.ITEMS}
+    assert r["index"].startswith("IVF") and set(r["disk_mb"]) == {INDEX, KEYS, VALUES, ITEMS, IDS}
     assert r["http"]["startup_s"] > 0 and 0 < r["http"]["pss_anon_mb"] < 4000
     for where, key in (("http", "wall"), ("in_process", "search_gather")):
         for batch in ("batch1", "batch32"):
             lat = r[where][batch][key]
             assert 0 < lat["p50_ms"] <= lat["p99_ms"]
     assert out.with_suffix(".svg").read_text().startswith("<svg")
-    built = (tmp_path / "cache" / "3000" / A.MANIFEST).stat().st_mtime
+    built = (tmp_path / "cache" / "3000" / MANIFEST).stat().st_mtime
     main(synthetic_artifacts, [3000], tmp_path / "cache", out, requests=2)
-    assert (tmp_path / "cache" / "3000" / A.MANIFEST).stat().st_mtime == built
+    assert (tmp_path / "cache" / "3000" / MANIFEST).stat().st_mtime == built
 
 
 def test_opq_memory_searches_and_falls_back_when_probes_find_too_few(synthetic_artifacts: Path, tmp_path: Path) -> None:
@@ -215,7 +237,7 @@ def test_opq_memory_searches_and_falls_back_when_probes_find_too_few(synthetic_a
     exact similarities, and a probe that finds fewer than k items falls back to every list."""
     out = tmp_path / "opq"
     synth(synthetic_artifacts, out, SynthConfig(size=6000, pq_above=1, pq_m=8, opq=True, recall_queries=0))
-    assert A.read_manifest(out).index.type.startswith("OPQ8,IVF")
+    assert read_manifest(out).index.type.startswith("OPQ8,IVF")
     memory = Memory(out, nprobe=1)  # one list of about 90 items: fewer than k = 200
     assert memory.rerank and memory.ivf is not None and memory.ivf.nprobe == 1
     z = unit_keys(16, memory.dim, 9)

@@ -3,14 +3,11 @@ bad input, overload and artifact checks."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,35 +16,20 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from service import artifacts as A
 from service.app import create_app
-from service.decode import InputSpec, decode
-from service.encode import Encoder
+from service.artifacts import ENCODER, HEAD, KEYS, VALUES, ArtifactError, read_manifest
+from service.core.decode import InputSpec, decode
+from service.core.encode import Encoder
 from service.metrics import _forget_dead_processes
 from service.settings import Settings
-from tests.conftest import wait_until
+from tests.helpers import classify, client, png_header_only, tampered
 from tests.synthetic import CLASSES, png
-from tests.test_decode import png_header_only
-
-
-@contextmanager
-def client(artifacts: Path, **overrides: object) -> Iterator[TestClient]:
-    settings = Settings(artifacts=artifacts, **overrides)  # type: ignore[arg-type]
-    with TestClient(create_app(settings)) as c:
-        wait_until(lambda: c.get("/readyz").status_code == 200, 10, "readyz")
-        yield c
 
 
 @pytest.fixture(scope="module")
 def api(synthetic_artifacts: Path) -> Iterator[TestClient]:
     with client(synthetic_artifacts, max_batch=8, max_wait_ms=20) as c:
         yield c
-
-
-def classify(c: TestClient, data: bytes, **params: Any) -> dict:
-    r = c.post("/classify", files={"image": ("x.png", data, "image/png")}, params=params)
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def test_an_answer_has_predictions_neighbours_and_timings(api: TestClient) -> None:
@@ -65,16 +47,16 @@ def test_an_answer_has_predictions_neighbours_and_timings(api: TestClient) -> No
 
 def test_answers_match_a_reference_computed_without_the_service(api: TestClient, synthetic_artifacts: Path) -> None:
     """decode -> ONNX encoder -> exact numpy search -> scripted head, by hand."""
-    manifest = A.read_manifest(synthetic_artifacts)
+    manifest = read_manifest(synthetic_artifacts)
     data = png(2)
     x = decode(data, InputSpec.from_dict(manifest.encoder.input), 10**6)
-    z = Encoder(synthetic_artifacts / A.ENCODER, "cpu")(x[None])  # (1, d)
-    keys = np.load(synthetic_artifacts / A.KEYS).astype(np.float32)
-    values = np.load(synthetic_artifacts / A.VALUES).astype(np.float32)
-    scores = z @ np.load(synthetic_artifacts / A.KEYS).astype(np.float32).T
+    z = Encoder(synthetic_artifacts / ENCODER, "cpu")(x[None])  # (1, d)
+    keys = np.load(synthetic_artifacts / KEYS).astype(np.float32)
+    values = np.load(synthetic_artifacts / VALUES).astype(np.float32)
+    scores = z @ np.load(synthetic_artifacts / KEYS).astype(np.float32).T
     k = manifest.index.k
     ids = np.argsort(-scores[0])[:k]
-    head = torch.jit.load(str(synthetic_artifacts / A.HEAD))
+    head = torch.jit.load(str(synthetic_artifacts / HEAD))
     with torch.no_grad():
         logits, _ = head(
             torch.from_numpy(z),
@@ -182,7 +164,8 @@ def test_byte_limits_are_enforced_while_reading(synthetic_artifacts: Path) -> No
 
 
 def test_overload_gets_503_at_once_and_the_server_stays_ready(synthetic_artifacts: Path) -> None:
-    with client(synthetic_artifacts, max_pending=2, max_batch=1, max_wait_ms=0) as c, ThreadPoolExecutor(16) as pool:
+    limits = {"max_pending": 2, "max_waiting": 0}  # no waiting at the door: refused at once
+    with client(synthetic_artifacts, **limits, max_batch=1, max_wait_ms=0) as c, ThreadPoolExecutor(16) as pool:
         statuses = list(
             pool.map(lambda i: c.post("/classify", files={"image": ("x.png", png(300 + i), "image/png")}), range(64))
         )
@@ -216,23 +199,6 @@ def test_health_info_and_metrics(api: TestClient) -> None:
     assert "multipart/form-data" in schema["paths"]["/classify"]["post"]["requestBody"]["content"]
 
 
-def tampered(src: Path, dst: Path, change: dict[str, object] | None = None, file: str | None = None) -> Path:
-    shutil.copytree(src, dst)
-    if change:
-        manifest = json.loads((dst / A.MANIFEST).read_text())
-        for path, value in change.items():
-            node = manifest
-            *parents, leaf = path.split(".")
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
-        (dst / A.MANIFEST).write_text(json.dumps(manifest))
-    if file:
-        with (dst / file).open("ab") as f:
-            f.write(b"\0")
-    return dst
-
-
 @pytest.mark.parametrize(
     ("change", "file", "words"),
     [
@@ -242,13 +208,13 @@ def tampered(src: Path, dst: Path, change: dict[str, object] | None = None, file
         ({"classes": ["a", "b"]}, None, "head gives 3 classes, manifest names 2"),
         ({"index.k": 1000}, None, "k=1000 with 300 memory items"),
         ({"format_version": 0}, None, "format version 0"),
-        (None, A.VALUES, "values.npy does not match the checksum"),
+        (None, VALUES, "values.npy does not match the checksum"),
     ],
 )
 def test_mismatched_artifacts_refuse_to_start(synthetic_artifacts: Path, tmp_path: Path, change, file, words) -> None:  # type: ignore[no-untyped-def]
     bad = tampered(synthetic_artifacts, tmp_path / "bad", change, file)
     app = create_app(Settings(artifacts=bad))
-    with pytest.raises(A.ArtifactError, match=re.escape(words)), TestClient(app):
+    with pytest.raises(ArtifactError, match=re.escape(words)), TestClient(app):
         pass
 
 

@@ -4,9 +4,8 @@ answers (FAISS's own IndexShards as the reference for the index, the served Memo
 from __future__ import annotations
 
 import io
-import itertools
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -14,17 +13,19 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from models.scale import SynthConfig, exact_search, synth
-from models.shards import shard, split
-from service import artifacts as A
+from models.memory import ops
+from models.memory.scale import SynthConfig, exact_search, synth
+from models.memory.shards import shard
 from service.app import create_app
-from service.cache import Entry
-from service.memory import Memory
+from service.artifacts import INDEX, ArtifactError, read_manifest
+from service.core.batch import Computed, Job
+from service.core.cache import Entry
+from service.core.pipeline import Pipeline
+from service.memory.shards import Answer, At, FilterSpec, LocalShards, Shard, ShardsUnavailable, merge
+from service.memory.store import Memory
+from service.memory.versions import sharded
 from service.metrics import Metrics
-from service.pipeline import Job, Output, Pipeline
 from service.settings import Settings
-from service.shards import Answer, LocalShards, Shard, ShardsUnavailable, merge
-from service.versions import sharded
 
 SIZE = 20_000
 
@@ -44,18 +45,12 @@ def queries(d: int, n: int = 64) -> np.ndarray:
     return z / np.linalg.norm(z, axis=1, keepdims=True)
 
 
-def test_split_covers_every_id_once() -> None:
-    parts = split(10, 3)
-    assert parts[0][0] == 0 and parts[-1][1] == 10
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
-
-
 def test_shard_indexes_equal_index_shards_and_the_unsharded_index(memory_dir: Path, tmp_path: Path) -> None:
     dirs = shard(memory_dir, tmp_path / "sharded", 3)
     nprobe, k = 8, 10
-    whole = faiss.read_index(str(memory_dir / A.INDEX))
+    whole = faiss.read_index(str(memory_dir / INDEX))
     reference = faiss.IndexShards(whole.d, False, False)  # type: ignore[call-arg]  # not threaded, global ids
-    parts = [faiss.read_index(str(d / A.INDEX)) for d in dirs]
+    parts = [faiss.read_index(str(d / INDEX)) for d in dirs]
     assert sum(p.ntotal for p in parts) == whole.ntotal == SIZE
     for index in (whole, *parts):
         faiss.extract_index_ivf(index).nprobe = nprobe
@@ -105,7 +100,7 @@ def test_pipeline_over_shards_answers_as_over_the_memory(memory_dir: Path, tmp_p
     neighbours, similarities and probabilities as over the unsharded memory, searched or from the cache."""
     sharded_dir = tmp_path / "sharded"
     dirs = shard(memory_dir, sharded_dir, 3)
-    nprobe = A.read_manifest(memory_dir).index.nprobe
+    nprobe = read_manifest(memory_dir).index.nprobe
     settings = Settings(artifacts=memory_dir, max_batch=16, verify_checksums=False)
     whole = Pipeline(settings, Metrics())
     split = Pipeline(
@@ -115,39 +110,40 @@ def test_pipeline_over_shards_answers_as_over_the_memory(memory_dir: Path, tmp_p
     )
     size = whole.spec.size
     pixels = np.random.default_rng(1).standard_normal((12, 3, size, size)).astype(np.float32)
-    want = answered(whole, [Job(p, None, 1) for p in pixels])
-    got = answered(split, [Job(p, None, 1) for p in pixels])
+    want = answered(whole, [Job(None, None, whole.version, neighbors=1, pixels=p) for p in pixels])
+    got = answered(split, [Job(None, None, split.version, neighbors=1, pixels=p) for p in pixels])
     same = np.mean([np.array_equal(w.entry.ids, g.entry.ids) for w, g in zip(want, got, strict=True)])
     assert same == 1.0 if not whole.version.memory.rerank else same >= 0.75
     for w, g in zip(want, got, strict=True):
         if np.array_equal(w.entry.ids, g.entry.ids):
             np.testing.assert_allclose(g.entry.sims, w.entry.sims, rtol=0, atol=1e-6)
-            np.testing.assert_allclose(g.probs, w.probs, rtol=0, atol=1e-5)
-            assert set(g.items) == set(w.items)
+            np.testing.assert_allclose(g.scores, w.scores, rtol=0, atol=1e-5)
+            np.testing.assert_array_equal(g.neighbors.ids, w.neighbors.ids)
     # Cache hits (values gathered from the shards by id) mixed with misses in one batch:
-    jobs = [Job(None, Entry(w.entry.z, w.entry.ids, w.entry.sims), 0) for w in want[:6]]
-    jobs += [Job(p, None, 0) for p in pixels[6:]]
+    jobs = [Job(None, Entry(w.entry.z, w.entry.ids, w.entry.sims), split.version) for w in want[:6]]
+    jobs += [Job(None, None, split.version, pixels=p) for p in pixels[6:]]
     again = answered(split, jobs)
     for w, a in zip(want[:6], again[:6], strict=True):  # the values of the unsharded memory's neighbours
         np.testing.assert_array_equal(a.entry.ids, w.entry.ids)
-        np.testing.assert_allclose(a.probs, w.probs, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(a.scores, w.scores, rtol=0, atol=1e-5)
     for a, g in zip(again[6:], got[6:], strict=True):
         np.testing.assert_array_equal(a.entry.ids, g.entry.ids)
 
 
-def test_a_shard_nobody_answers_is_a_503(memory_dir: Path, tmp_path: Path) -> None:
+def test_a_shard_nobody_answers_or_of_another_version_is_a_503(memory_dir: Path, tmp_path: Path) -> None:
     """Every replica of a shard down (the Ray client gave up): the request answers 503 with the reason, and the
-    service answers again once the shard is back."""
+    service answers again once the shard is back. A shard of another memory version (a rolling update of the
+    shard deployments under way) answers nothing: 503 naming the versions, never an answer mixing the two."""
     sharded_dir = tmp_path / "sharded"
-    nprobe = A.read_manifest(memory_dir).index.nprobe
+    nprobe = read_manifest(memory_dir).index.nprobe
 
     class Flaky(LocalShards):
         down = False
 
-        def search(self, z: np.ndarray, k: int, exhaustive: bool) -> list[Answer]:
+        def search(self, z: np.ndarray, k: int, every_list: bool, spec: FilterSpec | None, at: At) -> list[Answer]:
             if self.down:
                 raise ShardsUnavailable("shard-1: no replica answered")
-            return super().search(z, k, exhaustive)
+            return super().search(z, k, every_list, spec, at)
 
     client = Flaky([Shard(d, nprobe) for d in shard(memory_dir, sharded_dir, 2)])
     png = io.BytesIO()
@@ -159,24 +155,68 @@ def test_a_shard_nobody_answers_is_a_503(memory_dir: Path, tmp_path: Path) -> No
         assert refused.status_code == 503 and "shard-1" in refused.json()["detail"]
         client.down = False
         assert http.post("/classify", files=files).status_code == 200
+        (tmp_path / "gone.txt").write_text("7")
+        newer = ops.remove(memory_dir, tmp_path / "v2", tmp_path / "gone.txt")
+        client.shards[1] = Shard(shard(tmp_path / "v2", tmp_path / "v2-sharded", 2)[1], nprobe)
+        other = {"image": ("y.png", png.getvalue() + b"\0", "image/png")}  # not cached: searched
+        stale = http.post("/classify", files=other)
+        assert stale.status_code == 503 and f"holds memory version {newer.memory_version}" in stale.json()["detail"]
 
 
 def test_shards_that_do_not_make_up_the_memory_are_refused(memory_dir: Path, tmp_path: Path) -> None:
     sharded_dir = tmp_path / "sharded"
     shards = [Shard(d, 8) for d in shard(memory_dir, sharded_dir, 3)]
-    manifest = A.read_manifest(sharded_dir)
+    manifest = read_manifest(sharded_dir)
     settings = Settings(artifacts=sharded_dir)  # checksums on: the copied encoder, head and items check out
     version = sharded(LocalShards(shards))(sharded_dir, settings, None, manifest.encoder.dim)
     assert version.memory.size == SIZE and version.id == manifest.memory_version
-    with pytest.raises(A.ArtifactError, match="do not cover"):
+    with pytest.raises(ArtifactError, match="do not cover"):
         sharded(LocalShards(shards[::2]))(sharded_dir, settings, None, manifest.encoder.dim)
     shards[1].info = shards[1].info._replace(memory_version="0123456789ab")
-    with pytest.raises(A.ArtifactError, match="0123456789ab"):
+    with pytest.raises(ArtifactError, match="0123456789ab"):
         sharded(LocalShards(shards))(sharded_dir, settings, None, manifest.encoder.dim)
 
 
-def answered(pipeline: Pipeline, jobs: list[Job]) -> list[Output]:
+def answered(pipeline: Pipeline, jobs: list[Job]) -> list[Computed]:
     """run_batch's outputs, every one an answer (these jobs hold pixels: none can fail to decode)."""
     out = pipeline.run_batch(jobs)
-    assert all(isinstance(o, Output) for o in out)
-    return cast(list[Output], out)
+    assert all(isinstance(o, Computed) for o in out)
+    return cast(list[Computed], out)
+
+
+def zero_shot(client: TestClient, image: bytes, labels: list[str]) -> dict[str, Any]:
+    form = [("labels", (None, label.encode())) for label in labels]
+    r = client.post("/classify/zero-shot?neighbors=5", files=[("image", ("x.png", image, "image/png")), *form])
+    assert r.status_code == 200, r.text
+    return cast(dict[str, Any], r.json())
+
+
+def same_predictions(got: dict[str, Any], want: dict[str, Any]) -> None:
+    assert [p["label"] for p in got["predictions"]] == [p["label"] for p in want["predictions"]]
+    for g, w in zip(got["predictions"], want["predictions"], strict=True):
+        assert g["probability"] == pytest.approx(w["probability"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_zero_shot_build_over_shards_answers_as_unsharded(zs_artifacts: Path, tmp_path: Path) -> None:
+    """A flat-index build with zero-shot parts, in 2 shards behind the app (what the Ray ingress serves, in one
+    process here): /classify and /classify/zero-shot answer as the unsharded service does."""
+    sharded_dir = tmp_path / "sharded"
+    dirs = shard(zs_artifacts, sharded_dir, 2)
+    manifest = read_manifest(zs_artifacts)
+    assert manifest.index.type == "Flat" and sum(Memory(d, 0).size for d in dirs) == manifest.memory.size
+    open_sharded = sharded(LocalShards([Shard(d, manifest.index.nprobe) for d in dirs]))
+    labels = [c.lower() for c in manifest.classes]
+    images = [(zs_artifacts / str(e["file"])).read_bytes() for e in manifest.examples[:4]]
+    with (
+        TestClient(create_app(Settings(artifacts=zs_artifacts))) as whole,
+        TestClient(create_app(Settings(artifacts=sharded_dir), open_memory=open_sharded)) as split,
+    ):
+        for image in images:
+            want, got = zero_shot(whole, image, labels), zero_shot(split, image, labels)
+            assert [n["id"] for n in got["neighbors"]] == [n["id"] for n in want["neighbors"]]
+            same_predictions(got, want)
+            files = {"image": ("x.png", image, "image/png")}
+            want, got = (c.post("/classify?neighbors=5", files=files).json() for c in (whole, split))
+            assert [n["id"] for n in got["neighbors"]] == [n["id"] for n in want["neighbors"]]
+            same_predictions(got, want)

@@ -19,13 +19,23 @@ import torch
 from PIL import Image
 from torch import nn
 
-from models.reco import text_index
-from models.user_pair import TextSide, read_spec, wrap_image_tower, wrap_text_tower
-from models.zeroshot_build import minilm_dir
-from service import artifacts as A
-from service.zeroshot import load_tokenizer
-from tests.conftest import ROOT
-from tests.test_service import client
+from models.encoders import export_graph
+from models.zero_shot.build import minilm_dir
+from models.zero_shot.reco import text_index
+from models.zero_shot.user_pair import TextSide, read_spec, wrap_image_tower, wrap_text_tower
+from service.artifacts import (
+    EXAMPLES,
+    INDEX,
+    ITEMS,
+    KEYS,
+    ZS_FUSION_IMAGE,
+    ZS_FUSION_TEXT,
+    ZS_TEXT_ALIGNED,
+    ZS_TEXT_INDEX,
+    read_manifest,
+)
+from service.core.zero_shot import load_tokenizer
+from tests.helpers import ROOT, client
 
 D, SIZE, MAX_LENGTH = 32, 28, 24
 SPEC = {
@@ -66,26 +76,10 @@ class TextTower(nn.Module):
 def export_towers(folder: Path) -> tuple[Path, Path]:
     torch.manual_seed(0)
     image, text = folder / "image.onnx", folder / "text.onnx"
-    common = {"opset_version": 17, "dynamo": False}
-    torch.onnx.export(
-        ImageTower().eval(),
-        (torch.zeros(2, 1, SIZE, SIZE),),
-        str(image),
-        input_names=["image"],
-        output_names=["image_embeds"],
-        dynamic_axes={"image": {0: "b"}, "image_embeds": {0: "b"}},
-        **common,  # type: ignore[arg-type]
-    )
+    export_graph(ImageTower(), (torch.zeros(2, 1, SIZE, SIZE),), image, ["image"], ["image_embeds"], [{0: "b"}])
     ids = torch.ones(2, 5, dtype=torch.int32)
-    torch.onnx.export(
-        TextTower().eval(),
-        (ids, ids),
-        str(text),
-        input_names=["ids", "mask"],
-        output_names=["pooled", "text_embeds"],
-        dynamic_axes={"ids": {0: "b", 1: "t"}, "mask": {0: "b", 1: "t"}, "pooled": {0: "b"}, "text_embeds": {0: "b"}},
-        **common,  # type: ignore[arg-type]
-    )
+    axes = {0: "b", 1: "t"}
+    export_graph(TextTower(), (ids, ids), text, ["ids", "mask"], ["pooled", "text_embeds"], [axes, axes])
     return image, text
 
 
@@ -120,7 +114,7 @@ def pair_artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     image, text = export_towers(folder)
     (folder / "pair.json").write_text(json.dumps(SPEC))
     out = folder / "artifacts"
-    cli = [sys.executable, "-m", "models.cli", "build", "--quick", "--zero-shot", "--out", str(out)]
+    cli = [sys.executable, "-m", "rac.cli", "build", "--quick", "--zero-shot", "--out", str(out)]
     cli += ["--cache", str(folder / "cache"), "--image-tower", str(image), "--text-tower", str(text)]
     cli += ["--tokenizer", str(minilm_dir() / "tokenizer.json"), "--preprocess", str(folder / "pair.json")]
     subprocess.run(cli, check=True, cwd=ROOT, env=os.environ | {"TQDM_DISABLE": "1"})
@@ -130,23 +124,23 @@ def pair_artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
 @pytest.mark.slow
 def test_a_user_pair_is_served_as_the_reference_computes(pair_artifacts: tuple[Path, Path, Path]) -> None:
     out, image_onnx, text_onnx = pair_artifacts
-    m = A.read_manifest(out)
+    m = read_manifest(out)
     zs = m.zero_shot
     assert zs is not None and m.encoder.dim == zs.dim == zs.search_dim == D and m.encoder.input["size"] == SIZE
     assert m.encoder.projection == "none" and zs.text_encoder == "user: text.onnx" and zs.max_tokens == MAX_LENGTH
     ref = Reference(image_onnx, text_onnx)
-    with sqlite3.connect(out / A.ITEMS) as db:
+    with sqlite3.connect(out / ITEMS) as db:
         texts = [t for (t,) in db.execute("SELECT text FROM items ORDER BY id")]
     db.close()
     distinct = sorted(set(texts))  # each distinct text embedded once, as the build does
     table = ref.embed_texts(distinct)
     item_text = ref_texts = table[[distinct.index(t) for t in texts]]  # (N, D)
-    np.testing.assert_allclose(np.load(out / A.ZS_TEXT_ALIGNED).astype(np.float32), item_text, atol=2e-3)
-    keys_index = faiss.read_index(str(out / A.INDEX))
-    keys = np.load(out / A.KEYS).astype(np.float32)  # what the service gathers
+    np.testing.assert_allclose(np.load(out / ZS_TEXT_ALIGNED).astype(np.float32), item_text, atol=2e-3)
+    keys_index = faiss.read_index(str(out / INDEX))
+    keys = np.load(out / KEYS).astype(np.float32)  # what the service gathers
     text_idx, text_order = text_index(ref_texts, seed=0)
-    fuse_image = torch.jit.load(str(out / A.ZS_FUSION_IMAGE))
-    fuse_text = torch.jit.load(str(out / A.ZS_FUSION_TEXT))
+    fuse_image = torch.jit.load(str(out / ZS_FUSION_IMAGE))
+    fuse_text = torch.jit.load(str(out / ZS_FUSION_TEXT))
     labels = ["t-shirt", "trouser", "ankle boot", "bag", "a zebra"]
 
     with client(out, max_wait_ms=5) as c:
@@ -186,18 +180,18 @@ def test_a_user_pair_is_served_as_the_reference_computes(pair_artifacts: tuple[P
 @pytest.mark.slow
 def test_a_user_pair_build_grows_with_memory_add(pair_artifacts: tuple[Path, Path, Path], tmp_path: Path) -> None:
     """Added captions go through the user's text tower and tokenizer, as the reference runs them."""
-    from models import memory_ops as ops
-    from tests.test_memory_ops import write_list
+    from models.memory.add import add
+    from tests.helpers import write_list
 
     out, image_onnx, text_onnx = pair_artifacts
-    examples = sorted((out / A.EXAMPLES).glob("*.png"))[:3]
+    examples = sorted((out / EXAMPLES).glob("*.png"))[:3]
     texts = ["a zebra-striped rain boot", "a velvet evening clutch", "a photo of a bag."]
-    m = ops.add(out, write_list(examples, tmp_path / "new", list(texts)), tmp_path / "v2")
+    m = add(out, write_list(examples, tmp_path / "new", list(texts)), tmp_path / "v2")
     assert m.zero_shot is not None and m.zero_shot.text_encoder == "user: text.onnx"
-    aligned = np.load(tmp_path / "v2" / A.ZS_TEXT_ALIGNED).astype(np.float32)[-3:]
+    aligned = np.load(tmp_path / "v2" / ZS_TEXT_ALIGNED).astype(np.float32)[-3:]
     np.testing.assert_allclose(aligned, Reference(image_onnx, text_onnx).embed_texts(texts), atol=2e-3)
-    index = faiss.read_index(str(tmp_path / "v2" / A.ZS_TEXT_INDEX))
-    assert index.ntotal == m.memory.size == A.read_manifest(out).memory.size + 3
+    index = faiss.read_index(str(tmp_path / "v2" / ZS_TEXT_INDEX))
+    assert index.ntotal == m.memory.size == read_manifest(out).memory.size + 3
 
 
 def test_the_spec_and_the_graphs_are_checked(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 from loadtests.server import free_port, serving
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import Served, wait_until
+from tests.helpers import Served, sample, wait_until
 from tests.synthetic import CLASSES, png
 
 pytestmark = pytest.mark.slow
@@ -296,13 +296,11 @@ def test_grpc_reaches_every_process_and_counts_in_the_same_metrics(server: Serve
     grpc_infer(server, server.images[:4])
     after = httpx.get(f"{server.url}/metrics").text
 
-    def value(text: str, sample: str) -> float:
-        return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample)), 0.0)
-
-    route = 'rac_requests_total{route="/inference.GRPCInferenceService/ModelInfer",status="200"}'
-    assert value(after, route) - value(before, route) == 1
+    route = {"route": "/inference.GRPCInferenceService/ModelInfer", "status": "200"}
+    assert sample(after, "rac_requests_total", **route) - sample(before, "rac_requests_total", **route) == 1
     images = sum(
-        value(after, f'rac_images_total{{outcome="{o}"}}') - value(before, f'rac_images_total{{outcome="{o}"}}')
+        sample(after, "rac_images_total", outcome=o, memory="default")
+        - sample(before, "rac_images_total", outcome=o, memory="default")
         for o in ("hit", "miss")
     )
     assert images == 4
@@ -354,9 +352,8 @@ def tensor_of(data: bytes) -> tg.InferInput:
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_the_readme_client_example_runs(server: Server, quick_artifacts: Path, protocol: str) -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Open Inference Protocol", 1)[1]
+def test_the_docs_client_example_runs(server: Server, quick_artifacts: Path, protocol: str) -> None:
+    section = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     assert len([line for line in code.splitlines() if line.strip()]) == 5
     code = code.replace("artifacts/demo", str(quick_artifacts))

@@ -20,7 +20,7 @@ import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
 from loadtests.server import free_port, serving
-from tests.conftest import Served, root_without_zero_shot, wait_until
+from tests.helpers import Served, root_without_zero_shot, wait_until
 from tests.synthetic import png
 
 pytestmark = pytest.mark.slow
@@ -212,8 +212,8 @@ def test_other_refusals_in_the_protocols_error_shape(server: Server) -> None:
 def test_absent_without_zero_shot_parts_and_after_a_swap_that_drops_them(zs_artifacts: Path, tmp_path: Path) -> None:
     """A memory version without zero-shot parts (here: a derived one whose manifest lost its section): once it
     is served, the model is unknown over REST and gRPC (404, saying why) while model `rac` goes on."""
-    from models import memory_ops as ops
-    from tests.test_service import client
+    from models.memory import ops
+    from tests.helpers import client
 
     root = root_without_zero_shot(zs_artifacts, tmp_path)
     port = free_port()
@@ -237,15 +237,15 @@ def test_absent_without_zero_shot_parts_and_after_a_swap_that_drops_them(zs_arti
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_the_readme_client_example_runs(server: Server, zs_artifacts: Path, protocol: str) -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Open Inference Protocol", 1)[1].split("\n## ", 1)[0]
-    code = section.split("```python\n")[2].split("```", 1)[0]
+def test_the_docs_client_example_runs(server: Server, zs_artifacts: Path, protocol: str) -> None:
+    page = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    section = page.split("## Model `rac-zero-shot`", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n")[1].split("```", 1)[0]
     assert '"rac-zero-shot"' in code
     code = code.replace("/tmp/zs", str(zs_artifacts))
     if protocol == "http":  # what the example's first comment says to change
-        code = code.replace("tritonclient.grpc", "tritonclient.http").replace("127.0.0.1:8001", server.http)
-    code = code.replace("127.0.0.1:8001", server.grpc)
+        code = code.replace("tritonclient.grpc", "tritonclient.http").replace("127.0.0.1:8101", server.http)
+    code = code.replace("127.0.0.1:8101", server.grpc)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("'")[1] in ("sneaker", "ankle boot", "sandal")

@@ -17,10 +17,11 @@ import torch
 from PIL import Image
 
 from loadtests.server import serving
-from models.align import AlignConfig, Pairs, project, seen_rows, train_alignment
-from models.reco import Fusion, FusionConfig, FusionData, MemoryViews, train_reco
-from service import artifacts as A
-from service.zeroshot import LabelError, check_labels, load_tokenizer
+from models.zero_shot.align import AlignConfig, Pairs, project, seen_rows, train_alignment
+from models.zero_shot.reco import Fusion, FusionConfig, FusionData, MemoryViews, train_reco
+from service.artifacts import ITEMS, MANIFEST, ZS_FILES, ZS_TEXT_ALIGNED, ZS_TEXT_TOWER, ZS_TOKENIZER, read_manifest
+from service.core.zero_shot import check_labels, load_tokenizer
+from service.errors import RequestError
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +100,7 @@ def test_labels_are_checked() -> None:
         (["ca\x00t"], "a {}", 422),
         (["cat"], "no slot", 422),
     ):
-        with pytest.raises(LabelError) as e:
+        with pytest.raises(RequestError) as e:
             check_labels(labels, template, 2, 10)
         assert e.value.status == status
 
@@ -132,25 +133,25 @@ def test_text_tower_onnx_matches_the_torch_text_encoder(zs_artifacts: Path) -> N
 
     from models.encoders import TextEncoder
 
-    with sqlite3.connect(zs_artifacts / A.ITEMS) as db:
+    with sqlite3.connect(zs_artifacts / ITEMS) as db:
         rows = db.execute("SELECT id, text FROM items ORDER BY id LIMIT 12").fetchall()
     texts = [t for _, t in rows] + ["a photo of a sandal.", "zebra-striped rain boots for toddlers"]
-    info = A.read_manifest(zs_artifacts).zero_shot
+    info = read_manifest(zs_artifacts).zero_shot
     assert info is not None
-    enc = load_tokenizer(zs_artifacts / A.ZS_TOKENIZER, info.max_tokens).encode_batch(texts)
+    enc = load_tokenizer(zs_artifacts / ZS_TOKENIZER, info.max_tokens).encode_batch(texts)
     feeds = {
         "input_ids": np.asarray([e.ids for e in enc], np.int64),
         "attention_mask": np.asarray([e.attention_mask for e in enc], np.int64),
     }
-    aligned, search = ort.InferenceSession(str(zs_artifacts / A.ZS_TEXT_TOWER)).run(None, feeds)
+    aligned, search = ort.InferenceSession(str(zs_artifacts / ZS_TEXT_TOWER)).run(None, feeds)
     np.testing.assert_allclose(search, TextEncoder()(texts), atol=2e-5)
-    stored = np.load(zs_artifacts / A.ZS_TEXT_ALIGNED)[[i for i, _ in rows]].astype(np.float32)
+    stored = np.load(zs_artifacts / ZS_TEXT_ALIGNED)[[i for i, _ in rows]].astype(np.float32)
     np.testing.assert_allclose(aligned[: len(rows)], stored, atol=2e-3)  # float16 storage
 
 
 @pytest.mark.slow
 def test_zero_shot_over_http(zs_server: str, zs_artifacts: Path) -> None:
-    manifest = A.read_manifest(zs_artifacts)
+    manifest = read_manifest(zs_artifacts)
     example = (zs_artifacts / str(manifest.examples[0]["file"])).read_bytes()
     labels = [c.lower() for c in manifest.classes]
     r = ask(zs_server, example, labels)
@@ -204,10 +205,10 @@ def test_zero_shot_refuses_bad_input_with_4xx(zs_server: str) -> None:
 def test_artifacts_without_zero_shot_parts_answer_404(zs_artifacts: Path, tmp_path: Path) -> None:
     plain = tmp_path / "plain"
     shutil.copytree(zs_artifacts, plain)
-    manifest = json.loads((plain / A.MANIFEST).read_text())
+    manifest = json.loads((plain / MANIFEST).read_text())
     manifest.pop("zero_shot")
-    (plain / A.MANIFEST).write_text(json.dumps(manifest))
-    for name in A.ZS_FILES:
+    (plain / MANIFEST).write_text(json.dumps(manifest))
+    for name in ZS_FILES:
         (plain / name).unlink()
     with serving(plain, RAC_WORKERS="1") as url:
         r = ask(url, png(), ["cat", "dog"])
@@ -220,9 +221,8 @@ def test_artifacts_without_zero_shot_parts_answer_404(zs_artifacts: Path, tmp_pa
 def test_a_swap_to_a_version_without_zero_shot_parts_answers_404(zs_artifacts: Path, tmp_path: Path) -> None:
     """A version without zero-shot parts (here: a derived one whose manifest lost its section) is served for
     /classify; once it is, zero-shot answers 404 saying why."""
-    from models import memory_ops as ops
-    from tests.conftest import root_without_zero_shot, wait_until
-    from tests.test_service import client
+    from models.memory import ops
+    from tests.helpers import client, root_without_zero_shot, wait_until
 
     root = root_without_zero_shot(zs_artifacts, tmp_path)
     form: list[tuple[str, tuple[str | None, bytes] | tuple[str | None, bytes, str]]] = [

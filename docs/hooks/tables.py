@@ -1,0 +1,110 @@
+"""The docs' tables of measured figures: which results files each reads and how its rows are made (accuracy.py,
+speed.py), and which command wrote each file. A new measurement is a new entry here and a
+`<!-- figure: name -->` marker in a page."""
+
+from __future__ import annotations
+
+import accuracy as a
+import finetune as ft
+import speed as s
+import store as m
+from figures import Table
+
+COMMANDS = {
+    "bench.json": "rac bench --artifacts artifacts/demo --seconds 6 --json results/bench.json",
+    "build.json": "make results/build.json",  # rac build's manifest: its index and evaluation
+    "choices.json": "rac choices --artifacts artifacts/demo --json results/choices.json",
+    **{
+        f"choices_train_{a}_scale{s}.json": f"rac train --artifacts artifacts/demo --seeds 0 --attention {a} "
+        f"--temperature-scale {s} --json results/choices_train_{a}_scale{s}.json"
+        for a, s in (("similarity", 10), ("similarity", 1), ("both", 10))
+    },
+    "evaluation.json": "rac evaluate --artifacts artifacts/demo --json results/evaluation.json",
+    "recipe_split0.json": "rac evaluate --artifacts artifacts/demo --only table --heads '1 layer|similarity \\+ Q/K' "
+    "--json results/recipe_split0.json",
+    "recipe8_split0.json": "rac evaluate --artifacts artifacts/demo --only table --heads '8 layers\\), balanced' "
+    "--json results/recipe8_split0.json",
+    "recipe_split1.json": "rac evaluate --artifacts artifacts/demo --only table --data-seed 1 --ratio 100 "
+    "--heads '^(Linear|MLP|Mean kNN|MAM|MAM \\(paper, 1 layer\\).*|MAM, similarity.*)$' "
+    "--json results/recipe_split1.json",
+    "recipe8_split1.json": "rac evaluate --artifacts artifacts/demo --only table --data-seed 1 --ratio 100 "
+    "--heads '^MAM \\(paper, 8 layers\\)' --json results/recipe8_split1.json",
+    "zero_shot.json": "rac evaluate --zero-shot --artifacts artifacts/demo --json results/zero_shot.json",
+    **{
+        f"finetune_choices/b{b}_lr{lr}_flip.json": "rac train --artifacts artifacts/demo --finetune --seeds 0 "
+        f"--ft-blocks {b} --ft-lr {lr} --json results/finetune_choices/b{b}_lr{lr}_flip.json"
+        for b, lr in ((2, "3e-4"), (2, "1e-3"), (1, "1e-3"))
+    },
+    "finetune_split0.json": "rac evaluate --artifacts artifacts/demo --only table --finetune "
+    "--json results/finetune_split0.json",
+    "finetune_split1.json": "rac evaluate --artifacts artifacts/demo --only table --finetune --data-seed 1 "
+    "--ratio 100 --json results/finetune_split1.json",
+    "finetune_cost.json": "python -m loadtests.encoder_cost --frozen /tmp/quick --tuned /tmp/quick-ft2 "
+    "--seconds 10 --json results/finetune_cost.json",
+    "finetune_cost_blocks1.json": "python -m loadtests.encoder_cost --frozen /tmp/quick --tuned /tmp/quick-ft1 "
+    "--seconds 10 --json results/finetune_cost_blocks1.json",
+    "memory_scale.json": "rac bench --memory --sizes 100000,1000000,10000000 --json results/memory_scale.json",
+    "memory_curve.json": "python -m loadtests.memory_curve --artifacts artifacts/demo --json results/memory_curve.json",
+    "memory_accuracy.json": "python -m loadtests.memory_accuracy --artifacts artifacts/demo "
+    "--json results/memory_accuracy.json",
+    "ray_bench.json": "python -m loadtests.ray_bench --artifacts artifacts/demo --shards-dir /tmp/rac-ray-bench/shards "
+    "--json results/ray_bench.json",
+    "ray_build.json": "python -m loadtests.ray_add --artifacts artifacts/demo --images 16000 "
+    "--json results/ray_build.json",
+    "profile.json": "python -m loadtests.profile --artifacts artifacts/demo --json results/profile.json",
+    "protocols.json": "python -m loadtests.protocols --artifacts artifacts/demo --checkout before=DIR "
+    "--checkout after=. --repeat 2 --json results/protocols.json",
+    "protocols_drivers.json": "python -m loadtests.protocols --artifacts artifacts/demo --grpc-processes 1,4 "
+    "--repeat 3 --json results/protocols_drivers.json",
+    "classify_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify --grpc-processes '' "
+    "--checkout before=DIR --checkout after=. --repeat 3 --json results/classify_ab.json",
+    "load/summary.json": "make load",
+    "filters.json": "python -m loadtests.filters --artifacts artifacts/demo --scale .cache/scale/1m "
+    "--json results/filters.json",
+    "memories.json": "python -m loadtests.memories --artifacts artifacts/demo --json results/memories.json",
+}
+
+TABLES: dict[str, Table] = {
+    "bench_ceiling": Table(("bench.json",), s.bench_ceiling, "Batches of 32 distinct images, no HTTP."),
+    "bench_encoder": Table(("bench.json",), s.bench_encoder, "The raw encoder in onnxruntime, 2 threads."),
+    "bench_http": Table(("bench.json",), s.bench_http, "Distinct images (cache misses) unless marked."),
+    "bench_overload": Table(("bench.json",), s.bench_overload),
+    "bench_protocols": Table(("bench.json",), s.bench_protocols, "The run of the HTTP table, one image a request."),
+    "bench_targets": Table(("bench.json",), s.bench_targets),
+    "table1": Table(("evaluation.json",), a.eval_table1, "Test top-1 %, mean ± std over seeds."),
+    "attention": Table(("evaluation.json",), a.eval_attention, "Attention mass vs share, %, test."),
+    "k_sweep": Table(("evaluation.json",), a.eval_k, "Test top-1 %, all classes / few-shot."),
+    "memory_ablation": Table(("evaluation.json",), a.eval_memory, "Test top-1 %, a head trained per memory."),
+    "recipes_split0": Table(("recipe_split0.json", "recipe8_split0.json"), a.recipes, "Test top-1 %, 3 seeds."),
+    "recipes_split1": Table(("recipe_split1.json", "recipe8_split1.json"), a.recipes, "Test top-1 %, 3 seeds."),
+    "zero_shot": Table(("zero_shot.json",), a.zero_shot, "Zero-shot test top-1 %, mean ± std over seeds."),
+    "zero_shot_k": Table(("zero_shot.json",), a.zero_shot_k, "RECO on both sides, top-1 %."),
+    "finetune_choices": Table(
+        tuple(f"finetune_choices/{n}_flip.json" for n in ("b2_lr3e-4", "b2_lr1e-3", "b1_lr1e-3")),
+        ft.choices,
+        "Validation top-1 %, seed 0; MAM head, lr 1e-3.",
+    ),
+    "finetune_split0": Table(
+        ("finetune_split0.json",), ft.split, "Test top-1 %, mean ± std over 3 seeds; val all: validation, the mean."
+    ),
+    "finetune_split1": Table(
+        ("finetune_split1.json",), ft.split, "Test top-1 %, mean ± std over 3 seeds; val all: validation, the mean."
+    ),
+    "finetune_cost": Table(("finetune_cost.json", "finetune_cost_blocks1.json"), ft.cost, "One run each."),
+    "nprobe": Table(("build.json",), a.nprobe, "The demo build's sweep, validation queries."),
+    "scale": Table(("memory_scale.json",), s.scale),
+    "scale_search": Table(("memory_scale.json",), s.scale_search),
+    "scale_target": Table(("memory_scale.json",), s.scale_target),
+    "memory_curve": Table(("memory_curve.json",), a.memory_curve, "Test top-1 % through HTTP, one head throughout."),
+    "memory_accuracy": Table(("memory_accuracy.json",), a.memory_accuracy),
+    "ray": Table(("ray_bench.json",), s.ray, "Distinct images (cache misses), over HTTP on loopback."),
+    "ray_build": Table(("ray_build.json",), s.ray_build, "Decode, embed, text and thumbnail, per image."),
+    "profile": Table(("profile.json",), s.profile),
+    "protocols": Table(("protocols.json",), s.protocols, "16 connections."),
+    "protocol_drivers": Table(("protocols_drivers.json",), s.protocol_drivers, "16 connections."),
+    "classify_ab": Table(("classify_ab.json",), s.classify_ab),
+    "load": Table(("load/summary.json",), s.load),
+    "filters": Table(("filters.json",), m.filters, "/classify at 16 connections, new images (cache misses)."),
+    "filters_accuracy": Table(("filters.json",), m.filters_accuracy, "Test top-1 % through HTTP, balanced test set."),
+    "memories": Table(("memories.json",), m.memories, "All the server's processes, after start-up and pre-fault."),
+}

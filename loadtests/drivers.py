@@ -1,0 +1,173 @@
+"""The load drivers `rac bench` and its siblings use, each in a process of its own (so that its CPU is its own),
+and what a run cost the server: wrk (HTTP/1.1, prepared bodies cycled by a Lua script), the gRPC driver
+(loadtests/v2load.py) and the overload generator (loadtests/overload.py); `measured` wraps any of them with
+the server's CPU per request (read from its processes), the driver's, and the mean batch the server formed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from loadtests import multipart, v2load
+from loadtests.overload import write_bodies
+from loadtests.server import ROOT, scrape
+
+LUA = r"""
+local bodies, extras, n, i, header = {}, {}, 0, 0, nil
+function init(args)
+  local f = assert(io.open(args[1], "rb"))
+  local data = f:read("*all")
+  f:close()
+  local pos = 1
+  while pos <= #data do  -- records "<length>[ <header value>]\n<body>"
+    local nl = string.find(data, "\n", pos, true)
+    local len, extra = string.match(string.sub(data, pos, nl - 1), "^(%d+) ?(.*)$")
+    len = tonumber(len)
+    n = n + 1
+    bodies[n], extras[n] = string.sub(data, nl + 1, nl + len), extra
+    pos = nl + 1 + len
+  end
+  wrk.method = "POST"
+  wrk.headers["Content-Type"] = os.getenv("WRK_CONTENT_TYPE")
+  header = os.getenv("WRK_HEADER")  -- a header whose value differs per body (Inference-Header-Content-Length)
+end
+function request()
+  i = i + 1
+  local k = (i - 1) % n + 1
+  if header then wrk.headers[header] = extras[k] end
+  return wrk.format(nil, nil, nil, bodies[k])
+end
+function done(summary, latency, requests)
+  local f = assert(io.open(os.getenv("WRK_OUT"), "w"))  -- done() runs in its own Lua state: no init args
+  f:write(string.format('{"requests": %d, "seconds": %f, "non_2xx": %d, "socket_errors": %d, ' ..
+    '"p50_ms": %f, "p90_ms": %f, "p99_ms": %f, "max_ms": %f}',
+    summary.requests, summary.duration / 1e6, summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    latency:percentile(50) / 1e3, latency:percentile(90) / 1e3, latency:percentile(99) / 1e3, latency.max / 1e3))
+  f:close()
+end
+"""
+
+
+def children_cpu() -> float:
+    """CPU seconds used by this process's finished children (the load generators)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def wrk(
+    url: str,
+    bodies: list[bytes],
+    connections: int,
+    seconds: float,
+    workdir: Path,
+    content_type: str = multipart.CONTENT_TYPE,
+    header: tuple[str, list[str]] | None = None,  # a header's name, and its value for each body
+) -> dict[str, Any]:
+    data = workdir / f"bodies-{connections}.bin"
+    write_bodies(data, bodies, header[1] if header else None)
+    script, result = workdir / "bench.lua", workdir / f"wrk-{connections}.json"
+    script.write_text(LUA)
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script)]
+    env = {"WRK_OUT": str(result), "WRK_CONTENT_TYPE": content_type} | ({"WRK_HEADER": header[0]} if header else {})
+    cpu = children_cpu()
+    done = subprocess.run([*cmd, url, "--", str(data)], capture_output=True, text=True, env=os.environ | env)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed: {done.stdout}{done.stderr}")
+    stats: dict[str, Any] = json.loads(result.read_text())
+    stats["req_per_s"] = stats["requests"] / stats["seconds"]
+    stats["client_cores"] = (children_cpu() - cpu) / stats["seconds"]  # what wrk itself kept busy
+    return stats
+
+
+def v2_http(url: str, images: list[bytes], connections: int, seconds: float, workdir: Path) -> dict[str, Any]:
+    """POST /v2/models/rac/infer with the binary tensor data extension, one image a request, by wrk."""
+    bodies, lengths = zip(*(v2load.http_body(png) for png in images), strict=True)
+    header = (v2load.HEADER_LENGTH, [str(n) for n in lengths])
+    target = f"{url}/v2/models/rac/infer"
+    return wrk(target, list(bodies), connections, seconds, workdir, "application/octet-stream", header)
+
+
+def v2_grpc(
+    target: str, images: list[bytes], concurrency: int, seconds: float, workdir: Path, processes: int = 1
+) -> dict[str, Any]:
+    """ModelInfer, one image a request, from a separate process (or several: loadtests/v2load.py; it reports
+    the CPU it used while measuring as client_cores)."""
+    requests, out = workdir / f"grpc-{concurrency}.bin", workdir / f"grpc-{concurrency}.json"
+    write_bodies(requests, [v2load.grpc_request(png) for png in images])
+    cmd = [sys.executable, "-m", "loadtests.v2load", "--target", target, "--requests", str(requests)]
+    cmd += ["--concurrency", str(concurrency), "--seconds", str(seconds), "--out", str(out)]
+    cmd += ["--processes", str(processes)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"the gRPC load driver failed: {done.stdout}{done.stderr}")
+    stats: dict[str, Any] = json.loads(out.read_text())
+    return stats
+
+
+def overload(url: str, bodies: list[bytes], connections: int, seconds: float, workdir: Path) -> dict[str, Any]:
+    """One overload level through loadtests/overload.py in its own process; adds the server's cache errors,
+    its resident memory at the end (all its processes) and the generator's own CPU. `requests` and
+    `req_per_s` are the successful ones."""
+    data = workdir / f"overload-{connections}.bin"
+    write_bodies(data, bodies)
+    errors = scrape(url).get('rac_cache_total{result="error"}', 0.0)
+    cpu = children_cpu()
+    cmd = [sys.executable, "-m", "loadtests.overload", "--url", url, "--connections", str(connections)]
+    done = subprocess.run([*cmd, "--seconds", str(seconds), "--bodies", str(data)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"overload run failed: {done.stderr}")
+    stats: dict[str, Any] = json.loads(done.stdout)
+    stats["requests"], stats["req_per_s"] = stats["statuses"].get("200", 0), stats["ok_per_s"]
+    stats["client_cores"] = (children_cpu() - cpu) / stats["seconds"]
+    stats["cache_errors"] = scrape(url).get('rac_cache_total{result="error"}', 0.0) - errors
+    stats["server_rss_mb"] = sum(p.memory_info().rss for p in server_tree(url)) / 2**20
+    return stats
+
+
+def server_processes(url: str) -> list[psutil.Process]:
+    """The processes listening on the server's port (uvicorn's supervisor and its workers)."""
+    port = int(url.rsplit(":", 1)[1])
+    pids = {c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port and c.pid}
+    return [psutil.Process(p) for p in sorted(pids)]
+
+
+def server_tree(url: str) -> list[psutil.Process]:
+    """Every process of the server: the supervisor (`python -m service`) and all its children (its workers
+    share one listening socket, which the kernel names under one of them only)."""
+    tree: dict[int, psutil.Process] = {}
+    for p in server_processes(url):
+        parent = p.parent()
+        top = parent if parent is not None and "service" in parent.cmdline() else p
+        for q in [top, *top.children(recursive=True)]:
+            tree[q.pid] = q
+    return list(tree.values())
+
+
+def measured(url: str, processes: list[psutil.Process], drive: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """One load run, with what it cost per (successful) request: the server's CPU (all its processes, read from
+    them), the driver's, and the mean size of the batches the server ran meanwhile (rac_batch_size)."""
+
+    def cpu() -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+    before, used = scrape(url), cpu()
+    stats = drive()
+    used, after = cpu() - used, scrape(url)
+    batches = after.get("rac_batch_size_count", 0.0) - before.get("rac_batch_size_count", 0.0)
+    images = after.get("rac_batch_size_sum", 0.0) - before.get("rac_batch_size_sum", 0.0)
+    n = max(1, stats["requests"])
+    stats["server_cpu_ms_per_request"] = 1000 * used / n
+    stats["server_cores"] = used / stats["seconds"]
+    stats["client_cpu_ms_per_request"] = 1000 * stats["client_cores"] * stats["seconds"] / n
+    stats["mean_batch"] = images / batches if batches else None
+    return stats

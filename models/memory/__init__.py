@@ -1,0 +1,1 @@
+"""The memory offline: making it, versions (add, remove, publish, list), scale memories, shards."""

@@ -1,0 +1,1 @@
+"""The served memory: loading and checking a version, live swaps, paging, integrity, shards."""

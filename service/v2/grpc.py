@@ -1,0 +1,182 @@
+"""The Open Inference Protocol over gRPC: `inference.GRPCInferenceService`, in every server process.
+
+The messages and the service base class are the protocol's own generated code as tritonclient ships it
+(`tritonclient.grpc.service_pb2`, `service_pb2_grpc`): nothing of the wire format is written here. The server
+is grpc.aio on the server process's own event loop (the one uvicorn runs), so a request reaches the very
+pipeline, micro-batcher, cache and metrics the HTTP routes use. Implemented: ServerLive, ServerReady,
+ModelReady, ServerMetadata, ModelMetadata, ModelInfer; the rest answer UNIMPLEMENTED.
+
+Several server processes all listen on RAC_GRPC_PORT with SO_REUSEPORT, and the kernel spreads connections
+over them; one process alone does not set it, so a port already taken fails the start instead of being shared.
+A gRPC channel is one connection: a client that wants every process busy opens several (with
+`grpc.use_local_subchannel_pool`, else grpcio shares one connection among channels to the same address).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import json_format
+from grpc.aio import ServicerContext as Context
+from starlette.datastructures import State
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from service.auth import OPEN, Keys, Principal
+from service.errors import RequestError, grpc_code
+from service.metrics import Metrics
+from service.settings import Settings
+from service.v2 import model as v2
+from service.v2.tensors import VERSION, InferRequest, InputTensor, parse_bytes
+
+log = logging.getLogger(__name__)
+SERVICE = "/inference.GRPCInferenceService/"
+PUBLIC_METHODS = ("ServerLive", "ServerReady")  # health checks answer without a key, as /healthz and /readyz
+_caller: contextvars.ContextVar[Principal] = contextvars.ContextVar("caller", default=OPEN)
+R = TypeVar("R")
+
+
+class Servicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Reads the pipeline and readiness from the app's state at every call, as the HTTP routes do."""
+
+    def __init__(self, state: State, metrics: Metrics) -> None:
+        self.state, self.metrics = state, metrics
+
+    def _principal(self, method: str, context: Context) -> Principal:
+        """The caller's key (the `authorization` metadata, as HTTP's header), where keys are required and the
+        method is not a health check: RequestError 401 without a known key."""
+        keys: Keys = self.state.keys
+        if not keys.enabled or method in PUBLIC_METHODS:
+            return OPEN
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        principal = keys.principal(metadata.get("authorization"))
+        if principal is None:
+            raise RequestError(401, "an API key is required: metadata authorization: Bearer KEY")
+        self.metrics.key_requests.labels(principal.name).inc()
+        return principal
+
+    async def _answer(self, method: str, context: Context, call: Callable[[], Awaitable[R]]) -> R:
+        """Runs one call, counted in rac_requests_total{route="/inference.GRPCInferenceService/<method>"} with
+        the HTTP status the outcome would have had (499: the client went away); a RequestError (overload
+        included) becomes the protocol's status code (service/errors.py's one mapping). The call reads its
+        caller's key from `_caller`."""
+        status = 500
+        try:
+            _caller.set(self._principal(method, context))
+            result = await call()
+            status = 200
+            return result
+        except RequestError as e:
+            status = e.status
+            await context.abort(grpc_code(e.status), e.message)
+        except asyncio.CancelledError:
+            status = 499  # the client went away (cancelled, or its deadline passed): no server error
+            raise
+        finally:
+            self.metrics.requests.labels(SERVICE + method, str(status)).inc()
+        raise AssertionError("context.abort returned")  # it always raises
+
+    async def ServerLive(self, request: Any, context: Context) -> Any:
+        async def call() -> Any:
+            return pb.ServerLiveResponse(live=True)
+
+        return await self._answer("ServerLive", context, call)
+
+    async def ServerReady(self, request: Any, context: Context) -> Any:
+        async def call() -> Any:
+            return pb.ServerReadyResponse(ready=v2.ready(self.state))
+
+        return await self._answer("ServerReady", context, call)
+
+    async def ModelReady(self, request: Any, context: Context) -> Any:
+        async def call() -> Any:
+            v2.check_model(request.name, request.version, v2.loaded(self.state))
+            return pb.ModelReadyResponse(ready=v2.ready(self.state))
+
+        return await self._answer("ModelReady", context, call)
+
+    async def ServerMetadata(self, request: Any, context: Context) -> Any:
+        async def call() -> Any:
+            return json_format.ParseDict(v2.server_metadata(), pb.ServerMetadataResponse())
+
+        return await self._answer("ServerMetadata", context, call)
+
+    async def ModelMetadata(self, request: Any, context: Context) -> Any:
+        async def call() -> Any:
+            v2.check_model(request.name, request.version, v2.loaded(self.state))
+            metadata = v2.model_metadata(v2.require_pipeline(self.state), request.name)
+            return json_format.ParseDict(metadata, pb.ModelMetadataResponse())
+
+        return await self._answer("ModelMetadata", context, call)
+
+    async def ModelInfer(self, request: Any, context: Context) -> Any:
+        async def call() -> Any:
+            v2.check_model(request.model_name, request.model_version, v2.loaded(self.state))
+            pipeline = v2.require_pipeline(self.state)
+            # The HTTP routes' door (service/api/intake.py): wait for a slot or be refused; the message is in.
+            upload = await pipeline.admission.upload(request.ByteSize())
+            try:
+                upload.arrived()
+                req = parse(request, v2.element_limits(pipeline.settings))
+                outputs, first = await v2.infer(pipeline, req, _caller.get())
+            finally:
+                upload.close()
+            response = pb.ModelInferResponse(model_name=req.model, model_version=VERSION, id=request.id)
+            response.parameters["memory"].string_param = first.memory
+            response.parameters["memory_version"].string_param = first.memory_version
+            response.parameters["neighbors_used"].int64_param = first.neighbors_used
+            for out in outputs:
+                response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+                response.raw_output_contents.append(out.raw())
+            return response
+
+        return await self._answer("ModelInfer", context, call)
+
+
+def parse(request: Any, limits: dict[str, int]) -> InferRequest:
+    """A ModelInferRequest -> the request. An input's data is in raw_input_contents (the same index as the
+    input; what tritonclient sends) or in contents.bytes_contents. At most as many elements are read as
+    `limits` gives the input's name (or the largest of them, for other names)."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise RequestError(400, f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: give one per input")
+    inputs = []
+    for i, t in enumerate(request.inputs):
+        elements: list[bytes] = []
+        if t.datatype == "BYTES":
+            limit = limits.get(t.name, max(limits.values()))
+            elements = parse_bytes(raw[i], f"input '{t.name}'", limit) if raw else list(t.contents.bytes_contents)
+        inputs.append(InputTensor(t.name, t.datatype, list(t.shape), elements))
+    parameters = {
+        k: getattr(p, p.WhichOneof("parameter_choice") or "string_param") for k, p in request.parameters.items()
+    }
+    outputs = [o.name for o in request.outputs]
+    return InferRequest(request.model_name, request.model_version, inputs, parameters, outputs, request.id)
+
+
+async def start(state: State, settings: Settings, metrics: Metrics) -> grpc.aio.Server | None:
+    """Serve the protocol on settings.host:settings.grpc_port in this process; None where the port is 0."""
+    if not settings.grpc_port:
+        return None
+    options = [
+        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+        ("grpc.max_receive_message_length", settings.max_request_bytes),
+    ]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(state, metrics), server)
+    address = f"{settings.host}:{settings.grpc_port}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"gRPC cannot listen on {address} (RAC_GRPC_PORT; 0 turns gRPC off; processes of one server share it "
+            f"where RAC_WORKERS gives their number, as `python -m service` sets it): {e}"
+        ) from None
+    await server.start()
+    log.info("Open Inference Protocol over gRPC on %s", address)
+    return server

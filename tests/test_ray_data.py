@@ -1,0 +1,123 @@
+"""The Ray pieces that need no Serve deployment: the single-machine service never imports Ray; the ingress's
+shard client asks a call again where a replica died or held another memory version (stand-in handles); and
+`rac memory add --ray` on a two-node cluster of its own (Ray Data) writes the single-machine add's memory.
+
+Ray comes with the `ray` extra (`make test` installs it); without it the Ray tests skip, except in CI (CI=true
+or RAC_REQUIRE_RAY=1), where they fail."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from loadtests.server import ROOT
+from service.app import create_app
+from service.settings import Settings
+from tests.helpers import need_ray, png, rows
+
+
+def test_the_single_machine_service_never_imports_ray() -> None:
+    code = (
+        "import sys, service.app, service.serve, service.__main__, rac.cli\n"
+        "from service.app import create_app; from service.settings import Settings\n"
+        "create_app(Settings())\n"
+        "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+@pytest.mark.ray
+def test_a_shard_call_a_dying_replica_failed_is_asked_again() -> None:
+    """RayShards over stand-in handles: a call that fails with a dead replica's error, or that a replica of
+    another memory version refused, is sent again; a shard's own error is not."""
+    need_ray()
+    import ray
+
+    from service.cluster.app import RETRIES, RayShards
+    from service.memory.shards import At, ShardsUnavailable, StaleShard
+
+    class Response:
+        def __init__(self, value: object):
+            self.value = value
+
+        def result(self) -> object:
+            if isinstance(self.value, Exception):
+                raise self.value
+            return self.value
+
+    class Method:
+        def __init__(self, answers: list[object]):
+            self.answers, self.calls = answers, 0
+
+        def remote(self, *args: object) -> Response:
+            self.calls += 1
+            return Response(self.answers.pop(0))
+
+    class Handle:
+        deployment_name = "shard-x"
+
+        def __init__(self, answers: list[object]):
+            self.gather = Method(answers)
+
+    died = ray.exceptions.ActorDiedError()
+    stale = StaleShard("shard 0 holds memory version a, not b")  # a replica of the version being replaced
+    flaky, steady = Handle([died, stale, (0, 5, "v")]), Handle([(5, 9, "v")])
+    client = RayShards([flaky, steady])  # type: ignore[list-item]
+    at = At("b", "/memory/b")
+    assert client.gather([np.arange(2), np.arange(2)], True, True, at) == [(0, 5, "v"), (5, 9, "v")]
+    assert (flaky.gather.calls, steady.gather.calls, client.retried) == (3, 1, 2)
+    with pytest.raises(ValueError):
+        RayShards([Handle([ValueError("bad ids")])]).gather([np.arange(2)], True, True, at)  # type: ignore[list-item]
+    with pytest.raises(ShardsUnavailable):  # every try failed: the request answers 503
+        RayShards([Handle([died] * (RETRIES + 1))]).gather([np.arange(2)], True, True, at)  # type: ignore[list-item]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_data_add_equals_the_single_machine_add(zs_artifacts: Path, tmp_path: Path) -> None:
+    """`rac memory add --ray` on a two-node cluster of its own (Ray Data: an encoder actor on each node) writes
+    the memory the single-machine `rac memory add` writes for the same list: the same ids, keys, tags, texts
+    and thumbnails, keys and values within float16 rounding, and the same answers."""
+    need_ray()
+    from loadtests.ray_cluster import ray_cluster
+
+    images = tmp_path / "images"
+    images.mkdir()
+    lines = []
+    for i in range(40):
+        (images / f"{i}.png").write_bytes(png(30_000 + i))
+        lines.append(json.dumps({"image": f"{i}.png", "label": i % 10, "key": f"new/{i}", "tags": [f"t{i % 3}"]}))
+    (tmp_path / "new.jsonl").write_text("\n".join(lines))
+    add = [sys.executable, "-m", "rac.cli", "memory", "add", "--from", str(zs_artifacts), "--list"]
+    add += [str(tmp_path / "new.jsonl"), "--images", str(images)]
+    subprocess.run([*add, "--out", str(tmp_path / "here")], cwd=ROOT, check=True, capture_output=True)
+    with ray_cluster() as cluster:
+        done = subprocess.run(
+            [*add, "--out", str(tmp_path / "ray"), "--ray"], cwd=ROOT, env=cluster.env, text=True, capture_output=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert "on Ray (2 actors)" in done.stderr
+    here, ray = tmp_path / "here", tmp_path / "ray"
+    np.testing.assert_array_equal(np.load(ray / "ids.npy"), np.load(here / "ids.npy"))
+    for name in ("keys.npy", "values.npy"):
+        a, b = np.load(ray / name).astype(np.float32), np.load(here / name).astype(np.float32)
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-3)  # float16: one unit in the last place at most
+        assert (a == b).mean() > 0.99
+    assert rows(ray / "items.sqlite") == rows(here / "items.sqlite")  # ids, texts, keys, tags, thumbnails
+    with (
+        TestClient(create_app(Settings(artifacts=here))) as want,
+        TestClient(create_app(Settings(artifacts=ray))) as got,
+    ):
+        for i in range(0, 40, 8):
+            files = {"image": ("x.png", png(30_000 + i), "image/png")}
+            w, g = (c.post("/classify?neighbors=10", files=files).json() for c in (want, got))
+            assert [n["id"] for n in g["neighbors"]] == [n["id"] for n in w["neighbors"]]
+            assert g["neighbors"][0]["key"] == f"new/{i}"  # the item itself, found by its image
+            for gp, wp in zip(g["predictions"], w["predictions"], strict=True):
+                assert gp["label"] == wp["label"] and gp["probability"] == pytest.approx(wp["probability"], abs=1e-4)

@@ -1,0 +1,108 @@
+"""The supervisor of several server processes, as real processes: SIGHUP to it (what docker kill -s HUP,
+systemd's ExecReload and Kubernetes send to the main process) makes every server process look at the memory
+root, without restarting any; POST /admin/reload to one process reaches them all; a SIGHUP with a plain
+artifact directory changes nothing; a server whose processes refuse to start exits at once."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from loadtests.server import free_port
+from models.memory import ops
+from service.artifacts import ITEMS, VALUES, read_manifest
+from tests.helpers import rows, tampered, wait_until
+from tests.processes import ROOT, environ, server
+
+pytestmark = pytest.mark.slow
+TOKEN = "s3cret"
+
+
+@pytest.fixture
+def root(synthetic_artifacts: Path, tmp_path: Path) -> tuple[Path, list[Path]]:
+    """ROOT/current -> the synthetic memory; v2 and v3 beside it (fewer items each), not yet published."""
+    root = tmp_path / "root"
+    ops.publish(synthetic_artifacts, root)
+    versions = []
+    for name, label in (("v2", 0), ("v3", 1)):
+        ids = tmp_path / f"{name}.txt"
+        ids.write_text("\n".join(str(r[0]) for r in rows(synthetic_artifacts / ITEMS) if r[3] == label))
+        ops.remove(synthetic_artifacts, root / name, ids_file=ids)
+        versions.append(root / name)
+    return root, versions
+
+
+def workers(proc: subprocess.Popen[str]) -> set[int]:
+    """The server processes under the supervisor (not multiprocessing's resource tracker)."""
+    children = psutil.Process(proc.pid).children()
+    return {c.pid for c in children if "resource_tracker" not in " ".join(c.cmdline())}
+
+
+def served(url: str, pids: set[int], version: str) -> bool:
+    """Whether every one of `pids` says it serves `version`, asking /info on new connections (the kernel
+    hands each to one process or the other) until each has answered."""
+    seen: dict[int, str] = {}
+    deadline = time.monotonic() + 10
+    while set(seen) != pids and time.monotonic() < deadline:
+        memory = httpx.get(f"{url}/info", timeout=5).json()["memory"]
+        seen[memory["pid"]] = memory["version"]
+    assert set(seen) == pids, f"only {set(seen)} of {pids} answered"
+    return set(seen.values()) == {version}
+
+
+def test_sighup_to_the_supervisor_reloads_every_server_process(root: tuple[Path, list[Path]]) -> None:
+    path, (v2, v3) = root
+    env = {"RAC_WORKERS": "2", "RAC_MEMORY_POLL_S": "3600", "RAC_ADMIN_TOKEN": TOKEN}  # no polling: signals only
+    with server(path, **env) as (proc, url):
+        wait_until(lambda: len(workers(proc)) == 2, 10, "two server processes")
+        pids = workers(proc)
+        ops.publish(v2, path)
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: served(url, pids, read_manifest(v2).memory_version), 30, "v2 in every process")
+        assert workers(proc) == pids  # reloaded, not restarted
+
+        ops.publish(v3, path)
+        r = httpx.post(f"{url}/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+        assert r.status_code == 200 and r.json()["all_processes"] is True
+        wait_until(lambda: served(url, pids, read_manifest(v3).memory_version), 30, "v3 in every process")
+        assert workers(proc) == pids and proc.poll() is None
+
+
+def test_sighup_with_an_artifact_directory_changes_nothing(synthetic_artifacts: Path, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    with server(synthetic_artifacts, log, RAC_WORKERS="2") as (proc, url):
+        wait_until(lambda: len(workers(proc)) == 2, 10, "two server processes")
+        pids = workers(proc)
+        assert served(url, pids, read_manifest(synthetic_artifacts).memory_version)  # both have started
+        for pid in [proc.pid, *pids]:  # the supervisor (which passes it on), and each server process directly
+            psutil.Process(pid).send_signal(signal.SIGHUP)
+        wait_until(lambda: log.read_text().count("nothing to reload") == 4, 10, "each process to see two")
+        assert workers(proc) == pids and proc.poll() is None  # not restarted (uvicorn's SIGHUP), not killed
+        assert httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("workers_", ["1", "2"])
+def test_a_server_that_refuses_to_start_exits_within_seconds(
+    synthetic_artifacts: Path, tmp_path: Path, workers_: str
+) -> None:
+    """Time from the refusal in the log to the exit: uvicorn's supervisor took a 30 s health-check timeout."""
+    bad = tampered(synthetic_artifacts, tmp_path / "bad", file=VALUES)
+    cmd = [sys.executable, "-m", "service"]
+    env = environ(bad, free_port(), RAC_WORKERS=workers_)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    refused = None
+    for line in proc.stderr:
+        if refused is None and "refusing to start" in line:
+            refused = time.monotonic()
+    proc.wait(30)
+    assert refused is not None, "no refusal in the log"
+    assert proc.returncode != 0
+    assert time.monotonic() - refused < 5

@@ -1,0 +1,70 @@
+"""The fast split of a multipart/form-data body against python-multipart's parser, the reference: the same
+parts (name, filename, bytes) for every body it takes, and no answer (the parser decides) for any other."""
+
+from __future__ import annotations
+
+import random
+
+import httpx
+import pytest
+
+from service.api.upload import Part, parse, split
+from service.errors import RequestError
+from tests.synthetic import png
+
+
+def _fields(parts: list[Part]) -> list[tuple[str, str | None, bytes]]:
+    return [(p.name, p.filename, bytes(p.data)) for p in parts]
+
+
+def encoded(files: list[tuple[str, tuple[str, bytes, str]]], data: dict[str, str]) -> tuple[bytes, bytes]:
+    """A body as httpx (like requests and browsers) encodes a form: (body, boundary)."""
+    request = httpx.Request("POST", "http://x", files=files, data=data)
+    boundary = request.headers["content-type"].split("boundary=")[1].encode()
+    return request.read(), boundary
+
+
+def test_forms_as_clients_send_them_split_into_the_parsers_parts() -> None:
+    rng = random.Random(7)
+    images = [png(i) for i in range(4)] + [b"", b"\r\n--x\r\n", bytes(rng.randrange(256) for _ in range(5000))]
+    names = ["x.png", 'we"ird.png', "b\u00e9b\u00e9.png", "a;b=c.png"]
+    for n in range(40):
+        files = [("images" if n % 2 else "image", (rng.choice(names), rng.choice(images), "image/png"))]
+        files *= 1 + n % 3
+        body, boundary = encoded(files, {"labels": "cat", "template": "a photo of a {}."} if n % 4 == 0 else {})
+        fast = split(body, boundary)
+        assert fast is not None, body[:200]
+        assert _fields(fast) == _fields(parse(body, boundary))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'preamble\r\n--B\r\nContent-Disposition: form-data; name="image"; filename="x"\r\n\r\nabc\r\n--B--\r\n',
+        b'--B  \r\nContent-Disposition: form-data; name="image"\r\n\r\nabc\r\n--B--',  # padding after a delimiter
+        b'--B\r\nContent-Disposition: form-data; name="a"\r\n\r\nabc\r\n--B \r\nX: y\r\n\r\ndef\r\n--B--',
+        b'--B\r\nContent-Disposition: form-data; name="image"\r\n\r\nabc\r\n--B--\r\nepilogue',
+    ],
+)
+def test_other_shapes_are_left_to_the_parser(body: bytes) -> None:
+    """Legal or not, these are not what clients send: the parser takes them or names what is wrong."""
+    assert split(body, b"B") is None
+    try:
+        parse(body, b"B")
+    except RequestError as e:
+        assert e.status == 400
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'--B\r\nContent-Disposition: form-data; name="image"\r\n\r\nabc',  # cut short
+        b'--B\r\nContent-Disposition: form-data; name="image"\r\n\r\nabc\r\n--B-',
+        b"--B\r\nno colon here\r\n\r\nabc\r\n--B--",
+    ],
+)
+def test_malformed_forms_are_refused_by_the_parser(body: bytes) -> None:
+    assert split(body, b"B") is None
+    with pytest.raises(RequestError) as refused:
+        parse(body, b"B")
+    assert refused.value.status == 400
