@@ -1,6 +1,7 @@
-"""Where the served path spends its CPU: the service (its own layout, every request a cache miss) under wrk at
-16 connections, each server process sampled by py-spy meanwhile, the samples summed into the request path's
-parts (inclusive: a frame counts for every part on its stack, the first that matches).
+"""Where the served path spends its CPU: the service (its own layout, every request a cache miss, or with
+--hits every one a hit) under wrk at 16 connections, each server process sampled by py-spy meanwhile, the
+samples summed into the request path's parts (inclusive: a frame counts for every part on its stack, the
+first that matches).
 
     python -m loadtests.profile --artifacts artifacts/demo --json results/profile.json
 
@@ -88,12 +89,13 @@ def record(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def main(artifacts: Path, out: Path, seconds: int, connections: int) -> dict[str, Any]:
+def main(artifacts: Path, out: Path, seconds: int, connections: int, hits: bool = False) -> dict[str, Any]:
+    """hits: every request sends the same image (cache hits after the first), instead of a new one each."""
     if PY_SPY is None or shutil.which("wrk") is None:
         raise SystemExit("py-spy and wrk are needed: pip install py-spy; apt-get install -y wrk")
-    images = list(itertools.islice(pngs(), 1_500 * (seconds + 4)))
-    bodies = [multipart.encode([("image", p)]) for p in images]
-    result: dict[str, Any] = {"connections": connections, "seconds": seconds, "processes": {}}
+    images = list(itertools.islice(pngs(), 1 if hits else 1_500 * (seconds + 4)))
+    bodies = [multipart.encode([("image", p)]) for p in images] * (2_001 if hits else 1)
+    result: dict[str, Any] = {"connections": connections, "seconds": seconds, "hits": hits, "processes": {}}
     with serving(artifacts) as url, tempfile.TemporaryDirectory() as tmp:
         wrk(f"{url}/classify", bodies[:2_000], connections, 2, Path(tmp))  # warm: first batches, page faults
         procs = workers(url)
@@ -132,8 +134,9 @@ if __name__ == "__main__":
     ap.add_argument("--json", type=Path, default=Path("results/profile.json"))
     ap.add_argument("--seconds", type=int, default=15)
     ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--hits", action="store_true", help="the same image every time: the cache-hit path")
     a = ap.parse_args()
-    r = main(a.artifacts, a.json, a.seconds, a.connections)
+    r = main(a.artifacts, a.json, a.seconds, a.connections, a.hits)
     print(f"{r['load']['req_per_s']:.0f} req/s at {a.connections} connections; busy samples by part (%):")
     for part, pct in r["parts_pct"].items():
         print(f"  {pct:5.1f}  {part}")

@@ -91,7 +91,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     mem = sub.add_parser("memory", help="memory versions: add, remove, tag, publish, list")
     ops = mem.add_subparsers(dest="op", required=True)
     ad = ops.add_parser("add", help="a new version with the items of a list file added (new ids)")
-    ad.add_argument("--from", dest="source_dir", type=Path, required=True, help="the version to add to")
+    ad.add_argument(
+        "--from",
+        dest="source_dir",
+        type=Path,
+        required=True,
+        help="the version to add to (a sharded one grows shard by shard)",
+    )
     ad.add_argument(
         "--list",
         type=Path,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+import faiss
 import httpx
 import numpy as np
 import pytest
@@ -27,7 +28,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
-from service.artifacts import MANIFEST
+from service.artifacts import IDS, INDEX, ITEMS, KEYS, MANIFEST, VALUES, read_manifest
+from service.memory.shards import SHARD, shard_dirs
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +115,6 @@ def root_without_zero_shot(artifacts: Path, tmp_path: Path) -> Path:
     """A serving root publishing `artifacts` (built with zero-shot parts) and, beside it as `v2` (not yet
     published), a version derived from it (three items removed) whose manifest lost its zero-shot section."""
     from models.memory import ops
-    from service.artifacts import MANIFEST
 
     root = tmp_path / "root"
     ops.publish(artifacts, root)
@@ -184,3 +185,23 @@ def need_ray() -> None:
         import ray  # noqa: F401
     except ImportError:
         unavailable("the `ray` extra is not installed: pip install -e '.[ray]'", "RAC_REQUIRE_RAY")
+
+
+def same_shards(got: Path, want: Path) -> None:
+    """Two sharded memories hold the same items in the same places, searched alike."""
+    for g, w in zip(shard_dirs(got), shard_dirs(want), strict=True):
+        for name in (IDS, KEYS, VALUES):
+            np.testing.assert_array_equal(np.load(g / name), np.load(w / name), err_msg=f"{g / name}")
+        assert rows(g / ITEMS) == rows(w / ITEMS)
+        assert json.loads((g / SHARD).read_text())["size"] == json.loads((w / SHARD).read_text())["size"]
+        gi, wi = faiss.read_index(str(g / INDEX)), faiss.read_index(str(w / INDEX))
+        z = np.random.default_rng(3).standard_normal((16, gi.d)).astype(np.float32)
+        for index in (gi, wi):
+            if (ivf := faiss.try_extract_index_ivf(index)) is not None:
+                ivf.nprobe = ivf.nlist
+        (gd, gids), (wd, wids) = gi.search(z, 10), wi.search(z, 10)
+        np.testing.assert_array_equal(gids, wids)
+        np.testing.assert_allclose(gd, wd, rtol=0, atol=1e-6)
+    assert rows(got / ITEMS) == rows(want / ITEMS)
+    a, b = read_manifest(got).memory, read_manifest(want).memory
+    assert (a.size, a.next_id, a.sources, a.tags) == (b.size, b.next_id, b.sources, b.tags)

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from loadtests.server import free_port
-from service.core.cache import Cache, Entry, LocalCache, RedisCache, cache_key
+from service.core.cache import Cache, Entry, LocalCache, Recent, RedisCache, cache_key
 from service.metrics import Metrics
+from tests.helpers import classify, client, png, sample
 
 
 def entry(seed: int = 0, d: int = 256, k: int = 100) -> Entry:
@@ -28,11 +30,13 @@ def counts(m: Metrics) -> dict[str, float]:
 def test_entries_round_trip_exactly_and_compactly() -> None:
     e = entry()
     blob = e.pack()
-    assert len(blob) == 7 + 4 * 256 + 8 * 100  # header: format version, d, k, query dimension (0)
+    assert len(blob) == 7 + 4 * 256 + 12 * 100  # header: format version, d, k, query dimension (0)
     back = Entry.unpack(blob)
     assert np.array_equal(back.z, e.z) and np.array_equal(back.ids, e.ids) and np.array_equal(back.sims, e.sims)
     with pytest.raises(ValueError):
         Entry.unpack(blob[:-4])
+    far = Entry(e.z, np.array([2**31, 2**40 + 7, 3]), e.sims[:3])  # ids past 32 bits come back as they went
+    assert np.array_equal(Entry.unpack(far.pack()).ids, far.ids)
 
 
 def test_keys_depend_on_the_bytes_the_memory_and_its_version() -> None:
@@ -105,3 +109,38 @@ def test_unreachable_redis_is_skipped_fast_and_counted() -> None:
     assert not store.available
     now[0] += 0.02
     assert store.available  # after retry_s it is tried again
+
+
+def test_an_image_sent_again_is_answered_from_the_recent_answers_as_it_was_computed(
+    synthetic_artifacts: Path,
+) -> None:
+    with client(synthetic_artifacts) as c, client(synthetic_artifacts, answer_cache_entries=0) as plain:
+
+        def heads() -> float:  # batches that ran the head
+            return sample(c.get("/metrics").text, "rac_stage_seconds_count", stage="head")
+
+        first = classify(c, png(7), neighbors=3)
+        ran = heads()
+        again = classify(c, png(7), neighbors=3)
+        assert heads() == ran  # no batch, no head
+        classify(plain, png(7), neighbors=3)
+        recomputed = classify(plain, png(7), neighbors=3)  # from the neighbour cache: the head runs again
+        for a in (again, recomputed):
+            assert a["cached"] and not first["cached"]
+            assert a["predictions"] == first["predictions"] and a["neighbors"] == first["neighbors"]
+        assert again["timings_ms"]["head"] == again["timings_ms"]["encode"] == 0.0
+        other = classify(c, png(7), neighbors=5)  # another answer (more neighbours described): the head runs
+        assert len(other["neighbors"]) == 5
+        assert heads() == ran + 1
+
+
+def test_recent_answers_keep_the_last_ones_used() -> None:
+    recent: Recent[int] = Recent(2)
+    recent.put("a", 1)
+    recent.put("b", 2)
+    assert recent.get("a") == 1  # now the most recent
+    recent.put("c", 3)
+    assert (recent.get("a"), recent.get("b"), recent.get("c")) == (1, None, 3)
+    off: Recent[int] = Recent(0)
+    off.put("a", 1)
+    assert off.get("a") is None

@@ -1,6 +1,7 @@
 """The Ray pieces that need no Serve deployment: the single-machine service never imports Ray; the ingress's
 shard client asks a call again where a replica died or held another memory version (stand-in handles); and
-`rac memory add --ray` on a two-node cluster of its own (Ray Data) writes the single-machine add's memory.
+`rac memory add --ray` on a two-node cluster of its own (Ray Data) writes the single-machine add's memory,
+unsharded or shard by shard.
 
 Ray comes with the `ray` extra (`make test` installs it); without it the Ray tests skip, except in CI (CI=true
 or RAC_REQUIRE_RAY=1), where they fail."""
@@ -17,7 +18,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from loadtests.server import ROOT
+from models.memory.shards import shard
 from service.app import create_app
+from service.memory.shards import shard_dirs
 from service.settings import Settings
 from tests.helpers import need_ray, png, rows
 
@@ -97,12 +100,23 @@ def test_ray_data_add_equals_the_single_machine_add(zs_artifacts: Path, tmp_path
     add = [sys.executable, "-m", "rac.cli", "memory", "add", "--from", str(zs_artifacts), "--list"]
     add += [str(tmp_path / "new.jsonl"), "--images", str(images)]
     subprocess.run([*add, "--out", str(tmp_path / "here")], cwd=ROOT, check=True, capture_output=True)
+    shard(zs_artifacts, tmp_path / "split", 2)  # and a sharded memory, grown shard by shard
+    grow = [*add, "--out", str(tmp_path / "split-ray"), "--ray"]
+    grow[grow.index(str(zs_artifacts))] = str(tmp_path / "split")
     with ray_cluster() as cluster:
         done = subprocess.run(
             [*add, "--out", str(tmp_path / "ray"), "--ray"], cwd=ROOT, env=cluster.env, text=True, capture_output=True
         )
         assert done.returncode == 0, done.stderr[-2000:]
+        grown = subprocess.run(grow, cwd=ROOT, env=cluster.env, text=True, capture_output=True)
+        assert grown.returncode == 0, grown.stderr[-2000:]
     assert "on Ray (2 actors)" in done.stderr
+    shard(tmp_path / "here", tmp_path / "resharded", 2)
+    for part, whole in zip(shard_dirs(tmp_path / "split-ray"), shard_dirs(tmp_path / "resharded"), strict=True):
+        np.testing.assert_array_equal(np.load(part / "ids.npy"), np.load(whole / "ids.npy"))
+        assert rows(part / "items.sqlite") == rows(whole / "items.sqlite")
+        np.testing.assert_allclose(np.load(part / "keys.npy"), np.load(whole / "keys.npy"), rtol=0, atol=2e-3)
+    assert rows(tmp_path / "split-ray" / "items.sqlite") == rows(tmp_path / "here" / "items.sqlite")
     here, ray = tmp_path / "here", tmp_path / "ray"
     np.testing.assert_array_equal(np.load(ray / "ids.npy"), np.load(here / "ids.npy"))
     for name in ("keys.npy", "values.npy"):

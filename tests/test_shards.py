@@ -26,6 +26,7 @@ from service.memory.store import Memory
 from service.memory.versions import sharded
 from service.metrics import Metrics
 from service.settings import Settings
+from tests.helpers import same_shards
 
 SIZE = 20_000
 
@@ -128,6 +129,17 @@ def test_pipeline_over_shards_answers_as_over_the_memory(memory_dir: Path, tmp_p
         np.testing.assert_allclose(a.scores, w.scores, rtol=0, atol=1e-5)
     for a, g in zip(again[6:], got[6:], strict=True):
         np.testing.assert_array_equal(a.entry.ids, g.entry.ids)
+
+
+def test_removing_from_a_sharded_memory_equals_removing_then_sharding(memory_dir: Path, tmp_path: Path) -> None:
+    """Shard by shard, each IVF index loses the ids it holds (the shared quantizer untouched)."""
+    shard(memory_dir, tmp_path / "split", 3)
+    gone = np.random.default_rng(2).choice(SIZE, 500, replace=False)
+    (tmp_path / "gone.txt").write_text(" ".join(map(str, gone)))
+    ops.remove(tmp_path / "split", tmp_path / "split-v2", tmp_path / "gone.txt")
+    ops.remove(memory_dir, tmp_path / "whole-v2", tmp_path / "gone.txt")
+    shard(tmp_path / "whole-v2", tmp_path / "resharded", 3)
+    same_shards(tmp_path / "split-v2", tmp_path / "resharded")
 
 
 def test_a_shard_nobody_answers_or_of_another_version_is_a_503(memory_dir: Path, tmp_path: Path) -> None:

@@ -138,21 +138,31 @@ def counts(items: Path) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def finish(
-    out: Path, parent: Manifest, size: int, next_id: int, op: dict[str, object], zero_shot: ZeroShotInfo | None
+    out: Path,
+    parent: Manifest,
+    size: int,
+    next_id: int,
+    op: dict[str, object],
+    zero_shot: ZeroShotInfo | None,
+    shard_files: list[dict[str, str]] | None = None,
 ) -> Manifest:
-    """The new version's manifest: the parent's model, new files, checksums and memory version."""
+    """The new version's manifest: the parent's model, new files, checksums and memory version. shard_files:
+    a sharded memory's shards' file digests (its index, keys and values are theirs, not the directory's)."""
     files, chunks = {}, {}
-    for name in CHECKED_FILES:
+    for name in CHECKED_FILES if shard_files is None else (ENCODER, HEAD, ITEMS):
         if name in parent.chunks:  # a large memory's files: sampled by chunk at start (service/memory/integrity.py)
             files[name], chunks[name] = digest_chunks(out / name)
         else:
             files[name] = digest(out / name)
+    made_of = files
+    if shard_files is not None:  # the version: every shard's files, and the ingress's item table
+        made_of = files | {n: "".join(f[n] for f in shard_files) for n in (INDEX, KEYS, VALUES, IDS)}
     history = [*parent.build.get("memory_ops", []), op]
     sources, tags = counts(out / ITEMS)
     memory = parent.memory.model_copy(update={"size": size, "sources": sources, "tags": tags, "next_id": next_id})
     manifest = parent.model_copy(
         update={
-            "memory_version": version_id(files),
+            "memory_version": version_id(made_of),
             "parent_version": parent.memory_version,
             "model_id": model_identity(parent),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -179,18 +189,26 @@ def derive(
     src: Path, out: Path, parent: Manifest, gone: np.ndarray, new: NewRows | None, op: dict[str, object]
 ) -> Manifest:
     """A new version: src's items less the ids `gone`, plus `new` items with new ids. Keys, values, ids, the
-    index (its trained coarse quantizer reused) and the item table; the zero-shot parts made again."""
+    index (its trained coarse quantizer reused) and the item table; the zero-shot parts made again. Of a
+    sharded memory, shard by shard (models/memory/shards.py)."""
+    added = len(new.texts) if new is not None else 0
+    new_ids = np.arange(next_id(parent), next_id(parent) + added, dtype=np.int64)
+    sharded = (src / SHARDS).exists()
     with writing(out) as tmp:
         link_model(src, tmp, parent)
-        kept_rows = derive_memory(src, tmp, gone, new, next_id(parent))
+        shard_files = None
+        if sharded:
+            kept_rows, shard_files = shards.derive_shards(src, tmp, gone, new, new_ids)
+        else:
+            kept_rows = derive_memory(src, tmp, gone, new, new_ids)
         zero_shot = None
         if parent.zero_shot is not None:
             from models.zero_shot.versions import carry
 
-            texts = new.texts if new is not None else []
-            zero_shot = carry(src, tmp, parent.zero_shot, parent.memory_version, kept_rows, texts)
-        added = len(new.texts) if new is not None else 0
-        manifest = finish(tmp, parent, len(kept_rows) + added, next_id(parent) + added, op, zero_shot)
+            zero_shot = carry(src, tmp, parent.zero_shot, parent.memory_version, kept_rows, new.texts if new else [])
+        manifest = finish(tmp, parent, len(kept_rows) + added, next_id(parent) + added, op, zero_shot, shard_files)
+        if sharded:
+            shards.stamp(src, tmp, manifest.memory_version)
     return manifest
 
 
@@ -286,6 +304,8 @@ def tag(
     values and index (hard-linked); only the item table changes."""
     for t in add:
         check_tag(t)
+    if (src / SHARDS).exists():
+        raise ArtifactError(f"{src} is sharded: tag the unsharded memory and shard it again (`rac memory shard`)")
     parent = open_checked(src)
     chosen = named_ids(src, ids_file, keys_file, missing_ok)
     with writing(out) as tmp:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from service.artifacts import IDS, INDEX, ITEMS, KEYS, VALUES, ArtifactError
 from service.memory.items import KEY_INDEX, encode_tags
+from service.memory.shards import SHARDS, shard_dirs
 from service.memory.store import open_array
 
 CHUNK = 8192  # rows per step when streaming keys and values
@@ -39,7 +40,10 @@ class NewRows:
 
 
 def parent_ids(directory: Path) -> np.ndarray:
-    """The id of each row of a version: its ids.npy, or its rows where it was written before ids were stable."""
+    """The id of each row of a version: its ids.npy, or its rows where it was written before ids were stable;
+    of a sharded memory, every shard's ids, in order (the rows of its whole item table)."""
+    if (directory / SHARDS).exists():
+        return np.sort(np.concatenate([np.load(d / IDS) for d in shard_dirs(directory)]))
     if (directory / IDS).exists():
         return np.load(directory / IDS)
     return np.arange(len(open_array(directory / KEYS)), dtype=np.int64)
@@ -58,14 +62,13 @@ def with_ids(index: faiss.Index, ids: np.ndarray) -> faiss.Index:
     return wrapped
 
 
-def derive_memory(src: Path, out: Path, gone: np.ndarray, new: NewRows | None, first_id: int) -> np.ndarray:
+def derive_memory(src: Path, out: Path, gone: np.ndarray, new: NewRows | None, new_ids: np.ndarray) -> np.ndarray:
     """Write out's index, keys, values, ids and item table: src's rows less the ids `gone`, then `new` with
-    ids first_id, first_id + 1, ... Returns the kept rows of src, in order."""
+    the ids `new_ids` (above every id src holds, in order). Returns the kept rows of src, in order."""
     ids = parent_ids(src)
     keep = ~np.isin(ids, gone)
     kept = np.flatnonzero(keep)
     m = len(new.texts) if new is not None else 0
-    new_ids = np.arange(first_id, first_id + m, dtype=np.int64)
     old_keys, old_values = open_array(src / KEYS), open_array(src / VALUES)
     size = len(kept) + m
     keys = np.lib.format.open_memmap(out / KEYS, "w+", np.float16, (size, old_keys.shape[1]))

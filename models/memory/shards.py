@@ -9,6 +9,10 @@ entries (copied code for code, with their ids; of a flat index, its vectors and 
 values, their ids, an item table with what filters read (source, key, tags), and a shard.json naming its
 place; DIR/shards.json lists them. DIR also holds the manifest, encoder, head, the whole item table, examples
 and zero-shot parts: what a sharded service's ingress reads (service/cluster/app.py).
+
+A sharded memory also grows and shrinks where it lives (`rac memory add`, `remove` with a sharded `--from`,
+derive_shards below): each shard drops the ids it owns that go and appends the new items it owns into its own
+index (the shared quantizer: nothing is trained again), so no machine ever holds the whole memory.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from models.memory.rows import parent_ids, with_ids
+from models.memory.rows import NewRows, copy_items, derive_memory, insert_items, parent_ids, with_ids
 from service.artifacts import (
     ENCODER,
     EXAMPLES,
@@ -37,6 +41,7 @@ from service.artifacts import (
     ZS_FILES,
     ArtifactError,
     Manifest,
+    digest,
     read_manifest,
     verify_files,
 )
@@ -159,3 +164,57 @@ def checked(directory: Path) -> Manifest:
     if sum(i["size"] for i in infos) != manifest.memory.size:
         raise ArtifactError(f"{directory}: its shards do not hold the memory's {manifest.memory.size} items")
     return manifest
+
+
+def derive_shards(
+    src: Path, out: Path, gone: np.ndarray, new: NewRows | None, new_ids: np.ndarray
+) -> tuple[np.ndarray, list[dict[str, str]]]:
+    """A new version of the sharded memory `src` in `out`, shard by shard: each shard less the ids `gone` it
+    holds, plus the new items it owns (`new_ids`, placed by id as `shard` places them); the ingress's whole item
+    table likewise. shard.json and shards.json are written by `stamp`, once the version is known. Returns the
+    kept rows of the whole memory and each shard's file digests (what its memory version is made of)."""
+    if new is not None and new.retrain:
+        raise ArtifactError(f"{src}: its shards share one trained quantizer: re-cluster the unsharded memory instead")
+    dirs = shard_dirs(src)
+    owner_of_new, owner_of_gone = owners(new_ids, len(dirs)), owners(gone, len(dirs))
+    digests = []
+    for d in tqdm(dirs, desc="shards", unit="shard"):
+        s = int(json.loads((d / SHARD).read_text())["shard"])
+        mine = np.flatnonzero(owner_of_new == s)
+        part = None if new is None or not len(mine) else _rows_of_shard(new, mine)
+        (out / d.name).mkdir()
+        derive_memory(d, out / d.name, gone[owner_of_gone == s], part, new_ids[mine])
+        digests.append({name: digest(out / d.name / name) for name in (INDEX, KEYS, VALUES, IDS, ITEMS)})
+    copy_items(src / ITEMS, out / ITEMS, gone)
+    if new is not None:
+        insert_items(out / ITEMS, new, new_ids)
+    return np.flatnonzero(~np.isin(parent_ids(src), gone)), digests
+
+
+def _rows_of_shard(new: NewRows, rows: np.ndarray) -> NewRows:
+    """What a shard keeps of new items: embeddings, labels, keys and tags (what filters read); texts and
+    thumbnails stay with the ingress's whole table, as `shard_items` leaves them."""
+    pick = rows.tolist()
+    return NewRows(
+        new.keys[rows],
+        new.values[rows],
+        [""] * len(pick),
+        [new.labels[i] for i in pick],
+        new.source,
+        [""] * len(pick),
+        [new.keys_[i] for i in pick] if new.keys_ else [],
+        [new.tags[i] for i in pick] if new.tags else [],
+    )
+
+
+def stamp(src: Path, out: Path, memory_version: str) -> None:
+    """Each shard of `out` marked as its place (from `src`'s shard of the same name) in `memory_version`, and
+    DIR/shards.json listing them."""
+    dirs = shard_dirs(src)
+    for d in dirs:
+        info = json.loads((d / SHARD).read_text())
+        size = len(np.load(out / d.name / IDS, mmap_mode="r"))
+        info |= {"size": size, "memory_version": memory_version}
+        (out / d.name / SHARD).write_text(json.dumps(info, indent=1))
+    listing = {"shards": [d.name for d in dirs], "memory_version": memory_version}
+    (out / SHARDS).write_text(json.dumps(listing, indent=1))

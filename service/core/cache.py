@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Generic, TypeVar, cast
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -32,7 +32,7 @@ LAG_TURNS = 3  # further turns a Redis call gets when the event loop was late (s
 LAG_S = 0.002  # a timer this late or more means the loop was busy elsewhere
 T = TypeVar("T")
 _Op = tuple[str, str, bytes | None, int]  # "get" or "set", key, blob, TTL
-_VERSION = 2  # 2: the query vector of a fine-tuned build
+_VERSION = 3  # 2: the query vector of a fine-tuned build; 3: 64-bit ids
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,12 @@ class Entry:
     query: np.ndarray | None = None  # (dq,) float32: the head's query vector where it is not z (fine-tuned)
 
     def pack(self) -> bytes:
-        """4 bytes a dimension and 8 a neighbour: float32 z, query and sims (answers stay exactly those of an
-        uncached request), int32 ids."""
+        """4 bytes a dimension and 12 a neighbour: float32 z, query and sims (answers stay exactly those of an
+        uncached request), int64 ids (an item's id is 64-bit and never reused: one cut to 32 bits could name
+        another item)."""
         query = np.empty(0, "<f4") if self.query is None else self.query.astype("<f4")
         header = _HEADER.pack(_VERSION, len(self.z), len(self.ids), len(query))
-        parts = (self.z.astype("<f4"), self.ids.astype("<i4"), self.sims.astype("<f4"), query)
+        parts = (self.z.astype("<f4"), self.ids.astype("<i8"), self.sims.astype("<f4"), query)
         return header + b"".join(p.tobytes() for p in parts)
 
     @classmethod
@@ -55,12 +56,12 @@ class Entry:
         if not blob or blob[0] != _VERSION:
             raise ValueError("cache entry of another format")
         _, d, k, dq = _HEADER.unpack_from(blob)
-        if len(blob) != _HEADER.size + 4 * d + 8 * k + 4 * dq:
+        if len(blob) != _HEADER.size + 4 * d + 12 * k + 4 * dq:
             raise ValueError("cache entry of another format")
         z = np.frombuffer(blob, "<f4", d, _HEADER.size)
-        ids = np.frombuffer(blob, "<i4", k, _HEADER.size + 4 * d).astype(np.int64)
-        sims = np.frombuffer(blob, "<f4", k, _HEADER.size + 4 * d + 4 * k)
-        query = np.frombuffer(blob, "<f4", dq, _HEADER.size + 4 * d + 8 * k) if dq else None
+        ids = np.frombuffer(blob, "<i8", k, _HEADER.size + 4 * d).astype(np.int64)
+        sims = np.frombuffer(blob, "<f4", k, _HEADER.size + 4 * d + 8 * k)
+        query = np.frombuffer(blob, "<f4", dq, _HEADER.size + 4 * d + 12 * k) if dq else None
         return cls(z, ids, sims, query)
 
 
@@ -80,6 +81,29 @@ def label_key(label: str, template: str, memory_version: str, parts: str) -> str
     model parts (text tower, fusion modules) that made it."""
     h = hashlib.blake2b(f"{template}\0{label}".encode(), digest_size=16).hexdigest()
     return f"rac:zs:{memory_version}:{parts}:{h}"
+
+
+class Recent(Generic[T]):
+    """The last `entries` answers this process computed, by key: an image sent again is answered from here,
+    without the hop to the batch thread and without the head. Exact, as the neighbour cache is: its key names
+    the memory version, the filter, k and the query encoder, and a version never changes. Event loop only."""
+
+    def __init__(self, entries: int):
+        self.entries = entries
+        self._data: OrderedDict[object, T] = OrderedDict()
+
+    def get(self, key: object) -> T | None:
+        found = self._data.get(key)
+        if found is not None:
+            self._data.move_to_end(key)
+        return found
+
+    def put(self, key: object, value: T) -> None:
+        if self.entries <= 0:
+            return
+        self._data[key] = value
+        while len(self._data) > self.entries:
+            self._data.popitem(last=False)
 
 
 class LocalCache:

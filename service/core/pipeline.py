@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image
@@ -24,7 +24,7 @@ from PIL import Image
 from service.artifacts import ENCODER, HEAD, ArtifactError, read_manifest, resolve
 from service.core.batch import BatchRunner, Computed, Job, Neighbors, width
 from service.core.batching import Admission, Batcher
-from service.core.cache import Cache, Entry, LocalCache, RedisCache, cache_key, label_key
+from service.core.cache import Cache, Entry, LocalCache, RedisCache, Recent, cache_key, label_key
 from service.core.decode import InputSpec, decode
 from service.core.encode import Encoder
 from service.core.head import Head
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 NO_FILTER = Filter()
 Found = tuple[Computed, dict[str, float], bool]  # what the batch computed, the times it waited, a cache hit
+NOT_RUN = {"encode": 0.0, "search": 0.0, "head": 0.0, "fuse_image": 0.0}  # the stages of an answer given again
 NO_ZERO_SHOT = (
     "these artifacts have no zero-shot parts: rebuild them with `rac build --zero-shot --out DIR` "
     "(`--quick` for a small one)"
@@ -111,6 +112,8 @@ class Pipeline:
             else LocalCache(settings.cache_entries)
         )
         self.cache = Cache(store, settings.cache_ttl_s, metrics)
+        # (cache key, neighbours described, zero-shot) -> what the batch computed, its stage times zeroed
+        self.answers: Recent[Computed] = Recent(settings.answer_cache_entries)
 
     @property
     def version(self) -> MemoryVersion:
@@ -295,6 +298,11 @@ class Pipeline:
         # Both heads read the same entry; a filter's neighbours are its own; the key names the memory.
         only = selection.key if selection is not None else ""
         key = cache_key(data, version.name, version.id, self.k, self.encoder.dim, only, self.query_id)
+        recent = (key, neighbors, zero_shot)
+        if (known := self.answers.get(recent)) is not None:
+            self.metrics.cache.labels("hit").inc()
+            self.metrics.images.labels("hit", version.name).inc()
+            return known, {"start": t0, "decode": 0.0, "queue": 0.0}, True
         with self.batcher.coming():  # a batch being gathered may wait for this image, until it is queued
             entry = await self.cache.get(key)
             if entry is not None and not self.fits(entry, version, selection):
@@ -308,6 +316,7 @@ class Pipeline:
             return out
         if entry is None:
             self.cache.put(key, out.entry)
+        self.answers.put(recent, replace(out, seconds=NOT_RUN))
         wait = max(0.0, out.started - queued)
         self.metrics.stage_seconds.labels("queue").observe(wait)
         self.metrics.images.labels("hit" if entry is not None else "miss", version.name).inc()
