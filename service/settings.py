@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     cache_ttl_s: int = 24 * 3600  # a cache entry's lifetime, in Redis and in the LRU alike
     cache_entries: int = 50_000  # in-process LRU size
     # Answers kept in each process (0: none): an image sent again skips the batch and the head as well.
-    answer_cache_entries: int = 4096
+    answer_cache_entries: int = 2048
     redis_timeout_ms: float = 50.0  # per operation: a slow Redis costs at most this, then is skipped
     redis_retry_s: float = 1.0  # after a Redis failure, go without it this long, then try again
 
