@@ -24,7 +24,7 @@ from PIL import Image
 from service.artifacts import ENCODER, HEAD, ArtifactError, read_manifest, resolve
 from service.core.batch import BatchRunner, Computed, Job, Neighbors, width
 from service.core.batching import Admission, Batcher
-from service.core.cache import Cache, Entry, LocalCache, RedisCache, Recent, cache_key, label_key
+from service.core.cache import Cache, Entry, LocalCache, Recent, RedisCache, cache_key, label_key
 from service.core.decode import InputSpec, decode
 from service.core.encode import Encoder
 from service.core.head import Head
