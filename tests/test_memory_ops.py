@@ -19,6 +19,7 @@ from PIL import Image
 from models.memory import ops
 from models.memory.add import add
 from models.memory.make import PROMPT, thumbnail_bytes
+from models.memory.naming import MissingItems
 from service.artifacts import (
     CURRENT,
     ENCODER,
@@ -124,7 +125,7 @@ def test_an_id_the_version_does_not_hold_is_reported_never_mapped(added: tuple[P
     _, v2 = added
     n = read_manifest(v2).memory.size
     (tmp_path / "ids.txt").write_text(f"5 {n + 100} {n + 101}\n")
-    with pytest.raises(ops.MissingItems, match=f"holds no item {n + 100}, {n + 101}"):
+    with pytest.raises(MissingItems, match=f"holds no item {n + 100}, {n + 101}"):
         ops.remove(v2, tmp_path / "v3", tmp_path / "ids.txt")
     assert not (tmp_path / "v3").exists()  # nothing written
     cli = [sys.executable, "-m", "rac.cli", "memory", "remove", "--from", str(v2), "--ids", str(tmp_path / "ids.txt")]

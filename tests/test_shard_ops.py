@@ -16,7 +16,7 @@ from models.memory import ops
 from models.memory.add import add
 from models.memory.shards import shard
 from service.app import create_app
-from service.artifacts import IDS, ITEMS, ZS_MEMORY_FILES, ArtifactError, digest, read_manifest
+from service.artifacts import IDS, ITEMS, KEYS, ZS_MEMORY_FILES, ArtifactError, digest, read_manifest
 from service.memory.shards import SHARD, LocalShards, Shard, shard_dirs
 from service.memory.versions import sharded
 from service.settings import Settings
@@ -58,6 +58,10 @@ def test_a_sharded_memory_grows_and_shrinks_as_the_unsharded_one_sharded(zs_arti
         assert json.loads((d / SHARD).read_text())["memory_version"] == shrunk.memory_version
     assert not np.isin(gone, np.concatenate([np.load(d / IDS) for d in shard_dirs(tmp_path / "split-v3")])).any()
     ops.publish(tmp_path / "split-v3", tmp_path / "root")  # checked as a sharded memory
+    (listed,) = ops.list_versions(tmp_path / "root")
+    shard_keys = sum((d / KEYS).stat().st_size for d in shard_dirs(tmp_path / "split-v3"))
+    memory_mb = listed["memory_mb"]  # its shards' files counted
+    assert listed["current"] and isinstance(memory_mb, float) and memory_mb >= round(shard_keys / 2**20, 1)
 
     v3 = tmp_path / "split-v3"
     open_sharded = sharded(LocalShards([Shard(d, 0) for d in shard_dirs(v3)]))

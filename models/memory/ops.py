@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from models.memory import shards
-from models.memory.rows import NewRows, derive_memory, parent_ids
+from models.memory.naming import named_ids
+from models.memory.rows import NewRows, derive_memory
 from service.artifacts import (
     CHECKED_FILES,
     CURRENT,
@@ -55,18 +56,14 @@ from service.artifacts import (
     version_id,
 )
 from service.memory.integrity import digest_chunks
-from service.memory.items import ItemTable, decode_tags, encode_tags
-from service.memory.shards import SHARDS
+from service.memory.items import decode_tags, encode_tags
+from service.memory.shards import SHARDS, shard_dirs
 from service.memory.store import Memory
 from service.memory.versions import check_memory
 
 log = logging.getLogger(__name__)
 
 MODEL_FILES = (ENCODER, HEAD)
-
-
-class MissingItems(ValueError):
-    """Ids or keys that the version does not hold: nothing is written."""
 
 
 # ---------------------------------------------------------------- a version directory, written safely
@@ -212,60 +209,6 @@ def derive(
     return manifest
 
 
-# ---------------------------------------------------------------- naming items: ids and keys
-
-
-def read_ids(path: Path) -> np.ndarray:
-    """Item ids, whitespace-separated (one a line is fine)."""
-    try:
-        return np.unique(np.asarray(path.read_text().split(), np.int64))
-    except ValueError as e:
-        raise ValueError(f"{path}: item ids must be integers: {e}") from None
-
-
-def read_keys(path: Path) -> list[str]:
-    """Item keys, one a line (keys may hold spaces)."""
-    return list(dict.fromkeys(line.strip() for line in path.read_text().splitlines() if line.strip()))
-
-
-def named_ids(
-    src: Path, ids_file: Path | None, keys_file: Path | None, missing_ok: bool, source: str | None = None
-) -> np.ndarray:
-    """The ids of the items a file names, by id or by key (or every item of a source); MissingItems for any the
-    version does not hold (unless missing_ok: then they are reported and skipped), never another item."""
-    held = parent_ids(src)
-    found: list[np.ndarray] = []
-    missing: list[str] = []
-    if source is not None:
-        with sqlite3.connect(f"file:{src / ITEMS}?mode=ro", uri=True) as db:
-            of_source = [i for (i,) in db.execute("SELECT id FROM items WHERE source = ?", (source,))]
-        db.close()
-        if not of_source and not missing_ok:
-            raise MissingItems(f"{src} holds no item of source {source!r}: nothing written")
-        found.append(np.asarray(of_source, np.int64))
-    if ids_file is not None:
-        ids = read_ids(ids_file)
-        present = np.isin(ids, held)
-        found.append(ids[present])
-        missing += [str(i) for i in ids[~present]]
-    if keys_file is not None:
-        keys = read_keys(keys_file)
-        table = ItemTable(src / ITEMS)
-        try:
-            by_key = table.by_keys(keys)
-        finally:
-            table.close()
-        found.append(np.asarray([by_key[k].id for k in keys if k in by_key], np.int64))
-        missing += [repr(k) for k in keys if k not in by_key]
-    if missing:
-        shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
-        message = f"{src} holds no item {shown}"
-        if not missing_ok:
-            raise MissingItems(message + ": nothing written (--missing-ok skips them)")
-        log.warning("%s: skipped", message)
-    return np.unique(np.concatenate(found)) if found else np.empty(0, np.int64)
-
-
 # ---------------------------------------------------------------- remove, tag
 
 
@@ -388,7 +331,10 @@ def list_versions(root: Path) -> list[dict[str, object]]:
         if d.is_symlink() or not d.is_dir() or not (d / MANIFEST).exists():
             continue
         m = read_manifest(d)
-        memory_bytes = sum((d / f).stat().st_size for f in (INDEX, KEYS, VALUES, ITEMS, IDS) if (d / f).exists())
+        places = [d, *(shard_dirs(d) if (d / SHARDS).exists() else [])]  # a sharded one: its shards too
+        memory_bytes = sum(
+            (p / f).stat().st_size for p in places for f in (INDEX, KEYS, VALUES, ITEMS, IDS) if (p / f).exists()
+        )
         rows.append(
             {
                 "name": d.name,
