@@ -11,7 +11,7 @@ import store as m
 from figures import Table
 
 COMMANDS = {
-    "bench.json": "rac bench --artifacts artifacts/demo --seconds 6 --json results/bench.json",
+    "bench.json": "rac bench --artifacts artifacts/demo --json results/bench.json",
     "build.json": "make results/build.json",  # rac build's manifest: its index and evaluation
     "choices.json": "rac choices --artifacts artifacts/demo --json results/choices.json",
     **{
