@@ -125,3 +125,32 @@ class FilterIndex:
             while len(self._selections) > SELECTIONS_KEPT:
                 self._selections.popitem(last=False)
         return selection
+
+
+class ByItemIds:
+    """Ids and rows (positions in id order) through the item table's ids: how the served memory and the
+    sharded one both find an item's row, whatever the memory's history of removals."""
+
+    filters: FilterIndex
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """ids (any shape) -> their rows; ValueError for an id this memory does not hold."""
+        ids = np.asarray(ids, np.int64)
+        held_ids = self.filters.ids
+        rows = np.minimum(np.searchsorted(held_ids, ids), self.filters.size - 1)
+        held = held_ids[rows] == ids
+        if not held.all():
+            raise ValueError(f"ids {ids[~held][:5].tolist()} are not in this memory")
+        return rows
+
+    def contains(self, ids: np.ndarray) -> bool:
+        """Every one of `ids` is an item of this memory."""
+        try:
+            self.rows(ids)
+        except ValueError:
+            return False
+        return True
+
+    def id_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        """rows -> ids (-1 stays -1)."""
+        return np.where(rows >= 0, self.filters.ids[np.maximum(rows, 0)], -1)

@@ -18,7 +18,7 @@ import numpy as np
 
 from service.artifacts import ITEMS, ArtifactError, Manifest
 from service.errors import Unavailable
-from service.memory.filters import Filter, Selection
+from service.memory.filters import ByItemIds, Filter, Selection
 from service.memory.items import ItemTable, check_sqlite
 from service.memory.store import Memory
 
@@ -195,7 +195,7 @@ def stale_is_unavailable() -> Iterator[None]:
         raise ShardsUnavailable(str(e)) from e
 
 
-class ShardedMemory:
+class ShardedMemory(ByItemIds):
     """A memory whose index, keys and values live in shards: the served Memory's interface (search, lookup,
     gather, select, the item table), each call fanned out to every shard and merged. The item table stays here
     (the ingress describes the neighbours it answers with, and resolves filters' keys)."""
@@ -213,26 +213,6 @@ class ShardedMemory:
     def close(self) -> None:
         self.table.close()
         self.client.release(self.at.version)
-
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        """ids -> their positions in id order (what the zero-shot parts are indexed by); ValueError for an id
-        the memory does not hold."""
-        ids = np.asarray(ids, np.int64)
-        rows = np.minimum(np.searchsorted(self.filters.ids, ids), self.filters.size - 1)
-        held = self.filters.ids[rows] == ids
-        if not held.all():
-            raise ValueError(f"ids {ids[~held][:5].tolist()} are not in this memory")
-        return rows
-
-    def id_of_rows(self, rows: np.ndarray) -> np.ndarray:
-        return np.where(rows >= 0, self.filters.ids[np.maximum(rows, 0)], -1)
-
-    def contains(self, ids: np.ndarray) -> bool:
-        try:
-            self.rows(ids)
-        except ValueError:
-            return False
-        return True
 
     def select(self, f: Filter) -> Selection:
         self.filters.check(f)

@@ -19,7 +19,7 @@ import numpy as np
 
 from service.artifacts import IDS, INDEX, ITEMS, KEYS, VALUES, ArtifactError
 from service.memory import paging, rerank
-from service.memory.filters import Filter, FilterIndex, Selection
+from service.memory.filters import ByItemIds, Filter, FilterIndex, Selection
 from service.memory.items import ItemTable
 
 
@@ -58,7 +58,7 @@ _BLOCK = bytearray(8 << 20)
 _threads = threading.local()  # OpenMP's thread count is a per-thread setting: set it where the search runs
 
 
-class Memory:
+class Memory(ByItemIds):
     """One memory version (or one shard of one), memory-mapped."""
 
     def __init__(self, directory: Path, nprobe: int, threads: int = 1):
@@ -95,35 +95,6 @@ class Memory:
 
     def close(self) -> None:
         self.table.close()
-
-    # ------------------------------------------------------------ ids and rows
-
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        """ids (any shape) -> their rows; ValueError for an id this memory does not hold."""
-        ids = np.asarray(ids, np.int64)
-        if self.ids is None:
-            rows = ids
-            held = (rows >= 0) & (rows < self.size)
-        else:
-            rows = np.minimum(np.searchsorted(self.ids, ids), self.size - 1)
-            held = self.ids[rows] == ids
-        if not held.all():
-            raise ValueError(f"ids {ids[~held][:5].tolist()} are not in this memory")
-        return rows
-
-    def contains(self, ids: np.ndarray) -> bool:
-        """Every one of `ids` is an item of this memory."""
-        try:
-            self.rows(ids)
-        except ValueError:
-            return False
-        return True
-
-    def id_of_rows(self, rows: np.ndarray) -> np.ndarray:
-        """rows -> ids (-1 stays -1)."""
-        if self.ids is None:
-            return rows
-        return np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
 
     # ------------------------------------------------------------ filters
 
