@@ -10,7 +10,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # builds the frozen one.
 BUILD_ARGS ?= --finetune
 
-.PHONY: demo build evaluate test lint docs bench ray-bench load load-quick docker-test setup data redis browser wrk clean
+.PHONY: demo build evaluate test lint docs bench finetune-cost ray-bench load load-quick docker-test setup data redis browser wrk clean
 
 demo: setup data redis $(ARTIFACTS)/manifest.json  ## build the demo artifacts if missing, then serve on 127.0.0.1:8000
 	REDIS_URL=$(REDIS_URL) $(BIN)/rac serve --artifacts $(ARTIFACTS) --host 127.0.0.1 --port 8000
@@ -44,6 +44,15 @@ lint: setup
 
 bench: setup data wrk $(ARTIFACTS)/manifest.json  ## service vs in-process vs raw encoder; writes results/bench.json
 	$(BIN)/rac bench --artifacts $(ARTIFACTS) --json results/bench.json
+
+# The frozen-only build a fine-tuned demo's encoder cost is measured against (same data, same memory).
+FROZEN ?= artifacts/frozen
+
+$(FROZEN)/manifest.json:
+	$(BIN)/rac build --out $(FROZEN)
+
+finetune-cost: setup data $(ARTIFACTS)/manifest.json $(FROZEN)/manifest.json  ## the fine-tuned encoder's cost against the frozen one; results/finetune_cost.json
+	$(BIN)/rac bench --artifacts $(ARTIFACTS) --frozen $(FROZEN) --json results/finetune_cost.json
 
 ray-bench: setup data wrk $(ARTIFACTS)/manifest.json  ## the service on Ray Serve (2 shards) vs one process; results/ray_bench.json
 	$(BIN)/python -m loadtests.ray_bench --artifacts $(ARTIFACTS) --shards-dir /tmp/rac-ray-bench/shards --json results/ray_bench.json

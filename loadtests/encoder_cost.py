@@ -1,6 +1,7 @@
 """What a fine-tuned build's encoder costs against the frozen-only one, measured in one run on one machine.
 
-    python -m loadtests.encoder_cost --frozen artifacts/demo --tuned artifacts/ft --json results/finetune_cost.json
+    rac bench --artifacts artifacts/demo --frozen artifacts/frozen        # = make finetune-cost
+    python -m loadtests.encoder_cost --frozen artifacts/frozen --tuned artifacts/demo --json results/finetune_cost.json
 
 1. the encoder alone in onnxruntime (both outputs, as the service runs it), batch 1, 8 and 32, on one thread as
    each server process's encoder runs (one process a core), not spinning

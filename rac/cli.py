@@ -2,7 +2,7 @@
 
 rac build --out artifacts/demo            rac evaluate --artifacts artifacts/demo
 rac train --artifacts artifacts/demo      rac serve --artifacts artifacts/demo
-rac bench --artifacts artifacts/demo
+rac bench --artifacts artifacts/demo     (--frozen artifacts/frozen: a fine-tuned build's encoder cost)
 rac build --finetune --out artifacts/ft   (the query encoder's last blocks trained with the head: models/finetune.py)
 rac memory add|remove|tag|publish|list    (memory versions: see models/memory/ops.py, add.py)
 rac keys add|list|remove                  (API keys: see service/auth.py)
@@ -216,6 +216,11 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
+    if a.frozen is not None:
+        from loadtests.encoder_cost import main as encoder_cost
+
+        encoder_cost(a.frozen, a.artifacts, a.json or Path("results/finetune_cost.json"), a.seconds)
+        return
     if a.memory:
         from loadtests.memory_bench import main as memory_bench
 
@@ -315,6 +320,12 @@ def main(argv: list[str] | None = None) -> None:
     be.add_argument("--seconds", type=float, default=10.0, help="per HTTP measurement")
     be.add_argument("--concurrency", default="1,4,16")
     be.add_argument("--overload", default="64,256,1024", help="connections for the overload runs ('' for none)")
+    be.add_argument(
+        "--frozen",
+        type=Path,
+        help="a frozen-only build: what the --artifacts fine-tuned build's encoder and pipeline cost against it, "
+        "call by call (loadtests/encoder_cost.py; default --json results/finetune_cost.json)",
+    )
     sc = be.add_argument_group("scale memories (--memory): the demo memory grown with synthetic items")
     sc.add_argument("--memory", action="store_true", help="latency, start-up and sizes by memory size")
     sc.add_argument("--sizes", default="100000,1000000,10000000")

@@ -104,6 +104,28 @@ def test_info_names_the_encoder_of_the_key_and_of_the_query(tuned_synthetic: Pat
         assert c.get("/info").json()["encoder"]["query_vector"] == "the search key"
 
 
+def test_rac_bench_frozen_times_both_builds(tuned_synthetic: Path, synthetic_artifacts: Path, tmp_path: Path) -> None:
+    """`rac bench --frozen`: the fine-tuned build's encoder and pipeline against the frozen one's, written as
+    ratios; a frozen build given as the fine-tuned one is refused, naming it."""
+    out = tmp_path / "cost.json"
+    cmd = [sys.executable, "-m", "rac.cli", "bench", "--artifacts", str(tuned_synthetic), "--seconds", "0.2"]
+    subprocess.run([*cmd, "--frozen", str(synthetic_artifacts), "--json", str(out)], check=True, cwd=ROOT)
+    cost = json.loads(out.read_text())
+    assert cost["finetune"] == read_manifest(tuned_synthetic).encoder.query.finetune  # type: ignore[union-attr]
+    assert set(cost["cost_ratio"]) == {"encoder_b1", "encoder_b8", "encoder_b32", "pipeline_b32"}
+    for name in ("frozen", "tuned"):
+        assert all(0 < v < float("inf") for v in cost["img_per_s"][name].values())
+    for k, ratio in cost["cost_ratio"].items():
+        assert ratio == pytest.approx(cost["img_per_s"]["frozen"][k] / cost["img_per_s"]["tuned"][k])
+    refused = subprocess.run(
+        [*cmd[:5], str(synthetic_artifacts), "--frozen", str(synthetic_artifacts)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0 and "is not a fine-tuned build" in refused.stderr
+
+
 def test_a_memory_version_is_swapped_in_under_a_fine_tuned_model(tuned_synthetic: Path, tmp_path: Path) -> None:
     """`rac memory remove` and publish: the memory depends on the frozen key only, the model keeps serving."""
     root = tmp_path / "root"

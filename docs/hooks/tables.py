@@ -33,16 +33,16 @@ COMMANDS = {
     **{
         f"finetune_choices/b{b}_lr{lr}_flip.json": "rac train --artifacts artifacts/demo --finetune --seeds 0 "
         f"--ft-blocks {b} --ft-lr {lr} --json results/finetune_choices/b{b}_lr{lr}_flip.json"
-        for b, lr in ((2, "3e-4"), (2, "1e-3"), (1, "1e-3"))
+        for b, lr in ((2, "3e-4"), (2, "1e-3"), (1, "1e-3"), (1, "3e-4"))
     },
     "finetune_split0.json": "rac evaluate --artifacts artifacts/demo --only table --finetune "
     "--json results/finetune_split0.json",
     "finetune_split1.json": "rac evaluate --artifacts artifacts/demo --only table --finetune --data-seed 1 "
     "--ratio 100 --json results/finetune_split1.json",
-    "finetune_cost.json": "python -m loadtests.encoder_cost --frozen /tmp/quick --tuned /tmp/quick-ft2 "
-    "--seconds 10 --json results/finetune_cost.json",
-    "finetune_cost_blocks1.json": "python -m loadtests.encoder_cost --frozen /tmp/quick --tuned /tmp/quick-ft1 "
-    "--seconds 10 --json results/finetune_cost_blocks1.json",
+    "finetune_cost.json": "make finetune-cost (rac bench --artifacts artifacts/demo --frozen artifacts/frozen "
+    "--json results/finetune_cost.json)",
+    "finetune_cost_blocks1.json": "rac bench --artifacts artifacts/ft1 --frozen artifacts/frozen "
+    "--json results/finetune_cost_blocks1.json",
     "memory_scale.json": "rac bench --memory --sizes 100000,1000000,10000000 --json results/memory_scale.json",
     "memory_curve.json": "python -m loadtests.memory_curve --artifacts artifacts/demo --json results/memory_curve.json",
     "memory_accuracy.json": "python -m loadtests.memory_accuracy --artifacts artifacts/demo "
@@ -81,7 +81,7 @@ TABLES: dict[str, Table] = {
     "zero_shot": Table(("zero_shot.json",), a.zero_shot, "Zero-shot test top-1 %, mean ± std over seeds."),
     "zero_shot_k": Table(("zero_shot.json",), a.zero_shot_k, "RECO on both sides, top-1 %."),
     "finetune_choices": Table(
-        tuple(f"finetune_choices/{n}_flip.json" for n in ("b2_lr3e-4", "b2_lr1e-3", "b1_lr1e-3")),
+        tuple(f"finetune_choices/{n}_flip.json" for n in ("b2_lr3e-4", "b2_lr1e-3", "b1_lr1e-3", "b1_lr3e-4")),
         ft.choices,
         "Validation top-1 %, seed 0; MAM head, lr 1e-3.",
     ),
