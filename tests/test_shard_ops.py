@@ -5,9 +5,14 @@ keys, values, index entries and item rows in every shard, the same zero-shot par
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
+import faiss
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -16,11 +21,11 @@ from models.memory import ops
 from models.memory.add import add
 from models.memory.shards import shard
 from service.app import create_app
-from service.artifacts import IDS, ITEMS, KEYS, ZS_MEMORY_FILES, ArtifactError, digest, read_manifest
+from service.artifacts import IDS, INDEX, ITEMS, KEYS, ZS_MEMORY_FILES, ArtifactError, digest, read_manifest
 from service.memory.shards import SHARD, LocalShards, Shard, shard_dirs
 from service.memory.versions import sharded
 from service.settings import Settings
-from tests.helpers import png, same_shards
+from tests.helpers import ROOT, png, same_shards
 
 pytestmark = pytest.mark.slow
 
@@ -85,8 +90,50 @@ def test_what_a_sharded_memory_cannot_do_in_place_is_refused(zs_artifacts: Path,
     (tmp_path / "ids.txt").write_text("1 2")
     with pytest.raises(ArtifactError, match="sharded: tag the unsharded memory"):
         ops.tag(split, tmp_path / "tagged", tmp_path / "ids.txt", None, ["x"], [])
-    (tmp_path / "list.txt").write_text("0.png 1\n")
-    (tmp_path / "0.png").write_bytes(png(1))
-    with pytest.raises(ArtifactError, match="share one trained quantizer"):
-        add(split, tmp_path / "list.txt", tmp_path / "retrained", tmp_path, retrain=True)
-    assert not (tmp_path / "tagged").exists() and not (tmp_path / "retrained").exists()
+    assert not (tmp_path / "tagged").exists()
+
+
+@pytest.fixture(scope="module")
+def ivf_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`rac build --quick` with an IVF index (16 lists): a memory whose coarse quantizer can be trained again."""
+    out = tmp_path_factory.mktemp("ivf") / "artifacts"
+    cmd = [sys.executable, "-m", "rac.cli", "build", "--quick", "--index", "IVF16,Flat", "--out", str(out)]
+    cmd += ["--cache", str(tmp_path_factory.mktemp("ivf-cache"))]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=os.environ | {"TQDM_DISABLE": "1"})
+    return out
+
+
+def test_re_clustering_a_sharded_memory_equals_re_clustering_then_sharding(ivf_artifacts: Path, tmp_path: Path) -> None:
+    """`rac memory add --retrain-index` on a sharded memory: one quantizer, trained on the rows the unsharded
+    re-clustering samples (gathered from the shards), and each shard's own keys indexed with it: the same
+    centroids, the same ids in every list and the same shards as re-clustering the unsharded memory, then
+    sharding it."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(20):
+        (images / f"{i}.png").write_bytes(png(70_000 + i))
+    (tmp_path / "new.jsonl").write_text(
+        "\n".join(json.dumps({"image": f"{i}.png", "label": i % 10}) for i in range(20))
+    )
+    shard(ivf_artifacts, tmp_path / "split", 3)
+    add(tmp_path / "split", tmp_path / "new.jsonl", tmp_path / "split-v2", images, retrain=True)
+    add(ivf_artifacts, tmp_path / "new.jsonl", tmp_path / "whole-v2", images, retrain=True)
+    shard(tmp_path / "whole-v2", tmp_path / "resharded", 3)
+    same_shards(tmp_path / "split-v2", tmp_path / "resharded")
+    held = []  # the indexes whose IVF parts are read: a part must not outlive its index
+
+    def ivf(path: Path) -> tuple[np.ndarray, list[np.ndarray], faiss.IndexIVF]:
+        held.append(index := faiss.read_index(str(path / INDEX)))
+        lists = faiss.extract_index_ivf(index)
+        invlists: Any = lists.invlists
+        ids = [faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy() for i in range(lists.nlist)]
+        return lists.quantizer.reconstruct_n(0, lists.nlist), ids, lists
+
+    before, _, _ = ivf(ivf_artifacts)
+    for got, want in zip(shard_dirs(tmp_path / "split-v2"), shard_dirs(tmp_path / "resharded"), strict=True):
+        (centroids, lists, index), (want_centroids, want_lists, _) = ivf(got), ivf(want)
+        np.testing.assert_array_equal(centroids, want_centroids)
+        assert not np.array_equal(centroids, before)  # trained again, not the parent's
+        for a, b in zip(lists, want_lists, strict=True):
+            np.testing.assert_array_equal(np.sort(a), np.sort(b))
+        assert index.nprobe == read_manifest(ivf_artifacts).index.nprobe

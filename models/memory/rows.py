@@ -103,20 +103,33 @@ def derive_memory(src: Path, out: Path, gone: np.ndarray, new: NewRows | None, n
 
 def retrained(index: faiss.Index, keys: np.ndarray, ids: np.ndarray) -> faiss.Index:
     """The same kind of index, its coarse quantizer trained again on (a sample of) every key."""
-    d = keys.shape[1]
+    return filled(trained_like(index, keys[sample_rows(len(keys))]), keys, ids)
+
+
+def sample_rows(n: int, most: int = 256 * 1024) -> np.ndarray:
+    """The rows of an n-row memory its coarse quantizer is trained on, in order: at most `most`, drawn once
+    (the same for the same n, however the rows are stored: together or in shards)."""
+    return np.sort(np.random.default_rng(0).permutation(n)[:most])
+
+
+def trained_like(index: faiss.Index, sample: np.ndarray) -> faiss.Index:
+    """An empty index of `index`'s kind (IVF-Flat with its number of lists and nprobe, or flat) that answers
+    ids, its quantizer trained on `sample` (d-wide keys)."""
     ivf = faiss.try_extract_index_ivf(index)
     factory, nprobe = (f"IVF{ivf.nlist},Flat", ivf.nprobe) if ivf is not None else ("Flat", 0)
-    new = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    new = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     if not new.is_trained:
-        rng = np.random.default_rng(0)
-        sample = np.sort(rng.permutation(len(keys))[: 256 * 1024])
-        new.train(np.asarray(keys[sample], np.float32))
-    new = with_ids(new, np.empty(0, np.int64))
-    for s in tqdm(range(0, len(keys), CHUNK), desc="index", unit="chunk"):
-        new.add_with_ids(np.asarray(keys[s : s + CHUNK], np.float32), ids[s : s + CHUNK])
+        new.train(np.asarray(sample, np.float32))
     if isinstance(new, faiss.IndexIVF):
         new.nprobe = nprobe
-    return new
+    return with_ids(new, np.empty(0, np.int64))
+
+
+def filled(index: faiss.Index, keys: np.ndarray, ids: np.ndarray) -> faiss.Index:
+    """`index` (empty, trained) with every key added under its id, streamed in chunks."""
+    for s in tqdm(range(0, len(keys), CHUNK), desc="index", unit="chunk"):
+        index.add_with_ids(np.asarray(keys[s : s + CHUNK], np.float32), ids[s : s + CHUNK])
+    return index
 
 
 def copy_items(src: Path, dst: Path, gone: np.ndarray) -> None:

@@ -12,7 +12,8 @@ and zero-shot parts: what a sharded service's ingress reads (service/cluster/app
 
 A sharded memory also grows and shrinks where it lives (`rac memory add`, `remove` with a sharded `--from`,
 derive_shards below): each shard drops the ids it owns that go and appends the new items it owns into its own
-index (the shared quantizer: nothing is trained again), so no machine ever holds the whole memory.
+index (the shared quantizer), so no machine ever holds the whole memory. `--retrain-index` trains the shared
+quantizer again on a sample gathered from the shards, and each shard re-indexes its own keys.
 """
 
 from __future__ import annotations
@@ -27,7 +28,17 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from models.memory.rows import NewRows, copy_items, derive_memory, insert_items, parent_ids, with_ids
+from models.memory.rows import (
+    NewRows,
+    copy_items,
+    derive_memory,
+    filled,
+    insert_items,
+    parent_ids,
+    sample_rows,
+    trained_like,
+    with_ids,
+)
 from service.artifacts import (
     ENCODER,
     EXAMPLES,
@@ -171,24 +182,41 @@ def derive_shards(
 ) -> tuple[np.ndarray, list[dict[str, str]]]:
     """A new version of the sharded memory `src` in `out`, shard by shard: each shard less the ids `gone` it
     holds, plus the new items it owns (`new_ids`, placed by id as `shard` places them); the ingress's whole item
-    table likewise. shard.json and shards.json are written by `stamp`, once the version is known. Returns the
-    kept rows of the whole memory and each shard's file digests (what its memory version is made of)."""
-    if new is not None and new.retrain:
-        raise ArtifactError(f"{src}: its shards share one trained quantizer: re-cluster the unsharded memory instead")
+    table likewise. With `new.retrain`, the coarse quantizer is trained once on a sample of every shard's keys
+    and each shard re-indexes its own. shard.json and shards.json are written by `stamp`, once the version is
+    known. Returns the kept rows of the whole memory and each shard's file digests (its memory version's make)."""
     dirs = shard_dirs(src)
     owner_of_new, owner_of_gone = owners(new_ids, len(dirs)), owners(gone, len(dirs))
-    digests = []
     for d in tqdm(dirs, desc="shards", unit="shard"):
         s = int(json.loads((d / SHARD).read_text())["shard"])
         mine = np.flatnonzero(owner_of_new == s)
         part = None if new is None or not len(mine) else _rows_of_shard(new, mine)
         (out / d.name).mkdir()
         derive_memory(d, out / d.name, gone[owner_of_gone == s], part, new_ids[mine])
-        digests.append({name: digest(out / d.name / name) for name in (INDEX, KEYS, VALUES, IDS, ITEMS)})
+    if new is not None and new.retrain:
+        reindex([out / d.name for d in dirs], faiss.read_index(str(dirs[0] / INDEX)))
+    digests = [{name: digest(out / d.name / name) for name in (INDEX, KEYS, VALUES, IDS, ITEMS)} for d in dirs]
     copy_items(src / ITEMS, out / ITEMS, gone)
     if new is not None:
         insert_items(out / ITEMS, new, new_ids)
     return np.flatnonzero(~np.isin(parent_ids(src), gone)), digests
+
+
+def reindex(dirs: list[Path], like: faiss.Index) -> None:
+    """Every shard's index made again with one coarse quantizer, trained on the rows of the whole memory that
+    the unsharded re-clustering samples (models/memory/rows.py retrained), gathered from the shards holding
+    them: the shards then hold what sharding the re-clustered unsharded memory gives. Only the sample is ever
+    in one place."""
+    ids = [np.load(d / IDS) for d in dirs]
+    wanted = np.sort(np.concatenate(ids))[sample_rows(sum(len(i) for i in ids))]  # ids, in the memory's order
+    keys = [np.load(d / KEYS, mmap_mode="r") for d in dirs]
+    sample = np.empty((len(wanted), keys[0].shape[1]), np.float32)
+    for shard_ids, shard_keys in zip(ids, keys, strict=True):
+        rows = np.flatnonzero(np.isin(shard_ids, wanted))  # shard rows are in id order, as the memory's
+        sample[np.searchsorted(wanted, shard_ids[rows])] = shard_keys[rows]
+    trained = trained_like(like, sample)
+    for d, shard_ids, shard_keys in zip(dirs, ids, keys, strict=True):
+        faiss.write_index(filled(faiss.clone_index(trained), shard_keys, shard_ids), str(d / INDEX))
 
 
 def _rows_of_shard(new: NewRows, rows: np.ndarray) -> NewRows:
