@@ -10,7 +10,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # builds the frozen one.
 BUILD_ARGS ?= --finetune
 
-.PHONY: demo build evaluate test lint docs bench finetune-cost ray-bench load load-quick docker-test setup data redis browser wrk clean
+.PHONY: demo build evaluate test lint docs bench finetune-cost ray-bench grpc-load load load-quick docker-test setup data redis browser wrk clean
 
 demo: setup data redis $(ARTIFACTS)/manifest.json  ## build the demo artifacts if missing, then serve on 127.0.0.1:8000
 	REDIS_URL=$(REDIS_URL) $(BIN)/rac serve --artifacts $(ARTIFACTS) --host 127.0.0.1 --port 8000
@@ -25,7 +25,7 @@ $(ARTIFACTS)/manifest.json:
 evaluate: setup data $(ARTIFACTS)/manifest.json  ## the paper's tables (Table 1, k sweep, memory ablation)
 	$(BIN)/rac evaluate --artifacts $(ARTIFACTS) --json results/evaluation.json
 
-test: setup data redis browser  ## lint, the docs built strictly, then every test
+test: setup data redis browser grpc-load  ## lint, the docs built strictly, then every test
 	$(MAKE) lint
 	$(MAKE) docs
 	$(BIN)/pytest
@@ -42,7 +42,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: setup data wrk $(ARTIFACTS)/manifest.json  ## service vs in-process vs raw encoder; writes results/bench.json
+bench: setup data wrk grpc-load $(ARTIFACTS)/manifest.json  ## service vs in-process vs raw encoder; writes results/bench.json
 	$(BIN)/rac bench --artifacts $(ARTIFACTS) --json results/bench.json
 
 # The frozen-only build a fine-tuned demo's encoder cost is measured against (same data, same memory).
@@ -92,6 +92,16 @@ browser:  ## Debian's chromium for the page's browser test: installed if absent 
 
 wrk:
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+
+# The native gRPC load driver (loadtests/grpc_load.cc) against Debian's gRPC C++ library.
+GRPC_LOAD := .cache/bin/rac-grpc-load
+
+grpc-load: $(GRPC_LOAD)  ## the gRPC load driver rac bench uses (installs libgrpc++-dev if absent)
+
+$(GRPC_LOAD): loadtests/grpc_load.cc
+	@pkg-config --exists grpc++ 2>/dev/null || { apt-get update -qq && apt-get install -y -qq libgrpc++-dev >/dev/null; }
+	@mkdir -p $(@D)
+	g++ -O2 -std=c++17 -Wall -Wextra $< $$(pkg-config --cflags --libs grpc++) -o $@
 
 clean:
 	rm -rf $(VENV) .cache artifacts site results/load/stats.csv results/load/locust.json

@@ -10,8 +10,8 @@
    driven by wrk (one thread, a Lua script cycling through prepared multipart bodies), with the CPU wrk used,
    the server's CPU per request (read from its processes) and the mean batch the server formed
 4. the same for the Open Inference Protocol, at each concurrency right after /classify: v2 REST driven by wrk
-   with prepared binary-tensor bodies (as tritonclient.http sends them), and gRPC driven by a separate process
-   (loadtests/v2load.py: grpc.aio, one connection per caller, prepared requests)
+   with prepared binary-tensor bodies (as tritonclient.http sends them), and gRPC by the native driver
+   (loadtests/grpc_load.cc, `make grpc-load`: one thread, one connection per caller, prepared requests)
 5. raw image bodies (Content-Type: image/png) beside multipart at the top concurrency
 6. cache-hit latency: one image, over and over, one connection
 7. overload: 64 to 1024 connections of distinct images (loadtests/overload.py): successful and refused

@@ -1,7 +1,8 @@
 """The load drivers `rac bench` and its siblings use, each in a process of its own (so that its CPU is its own),
-and what a run cost the server: wrk (HTTP/1.1, prepared bodies cycled by a Lua script), the gRPC driver
-(loadtests/v2load.py) and the overload generator (loadtests/overload.py); `measured` wraps any of them with
-the server's CPU per request (read from its processes), the driver's, and the mean batch the server formed.
+and what a run cost the server: wrk (HTTP/1.1, prepared bodies cycled by a Lua script), the gRPC drivers
+(loadtests/grpc_load.cc, native; loadtests/v2load.py in Python) and the overload generator
+(loadtests/overload.py); `measured` wraps any of them with the server's CPU per request (read from its
+processes), the driver's, and the mean batch the server formed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import psutil
 from loadtests import multipart, v2load
 from loadtests.overload import write_bodies
 from loadtests.server import ROOT, scrape
+
+GRPC_LOAD = ROOT / ".cache/bin/rac-grpc-load"  # the native gRPC driver (make grpc-load)
 
 LUA = r"""
 local bodies, extras, n, i, header = {}, {}, 0, 0, nil
@@ -98,15 +101,22 @@ def v2_http(url: str, images: list[bytes], connections: int, seconds: float, wor
 
 
 def v2_grpc(
-    target: str, images: list[bytes], concurrency: int, seconds: float, workdir: Path, processes: int = 1
+    target: str, images: list[bytes], concurrency: int, seconds: float, workdir: Path, processes: int = 0
 ) -> dict[str, Any]:
-    """ModelInfer, one image a request, from a separate process (or several: loadtests/v2load.py; it reports
-    the CPU it used while measuring as client_cores)."""
+    """ModelInfer, one image a request, each caller on its own connection, prepared requests: by the native
+    driver (processes 0: loadtests/grpc_load.cc, built by `make grpc-load`; one thread, as wrk is for HTTP), or
+    by loadtests/v2load.py's grpc.aio callers in that many Python processes. Both report the CPU they used while
+    measuring as client_cores."""
     requests, out = workdir / f"grpc-{concurrency}.bin", workdir / f"grpc-{concurrency}.json"
     write_bodies(requests, [v2load.grpc_request(png) for png in images])
-    cmd = [sys.executable, "-m", "loadtests.v2load", "--target", target, "--requests", str(requests)]
-    cmd += ["--concurrency", str(concurrency), "--seconds", str(seconds), "--out", str(out)]
-    cmd += ["--processes", str(processes)]
+    if processes == 0:
+        if not GRPC_LOAD.exists():
+            raise RuntimeError(f"{GRPC_LOAD} is missing: build it with `make grpc-load`")
+        cmd = [str(GRPC_LOAD), target, str(requests), str(concurrency), str(seconds), str(out)]
+    else:
+        cmd = [sys.executable, "-m", "loadtests.v2load", "--target", target, "--requests", str(requests)]
+        cmd += ["--concurrency", str(concurrency), "--seconds", str(seconds), "--out", str(out)]
+        cmd += ["--processes", str(processes)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"the gRPC load driver failed: {done.stdout}{done.stderr}")

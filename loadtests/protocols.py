@@ -8,11 +8,12 @@
         --repeat 3 --json results/classify_ab.json
 
 The v2 part of `rac bench` alone (loadtests/drivers.py: wrk with prepared binary-tensor bodies for REST, the
-separate loadtests/v2load.py processes for gRPC, every request a new image), without the ceiling, encoder,
+native driver or loadtests/v2load.py processes for gRPC, every request a new image), without the ceiling, encoder,
 /classify and overload runs that make the whole bench long, with what each request cost: the server's CPU
 (all its processes), the load generator's, and the mean batch the server ran. `--grpc-processes` gives the
-gRPC driver's process counts to measure (each right after REST). Each `--checkout NAME=DIR` is served in turn
-(`python -m service` from DIR, on the same artifacts and settings) and measured at each concurrency, REST then
+gRPC drivers to measure, each right after REST: 0 the native one, N the Python one in N processes. Each
+`--checkout NAME=DIR` is served in turn (`python -m service` from DIR, on the same artifacts and settings) and
+measured at each concurrency, REST then
 gRPC; `--repeat` runs the whole round again, so that two versions of the server are compared on the same
 machine state, interleaved. On a shared host the figures move between rounds: compare within a round.
 """
@@ -93,7 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", default="16", help="comma-separated")
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--grpc-processes", default="1", help="comma-separated: the gRPC driver's process counts")
+    p.add_argument(
+        "--grpc-processes",
+        default="0,1",
+        help="comma-separated gRPC drivers: 0 the native one (make grpc-load), N loadtests/v2load.py in N processes",
+    )
     p.add_argument("--classify", action="store_true", help="also POST /classify, first at each concurrency")
     p.add_argument("--json", type=Path, default=Path("results/protocols.json"))
     a = p.parse_args(argv)

@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from loadtests.drivers import v2_grpc
 from loadtests.server import free_port, serving
 from service.app import create_app
 from service.settings import Settings
@@ -304,6 +305,20 @@ def test_grpc_reaches_every_process_and_counts_in_the_same_metrics(server: Serve
         for o in ("hit", "miss")
     )
     assert images == 4
+
+
+@pytest.mark.parametrize("processes", [0, 1], ids=["native", "python"])
+def test_the_grpc_load_drivers_count_what_the_server_answered(server: Server, tmp_path: Path, processes: int) -> None:
+    """The gRPC load drivers `rac bench` and loadtests/protocols.py use (0: loadtests/grpc_load.cc, 1: one
+    grpc.aio process): every call answered OK, and the calls they count (plus one warm-up call per connection)
+    are the ModelInfer calls the server counted."""
+    route = {"route": "/inference.GRPCInferenceService/ModelInfer", "status": "200"}
+    before = sample(httpx.get(f"{server.url}/metrics").text, "rac_requests_total", **route)
+    stats = v2_grpc(server.grpc, server.images, 4, 1.0, tmp_path, processes)
+    after = sample(httpx.get(f"{server.url}/metrics").text, "rac_requests_total", **route)
+    assert stats["non_ok"] == 0 and stats["requests"] > 4
+    assert after - before == stats["requests"] + 4
+    assert 0 < stats["p50_ms"] <= stats["p99_ms"] <= stats["max_ms"] and stats["client_cores"] > 0
 
 
 def test_one_process_does_not_share_a_taken_grpc_port(quick_artifacts: Path) -> None:

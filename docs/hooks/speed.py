@@ -304,7 +304,7 @@ def protocol_drivers(docs: Sequence[Doc]) -> Rows:
                 rows.append(
                     [
                         str(i),
-                        f"{d.num(*g, 'processes'):.0f}",
+                        _driver(d, g),
                         n(rest),
                         n(d.num(*g, "req_per_s")),
                         f2(d.num(*g, "req_per_s") / rest),
@@ -313,12 +313,20 @@ def protocol_drivers(docs: Sequence[Doc]) -> Rows:
                 )
     return [
         "round",
-        "gRPC load generator processes",
+        "gRPC load generator",
         "v2 REST req/s",
         "v2 gRPC req/s",
         "gRPC / REST",
         "generator CPU ms/request",
     ], rows
+
+
+def _driver(d: Doc, run: tuple[str | int, ...]) -> str:
+    """The gRPC load generator of a run: native (loadtests/grpc_load.cc) or Python in so many processes."""
+    if run[-2] == "v2_grpc_p0":
+        return "native, 1 thread"
+    processes = d.num(*run, "processes")
+    return f"Python, {processes:.0f} process{'es' if processes != 1 else ''}"
 
 
 def classify_ab(docs: Sequence[Doc]) -> Rows:

@@ -55,7 +55,7 @@ COMMANDS = {
     "profile.json": "python -m loadtests.profile --artifacts artifacts/demo --json results/profile.json",
     "protocols.json": "python -m loadtests.protocols --artifacts artifacts/demo --checkout before=DIR "
     "--checkout after=. --repeat 2 --json results/protocols.json",
-    "protocols_drivers.json": "python -m loadtests.protocols --artifacts artifacts/demo --grpc-processes 1,4 "
+    "protocols_drivers.json": "python -m loadtests.protocols --artifacts artifacts/demo --grpc-processes 0,1,4 "
     "--repeat 3 --json results/protocols_drivers.json",
     "classify_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify --grpc-processes '' "
     "--checkout before=DIR --checkout after=. --repeat 3 --json results/classify_ab.json",
