@@ -3,7 +3,7 @@ router, the way the ingress calls them) against the same shard search in a plain
 class, no Serve), and a plain actor call that searches nothing, from one process on the same local two-node
 cluster, one call at a time. Needs the `ray` extra.
 
-    python -m loadtests.ray_calls --shards-dir /tmp/ray/demo-shards --json results/ray_calls.json
+    python -m loadtests.ray_calls --shards-dir /tmp/rac-ray-bench/shards --json results/ray_calls.json
 
 --shards-dir: a sharded memory (`rac memory shard --out`) of two shards.
 """

@@ -51,7 +51,8 @@ COMMANDS = {
     "--json results/ray_bench.json",
     "ray_build.json": "python -m loadtests.ray_add --artifacts artifacts/demo --images 16000 "
     "--json results/ray_build.json",
-    "ray_calls.json": "python -m loadtests.ray_calls --shards-dir /tmp/ray/demo-shards --json results/ray_calls.json",
+    "ray_calls.json": "python -m loadtests.ray_calls --shards-dir /tmp/rac-ray-bench/shards "
+    "--json results/ray_calls.json",
     "profile.json": "python -m loadtests.profile --artifacts artifacts/demo --json results/profile.json",
     "protocols.json": "python -m loadtests.protocols --artifacts artifacts/demo --checkout before=DIR "
     "--checkout after=. --repeat 2 --json results/protocols.json",
