@@ -62,9 +62,12 @@ def with_ids(index: faiss.Index, ids: np.ndarray) -> faiss.Index:
     return wrapped
 
 
-def derive_memory(src: Path, out: Path, gone: np.ndarray, new: NewRows | None, new_ids: np.ndarray) -> np.ndarray:
+def derive_memory(
+    src: Path, out: Path, gone: np.ndarray, new: NewRows | None, new_ids: np.ndarray, reindexed: bool = False
+) -> np.ndarray:
     """Write out's index, keys, values, ids and item table: src's rows less the ids `gone`, then `new` with
-    the ids `new_ids` (above every id src holds, in order). Returns the kept rows of src, in order."""
+    the ids `new_ids` (above every id src holds, in order). reindexed: the caller makes the index again (a
+    sharded re-clustering), so the new keys are not added to this one. Returns the kept rows of src, in order."""
     ids = parent_ids(src)
     keep = ~np.isin(ids, gone)
     kept = np.flatnonzero(keep)
@@ -91,7 +94,7 @@ def derive_memory(src: Path, out: Path, gone: np.ndarray, new: NewRows | None, n
             raise ArtifactError(f"the index held {removed} of the {len(gone)} ids to remove")
     if new is not None and new.retrain:
         index = retrained(index, keys, np.concatenate([ids[kept], new_ids]))
-    elif m:
+    elif m and not reindexed:
         index.add_with_ids(np.ascontiguousarray(new.keys, np.float32), new_ids)  # type: ignore[union-attr]
     del keys, values
     faiss.write_index(index, str(out / INDEX))

@@ -187,13 +187,14 @@ def derive_shards(
     known. Returns the kept rows of the whole memory and each shard's file digests (its memory version's make)."""
     dirs = shard_dirs(src)
     owner_of_new, owner_of_gone = owners(new_ids, len(dirs)), owners(gone, len(dirs))
+    retrain = new is not None and new.retrain
     for d in tqdm(dirs, desc="shards", unit="shard"):
         s = int(json.loads((d / SHARD).read_text())["shard"])
         mine = np.flatnonzero(owner_of_new == s)
         part = None if new is None or not len(mine) else _rows_of_shard(new, mine)
         (out / d.name).mkdir()
-        derive_memory(d, out / d.name, gone[owner_of_gone == s], part, new_ids[mine])
-    if new is not None and new.retrain:
+        derive_memory(d, out / d.name, gone[owner_of_gone == s], part, new_ids[mine], reindexed=retrain)
+    if retrain:
         reindex([out / d.name for d in dirs], faiss.read_index(str(dirs[0] / INDEX)))
     digests = [{name: digest(out / d.name / name) for name in (INDEX, KEYS, VALUES, IDS, ITEMS)} for d in dirs]
     copy_items(src / ITEMS, out / ITEMS, gone)
