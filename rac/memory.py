@@ -59,7 +59,7 @@ def cmd_memory(a: argparse.Namespace) -> None:
     if a.op == "add":
         from models.memory.add import add
 
-        m = add(a.source_dir, a.list, a.out, a.images, a.item_source, a.retrain_index, a.ray)
+        m = add(a.source_dir, a.list, a.out, a.images, a.item_source, a.retrain_index, a.ray, a.lists)
     elif a.op == "remove":
         m = ops.remove(a.source_dir, a.out, a.ids, a.keys, a.missing_ok, a.of_source)
     elif a.op == "tag":
@@ -114,6 +114,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ad.add_argument("--out", type=Path, required=True, help="the new version directory")
     ad.add_argument("--source", dest="item_source", default="external", help="the items' source")
     ad.add_argument("--retrain-index", action="store_true", help="re-cluster the IVF lists over every key")
+    ad.add_argument("--lists", type=int, default=0, help="with --retrain-index: IVF lists (default: as many as now)")
     ad.add_argument(
         "--ray",
         action="store_true",

@@ -90,7 +90,11 @@ def test_what_a_sharded_memory_cannot_do_in_place_is_refused(zs_artifacts: Path,
     (tmp_path / "ids.txt").write_text("1 2")
     with pytest.raises(ArtifactError, match="sharded: tag the unsharded memory"):
         ops.tag(split, tmp_path / "tagged", tmp_path / "ids.txt", None, ["x"], [])
-    assert not (tmp_path / "tagged").exists()
+    (tmp_path / "list.txt").write_text("0.png 1\n")
+    (tmp_path / "0.png").write_bytes(png(1))
+    with pytest.raises(ArtifactError, match="no IVF lists to re-cluster into 8"):  # a flat index: exact search
+        add(split, tmp_path / "list.txt", tmp_path / "relisted", tmp_path, retrain=True, lists=8)
+    assert not (tmp_path / "tagged").exists() and not (tmp_path / "relisted").exists()
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +108,7 @@ def ivf_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_re_clustering_a_sharded_memory_equals_re_clustering_then_sharding(ivf_artifacts: Path, tmp_path: Path) -> None:
-    """`rac memory add --retrain-index` on a sharded memory: one quantizer, trained on the rows the unsharded
+    """`rac memory add --retrain-index --lists 32` on a sharded memory: one quantizer, trained on the rows the unsharded
     re-clustering samples (gathered from the shards), and each shard's own keys indexed with it: the same
     centroids, the same ids in every list and the same shards as re-clustering the unsharded memory, then
     sharding it."""
@@ -116,8 +120,11 @@ def test_re_clustering_a_sharded_memory_equals_re_clustering_then_sharding(ivf_a
         "\n".join(json.dumps({"image": f"{i}.png", "label": i % 10}) for i in range(20))
     )
     shard(ivf_artifacts, tmp_path / "split", 3)
-    add(tmp_path / "split", tmp_path / "new.jsonl", tmp_path / "split-v2", images, retrain=True)
-    add(ivf_artifacts, tmp_path / "new.jsonl", tmp_path / "whole-v2", images, retrain=True)
+    with pytest.raises(ArtifactError, match="only when the index is re-clustered"):
+        add(tmp_path / "split", tmp_path / "new.jsonl", tmp_path / "refused", images, lists=32)
+    grown = add(tmp_path / "split", tmp_path / "new.jsonl", tmp_path / "split-v2", images, retrain=True, lists=32)
+    add(ivf_artifacts, tmp_path / "new.jsonl", tmp_path / "whole-v2", images, retrain=True, lists=32)
+    assert grown.index.type == read_manifest(tmp_path / "whole-v2").index.type == "IVF32,Flat"
     shard(tmp_path / "whole-v2", tmp_path / "resharded", 3)
     same_shards(tmp_path / "split-v2", tmp_path / "resharded")
     held = []  # the indexes whose IVF parts are read: a part must not outlive its index
@@ -136,4 +143,4 @@ def test_re_clustering_a_sharded_memory_equals_re_clustering_then_sharding(ivf_a
         assert not np.array_equal(centroids, before)  # trained again, not the parent's
         for a, b in zip(lists, want_lists, strict=True):
             np.testing.assert_array_equal(np.sort(a), np.sort(b))
-        assert index.nprobe == read_manifest(ivf_artifacts).index.nprobe
+        assert index.nprobe == read_manifest(ivf_artifacts).index.nprobe and index.nlist == 32

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from models.data import FileImages
 from models.memory.make import PROMPT, thumbnail_bytes
 from models.memory.ops import check_tag, derive, open_checked
-from models.memory.rows import NewRows
+from models.memory.rows import NewRows, retrained_type
 from service.artifacts import ENCODER, ITEMS, ArtifactError, Manifest
 from service.memory.items import ItemTable
 
@@ -170,13 +170,19 @@ def add(
     source: str = "external",
     retrain: bool = False,
     on_ray: bool = False,
+    lists: int = 0,
 ) -> Manifest:
     """A new version: src's memory and the listed items (new ids), embedded with src's own encoder and value
     encoder, here or on the Ray cluster this process reaches (on_ray: models/memory/ray_embed.py). Listed keys
-    the memory holds replace their items."""
+    the memory holds replace their items. retrain: the IVF lists clustered again over every key, into `lists`
+    lists (0: as many as src's)."""
     from models.encoders import TextEncoder
 
     parent = open_checked(src)
+    if lists and not retrain:
+        raise ArtifactError(f"{lists} lists: the number of lists is chosen only when the index is re-clustered")
+    if retrain:
+        retrained_type(parent.index.type, lists)  # a flat index has no lists to re-cluster into: refused now
     if parent.memory.value_encoder != TextEncoder.name:
         raise ArtifactError(f"{src}: adding to a memory of {parent.memory.value_encoder} values is not supported")
     root = image_root or list_file.parent
@@ -209,9 +215,12 @@ def add(
         listed.tags,
         thumbnails,
         retrain,
+        lists,
     )
     gone = np.asarray(sorted(item.id for item in replaced.values()), np.int64)
     op = {"op": "add", "items": m, "replaced": len(gone), "list": str(list_file), "retrain_index": retrain}
+    if lists:
+        op["lists"] = lists
     manifest = derive(src, out, parent, gone, new, op)
     log.info(
         "added %d items (%d replacing items with the same key) to %s: %s, memory version %s",

@@ -30,7 +30,7 @@ import numpy as np
 
 from models.memory import shards
 from models.memory.naming import named_ids
-from models.memory.rows import NewRows, derive_memory
+from models.memory.rows import NewRows, derive_memory, retrained_type
 from service.artifacts import (
     CHECKED_FILES,
     CURRENT,
@@ -203,6 +203,9 @@ def derive(
             from models.zero_shot.versions import carry
 
             zero_shot = carry(src, tmp, parent.zero_shot, parent.memory_version, kept_rows, new.texts if new else [])
+        if new is not None and new.retrain:  # the manifest names the index the re-clustering made
+            index = parent.index.model_copy(update={"type": retrained_type(parent.index.type, new.lists)})
+            parent = parent.model_copy(update={"index": index})
         manifest = finish(tmp, parent, len(kept_rows) + added, next_id(parent) + added, op, zero_shot, shard_files)
         if sharded:
             shards.stamp(src, tmp, manifest.memory_version)

@@ -7,6 +7,7 @@ keys and values stream in chunks (the memory is never in RAM at once; only the i
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ class NewRows:
     tags: list[list[str]] = field(default_factory=list)
     thumbnails: list[bytes | None] = field(default_factory=list)
     retrain: bool = False  # re-cluster the IVF lists over every key
+    lists: int = 0  # with retrain: the IVF lists to cluster into (0: as many as the parent's)
 
 
 def parent_ids(directory: Path) -> np.ndarray:
@@ -93,7 +95,7 @@ def derive_memory(
         if removed != len(gone):
             raise ArtifactError(f"the index held {removed} of the {len(gone)} ids to remove")
     if new is not None and new.retrain:
-        index = retrained(index, keys, np.concatenate([ids[kept], new_ids]))
+        index = retrained(index, keys, np.concatenate([ids[kept], new_ids]), new.lists)
     elif m and not reindexed:
         index.add_with_ids(np.ascontiguousarray(new.keys, np.float32), new_ids)  # type: ignore[union-attr]
     del keys, values
@@ -104,27 +106,44 @@ def derive_memory(
     return kept
 
 
-def retrained(index: faiss.Index, keys: np.ndarray, ids: np.ndarray) -> faiss.Index:
-    """The same kind of index, its coarse quantizer trained again on (a sample of) every key."""
-    return filled(trained_like(index, keys[sample_rows(len(keys))]), keys, ids)
+def retrained(index: faiss.Index, keys: np.ndarray, ids: np.ndarray, lists: int = 0) -> faiss.Index:
+    """The same kind of index, its coarse quantizer trained again on (a sample of) every key, into `lists` IVF
+    lists (0: as many as `index` has)."""
+    return filled(trained_like(index, keys[sample_rows(len(keys), index, lists)], lists), keys, ids)
 
 
-def sample_rows(n: int, most: int = 256 * 1024) -> np.ndarray:
-    """The rows of an n-row memory its coarse quantizer is trained on, in order: at most `most`, drawn once
-    (the same for the same n, however the rows are stored: together or in shards)."""
+def sample_rows(n: int, index: faiss.Index, lists: int = 0) -> np.ndarray:
+    """The rows of an n-row memory its coarse quantizer is trained on, in order, drawn once (the same for the
+    same memory, however its rows are stored: together or in shards): at most 262,144, or 64 a list where the
+    index re-clustered into `lists` lists (0: as many as `index` has) wants more."""
+    ivf = faiss.try_extract_index_ivf(index)
+    most = max(256 * 1024, 64 * (lists or (ivf.nlist if ivf is not None else 0)))
     return np.sort(np.random.default_rng(0).permutation(n)[:most])
 
 
-def trained_like(index: faiss.Index, sample: np.ndarray) -> faiss.Index:
-    """An empty index of `index`'s kind (IVF-Flat with its number of lists and nprobe, or flat) that answers
-    ids, its quantizer trained on `sample` (d-wide keys)."""
+def retrained_type(index_type: str, lists: int = 0) -> str:
+    """The FAISS factory string of an index of `index_type` re-clustered into `lists` lists (0: its own): IVF
+    lists of full vectors, or a flat index for a flat one."""
+    found = re.search(r"IVF(\d+)", index_type)
+    if found is None:
+        if lists:
+            raise ArtifactError(f"a {index_type} index has no IVF lists to re-cluster into {lists}")
+        return "Flat"
+    return f"IVF{lists or int(found.group(1))},Flat"
+
+
+def trained_like(index: faiss.Index, sample: np.ndarray, lists: int = 0) -> faiss.Index:
+    """An empty index of `index`'s kind (IVF-Flat with its nprobe, and its number of lists or `lists`; or flat)
+    that answers ids, its quantizer trained on `sample` (d-wide keys)."""
     ivf = faiss.try_extract_index_ivf(index)
-    factory, nprobe = (f"IVF{ivf.nlist},Flat", ivf.nprobe) if ivf is not None else ("Flat", 0)
+    factory = retrained_type(f"IVF{ivf.nlist}" if ivf is not None else "Flat", lists)
     new = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    if not new.is_trained:
+    lists_of_new = faiss.try_extract_index_ivf(new)
+    if lists_of_new is not None and ivf is not None:
+        if len(sample) < lists_of_new.nlist:
+            raise ArtifactError(f"{len(sample)} keys cannot be clustered into {lists_of_new.nlist} lists")
         new.train(np.asarray(sample, np.float32))
-    if isinstance(new, faiss.IndexIVF):
-        new.nprobe = nprobe
+        lists_of_new.nprobe = ivf.nprobe
     return with_ids(new, np.empty(0, np.int64))
 
 

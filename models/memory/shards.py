@@ -194,8 +194,8 @@ def derive_shards(
         part = None if new is None or not len(mine) else _rows_of_shard(new, mine)
         (out / d.name).mkdir()
         derive_memory(d, out / d.name, gone[owner_of_gone == s], part, new_ids[mine], reindexed=retrain)
-    if retrain:
-        reindex([out / d.name for d in dirs], faiss.read_index(str(dirs[0] / INDEX)))
+    if new is not None and new.retrain:
+        reindex([out / d.name for d in dirs], faiss.read_index(str(dirs[0] / INDEX)), new.lists)
     digests = [{name: digest(out / d.name / name) for name in (INDEX, KEYS, VALUES, IDS, ITEMS)} for d in dirs]
     copy_items(src / ITEMS, out / ITEMS, gone)
     if new is not None:
@@ -203,19 +203,20 @@ def derive_shards(
     return np.flatnonzero(~np.isin(parent_ids(src), gone)), digests
 
 
-def reindex(dirs: list[Path], like: faiss.Index) -> None:
-    """Every shard's index made again with one coarse quantizer, trained on the rows of the whole memory that
-    the unsharded re-clustering samples (models/memory/rows.py retrained), gathered from the shards holding
-    them: the shards then hold what sharding the re-clustered unsharded memory gives. Only the sample is ever
-    in one place."""
+def reindex(dirs: list[Path], like: faiss.Index, lists: int = 0) -> None:
+    """Every shard's index made again with one coarse quantizer (of `lists` lists, 0: as many as `like`'s),
+    trained on the rows of the whole memory that the unsharded re-clustering samples (models/memory/rows.py
+    retrained), gathered from the shards holding them: the shards then hold what sharding the re-clustered
+    unsharded memory gives. Only the sample is ever in one place."""
     ids = [np.load(d / IDS) for d in dirs]
-    wanted = np.sort(np.concatenate(ids))[sample_rows(sum(len(i) for i in ids))]  # ids, in the memory's order
+    size = sum(len(i) for i in ids)
+    wanted = np.sort(np.concatenate(ids))[sample_rows(size, like, lists)]  # ids, in the memory's order
     keys = [np.load(d / KEYS, mmap_mode="r") for d in dirs]
     sample = np.empty((len(wanted), keys[0].shape[1]), np.float32)
     for shard_ids, shard_keys in zip(ids, keys, strict=True):
         rows = np.flatnonzero(np.isin(shard_ids, wanted))  # shard rows are in id order, as the memory's
         sample[np.searchsorted(wanted, shard_ids[rows])] = shard_keys[rows]
-    trained = trained_like(like, sample)
+    trained = trained_like(like, sample, lists)
     for d, shard_ids, shard_keys in zip(dirs, ids, keys, strict=True):
         faiss.write_index(filled(faiss.clone_index(trained), shard_keys, shard_ids), str(d / INDEX))
 
