@@ -96,10 +96,11 @@ wrk:
 # The native gRPC load driver (loadtests/grpc_load.cc) against Debian's gRPC C++ library.
 GRPC_LOAD := .cache/bin/rac-grpc-load
 
-grpc-load: $(GRPC_LOAD)  ## the gRPC load driver rac bench uses (installs libgrpc++-dev if absent)
+grpc-load: $(GRPC_LOAD)  ## the gRPC load driver rac bench uses (installs g++ and libgrpc++-dev if absent)
 
 $(GRPC_LOAD): loadtests/grpc_load.cc
-	@pkg-config --exists grpc++ 2>/dev/null || { apt-get update -qq && apt-get install -y -qq libgrpc++-dev >/dev/null; }
+	@{ pkg-config --exists grpc++ 2>/dev/null && command -v g++ >/dev/null; } || \
+	  { apt-get update -qq && apt-get install -y -qq g++ libgrpc++-dev >/dev/null; }
 	@mkdir -p $(@D)
 	g++ -O2 -std=c++17 -Wall -Wextra $< $$(pkg-config --cflags --libs grpc++) -o $@
 

@@ -117,7 +117,7 @@ def v2_grpc(
         cmd = [sys.executable, "-m", "loadtests.v2load", "--target", target, "--requests", str(requests)]
         cmd += ["--concurrency", str(concurrency), "--seconds", str(seconds), "--out", str(out)]
         cmd += ["--processes", str(processes)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=seconds + 120)
     if done.returncode != 0:
         raise RuntimeError(f"the gRPC load driver failed: {done.stdout}{done.stderr}")
     stats: dict[str, Any] = json.loads(out.read_text())

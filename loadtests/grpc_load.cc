@@ -74,7 +74,7 @@ class Driver {
 
   // Sends one call on each connection and waits for its answer: connected, and answering, before the clock.
   bool WarmUp() {
-    for (size_t i = 0; i < stubs_.size(); ++i) Send(static_cast<int>(i), Clock::time_point::max());
+    for (size_t i = 0; i < stubs_.size(); ++i) Send(static_cast<int>(i));
     bool ok = true;
     for (size_t i = 0; i < stubs_.size(); ++i) {
       void* tag = nullptr;
@@ -93,7 +93,7 @@ class Driver {
     auto start = Clock::now();
     auto deadline = start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
     double cpu = CpuSeconds();
-    for (size_t i = 0; i < stubs_.size(); ++i) Send(static_cast<int>(i), deadline);
+    for (size_t i = 0; i < stubs_.size(); ++i) Send(static_cast<int>(i));
     size_t in_flight = stubs_.size();
     while (in_flight > 0) {
       void* tag = nullptr;
@@ -107,7 +107,7 @@ class Driver {
         errors_[done ? StatusName(call->status.error_code()) : "CANCELLED"] += 1;
       }
       if (now < deadline) {
-        Send(call->slot, deadline);
+        Send(call->slot);
       } else {
         --in_flight;
       }
@@ -118,10 +118,12 @@ class Driver {
 
   std::string Json() {
     std::sort(latencies_.begin(), latencies_.end());
-    auto pct = [&](double q) {
+    auto pct = [&](double q) {  // linear between the closest ranks, as numpy.percentile (the Python driver's)
       if (latencies_.empty()) return 0.0;
-      size_t i = std::min(latencies_.size() - 1, static_cast<size_t>(q / 100.0 * (latencies_.size() - 1) + 0.5));
-      return latencies_[i] * 1000.0;
+      double rank = q / 100.0 * static_cast<double>(latencies_.size() - 1);
+      size_t low = static_cast<size_t>(rank);
+      size_t high = std::min(low + 1, latencies_.size() - 1);
+      return (latencies_[low] + (rank - static_cast<double>(low)) * (latencies_[high] - latencies_[low])) * 1000.0;
     };
     long non_ok = 0;
     std::ostringstream errors;
@@ -141,10 +143,11 @@ class Driver {
   }
 
  private:
-  void Send(int slot, Clock::time_point deadline) {
+  // One call on connection `slot`, given 10 s (the warm-up's too: a server that never answers fails the run).
+  void Send(int slot) {
     auto* call = new Call;
     call->slot = slot;
-    if (deadline != Clock::time_point::max()) call->context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    call->context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
     grpc::ByteBuffer request(&requests_[next_++ % requests_.size()], 1);
     call->sent = Clock::now();
     call->reader = stubs_[slot]->PrepareUnaryCall(&call->context, kMethod, request, &cq_);
@@ -185,6 +188,12 @@ int main(int argc, char** argv) {
   Driver driver(argv[1], std::move(requests), std::stoi(argv[3]));
   if (!driver.WarmUp()) return 1;
   driver.Run(std::stod(argv[4]));
-  std::ofstream(argv[5]) << driver.Json() << "\n";
+  std::ofstream out(argv[5]);
+  out << driver.Json() << "\n";
+  out.close();
+  if (!out) {
+    std::fprintf(stderr, "could not write %s\n", argv[5]);
+    return 1;
+  }
   return 0;
 }

@@ -24,11 +24,11 @@ from fastapi.testclient import TestClient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from loadtests.drivers import v2_grpc
+from loadtests.drivers import GRPC_LOAD, v2_grpc
 from loadtests.server import free_port, serving
 from service.app import create_app
 from service.settings import Settings
-from tests.helpers import Served, sample, wait_until
+from tests.helpers import Served, sample, unavailable, wait_until
 from tests.synthetic import CLASSES, png
 
 pytestmark = pytest.mark.slow
@@ -312,6 +312,8 @@ def test_the_grpc_load_drivers_count_what_the_server_answered(server: Server, tm
     """The gRPC load drivers `rac bench` and loadtests/protocols.py use (0: loadtests/grpc_load.cc, 1: one
     grpc.aio process): every call answered OK, and the calls they count (plus one warm-up call per connection)
     are the ModelInfer calls the server counted."""
+    if processes == 0 and not GRPC_LOAD.exists():
+        unavailable(f"{GRPC_LOAD} is not built (make grpc-load, which make test runs)", "RAC_REQUIRE_GRPC_LOAD")
     route = {"route": "/inference.GRPCInferenceService/ModelInfer", "status": "200"}
     before = sample(httpx.get(f"{server.url}/metrics").text, "rac_requests_total", **route)
     stats = v2_grpc(server.grpc, server.images, 4, 1.0, tmp_path, processes)

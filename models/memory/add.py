@@ -179,8 +179,8 @@ def add(
     from models.encoders import TextEncoder
 
     parent = open_checked(src)
-    if lists and not retrain:
-        raise ArtifactError(f"{lists} lists: the number of lists is chosen only when the index is re-clustered")
+    if lists < 0 or (lists and not retrain):
+        raise ArtifactError(f"{lists} lists: give a positive number of lists, and only with a re-clustering")
     if retrain:
         retrained_type(parent.index.type, lists)  # a flat index has no lists to re-cluster into: refused now
     if parent.memory.value_encoder != TextEncoder.name:
@@ -194,6 +194,8 @@ def add(
     finally:
         table.close()
     m, dims = len(listed.paths), (parent.encoder.dim, parent.memory.value_dim)
+    if lists > parent.memory.size - len(replaced) + m:  # refused before anything is embedded
+        raise ArtifactError(f"{parent.memory.size - len(replaced) + m} keys cannot be clustered into {lists} lists")
     thumbnails: list[bytes | None]
     if on_ray:
         from models.memory.ray_embed import embed_on_ray

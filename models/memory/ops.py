@@ -204,7 +204,9 @@ def derive(
 
             zero_shot = carry(src, tmp, parent.zero_shot, parent.memory_version, kept_rows, new.texts if new else [])
         if new is not None and new.retrain:  # the manifest names the index the re-clustering made
-            index = parent.index.model_copy(update={"type": retrained_type(parent.index.type, new.lists)})
+            kind = retrained_type(parent.index.type, new.lists)
+            nprobe = min(parent.index.nprobe, new.lists) if new.lists else parent.index.nprobe
+            index = parent.index.model_copy(update={"type": kind, "nprobe": nprobe})
             parent = parent.model_copy(update={"index": index})
         manifest = finish(tmp, parent, len(kept_rows) + added, next_id(parent) + added, op, zero_shot, shard_files)
         if sharded:

@@ -22,6 +22,8 @@ from service.memory.shards import SHARDS, shard_dirs
 from service.memory.store import open_array
 
 CHUNK = 8192  # rows per step when streaming keys and values
+# A re-clustering trains the coarse quantizer on a sample of the keys: this many, or this many a list if more.
+SAMPLE_KEYS, KEYS_PER_LIST = 256 * 1024, 64
 
 
 @dataclass
@@ -68,8 +70,8 @@ def derive_memory(
     src: Path, out: Path, gone: np.ndarray, new: NewRows | None, new_ids: np.ndarray, reindexed: bool = False
 ) -> np.ndarray:
     """Write out's index, keys, values, ids and item table: src's rows less the ids `gone`, then `new` with
-    the ids `new_ids` (above every id src holds, in order). reindexed: the caller makes the index again (a
-    sharded re-clustering), so the new keys are not added to this one. Returns the kept rows of src, in order."""
+    the ids `new_ids` (above every id src holds, in order). reindexed: the caller writes the index itself (a
+    sharded re-clustering), none is written here. Returns the kept rows of src, in order."""
     ids = parent_ids(src)
     keep = ~np.isin(ids, gone)
     kept = np.flatnonzero(keep)
@@ -89,17 +91,18 @@ def derive_memory(
     keys.flush()
     values.flush()
     np.save(out / IDS, np.concatenate([ids[kept], new_ids]))
-    index = with_ids(faiss.read_index(str(src / INDEX)), ids)  # the trained coarse quantizer is reused
-    if len(gone):
-        removed = index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(gone, np.int64)))
-        if removed != len(gone):
-            raise ArtifactError(f"the index held {removed} of the {len(gone)} ids to remove")
-    if new is not None and new.retrain:
-        index = retrained(index, keys, np.concatenate([ids[kept], new_ids]), new.lists)
-    elif m and not reindexed:
-        index.add_with_ids(np.ascontiguousarray(new.keys, np.float32), new_ids)  # type: ignore[union-attr]
+    if not reindexed:
+        index = with_ids(faiss.read_index(str(src / INDEX)), ids)  # the trained coarse quantizer is reused
+        if len(gone):
+            removed = index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(gone, np.int64)))
+            if removed != len(gone):
+                raise ArtifactError(f"the index held {removed} of the {len(gone)} ids to remove")
+        if new is not None and new.retrain:
+            index = retrained(index, keys, np.concatenate([ids[kept], new_ids]), new.lists)
+        elif m:
+            index.add_with_ids(np.ascontiguousarray(new.keys, np.float32), new_ids)  # type: ignore[union-attr]
+        faiss.write_index(index, str(out / INDEX))
     del keys, values
-    faiss.write_index(index, str(out / INDEX))
     copy_items(src / ITEMS, out / ITEMS, gone)
     if new is not None:
         insert_items(out / ITEMS, new, new_ids)
@@ -114,10 +117,10 @@ def retrained(index: faiss.Index, keys: np.ndarray, ids: np.ndarray, lists: int 
 
 def sample_rows(n: int, index: faiss.Index, lists: int = 0) -> np.ndarray:
     """The rows of an n-row memory its coarse quantizer is trained on, in order, drawn once (the same for the
-    same memory, however its rows are stored: together or in shards): at most 262,144, or 64 a list where the
-    index re-clustered into `lists` lists (0: as many as `index` has) wants more."""
+    same memory, however its rows are stored: together or in shards): at most SAMPLE_KEYS, or KEYS_PER_LIST a
+    list where the index re-clustered into `lists` lists (0: as many as `index` has) wants more."""
     ivf = faiss.try_extract_index_ivf(index)
-    most = max(256 * 1024, 64 * (lists or (ivf.nlist if ivf is not None else 0)))
+    most = max(SAMPLE_KEYS, KEYS_PER_LIST * (lists or (ivf.nlist if ivf is not None else 0)))
     return np.sort(np.random.default_rng(0).permutation(n)[:most])
 
 
@@ -133,8 +136,8 @@ def retrained_type(index_type: str, lists: int = 0) -> str:
 
 
 def trained_like(index: faiss.Index, sample: np.ndarray, lists: int = 0) -> faiss.Index:
-    """An empty index of `index`'s kind (IVF-Flat with its nprobe, and its number of lists or `lists`; or flat)
-    that answers ids, its quantizer trained on `sample` (d-wide keys)."""
+    """An empty index of `index`'s kind (IVF-Flat with its number of lists or `lists`, and its nprobe, at most
+    every list; or flat) that answers ids, its quantizer trained on `sample` (d-wide keys)."""
     ivf = faiss.try_extract_index_ivf(index)
     factory = retrained_type(f"IVF{ivf.nlist}" if ivf is not None else "Flat", lists)
     new = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
@@ -143,7 +146,7 @@ def trained_like(index: faiss.Index, sample: np.ndarray, lists: int = 0) -> fais
         if len(sample) < lists_of_new.nlist:
             raise ArtifactError(f"{len(sample)} keys cannot be clustered into {lists_of_new.nlist} lists")
         new.train(np.asarray(sample, np.float32))
-        lists_of_new.nprobe = ivf.nprobe
+        lists_of_new.nprobe = min(ivf.nprobe, lists_of_new.nlist)
     return with_ids(new, np.empty(0, np.int64))
 
 

@@ -195,7 +195,8 @@ def derive_shards(
         (out / d.name).mkdir()
         derive_memory(d, out / d.name, gone[owner_of_gone == s], part, new_ids[mine], reindexed=retrain)
     if new is not None and new.retrain:
-        reindex([out / d.name for d in dirs], faiss.read_index(str(dirs[0] / INDEX)), new.lists)
+        like = faiss.read_index(str(dirs[0] / INDEX), faiss.IO_FLAG_MMAP)  # its kind, lists and nprobe
+        reindex([out / d.name for d in dirs], like, new.lists)
     digests = [{name: digest(out / d.name / name) for name in (INDEX, KEYS, VALUES, IDS, ITEMS)} for d in dirs]
     copy_items(src / ITEMS, out / ITEMS, gone)
     if new is not None:
