@@ -77,7 +77,7 @@ def main(shards_dir: Path, out: Path, n: int) -> dict[str, Any]:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shards-dir", type=Path, default=Path("/tmp/ray/demo-shards"))
+    ap.add_argument("--shards-dir", type=Path, default=Path("/tmp/rac-ray-bench/shards"), help="as make ray-bench cuts")
     ap.add_argument("--json", type=Path, default=Path("results/ray_calls.json"))
     ap.add_argument("--calls", type=int, default=300)
     a = ap.parse_args()
