@@ -1,7 +1,8 @@
-"""What one call from the ingress to the shards costs on Ray: the shipped deployment's shard handles (Serve's
-router, the way the ingress calls them) against the same shard search in a plain Ray actor (the deployment's
-class, no Serve), and a plain actor call that searches nothing, from one process on the same local two-node
-cluster, one call at a time. Needs the `ray` extra.
+"""What one call from the ingress to the shards costs on Ray: the shipped deployment's client (RayShards, the
+way the ingress calls the shard processes: Ray actor calls), against the same search through a Serve
+deployment's handle (Serve's router in the way: a deployment of the same class, deployed for this), a plain
+Ray actor of the class, and a plain actor call that searches nothing, from one process on the same local
+two-node cluster, one call at a time. Needs the `ray` extra.
 
     python -m loadtests.ray_calls --shards-dir /tmp/rac-ray-bench/shards --json results/ray_calls.json
 
@@ -16,16 +17,17 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import ray
 from ray import serve
+from ray.serve.deployment import Deployment
 
 from loadtests.ray_cluster import ray_cluster
 from loadtests.server import free_port
 from service.artifacts import read_manifest
-from service.cluster.app import ShardServer
+from service.cluster.shards import RayShards, ShardServer
 from service.memory.shards import At, shard_dirs
 
 
@@ -61,9 +63,22 @@ def main(shards_dir: Path, out: Path, n: int) -> dict[str, Any]:
         cluster.deploy(shards_dir, free_port(), shards=count, shard_replicas=2, settings={})
         ray.init(address=cluster.address, log_to_driver=False)
         handles = [serve.get_deployment_handle(f"shard-{s}", app_name="rac") for s in range(count)]
-        results["serve_handle_one_shard"] = timed(lambda: handles[0].search.remote(z, k, False, None, at).result(), n)
+        one, every = RayShards(handles[:1]), RayShards(handles)
+        results["ingress_one_shard"] = timed(lambda: one.search(z, k, False, None, at), n)
+        results["ingress_every_shard"] = timed(lambda: every.search(z, k, False, None, at), n)
+        routed = [
+            serve.run(
+                cast(Deployment, serve.deployment(ShardServer))
+                .options(num_replicas=2, ray_actor_options={"num_cpus": 0})
+                .bind(str(shards_dir), s, 1),
+                name=f"routed-{s}",
+                route_prefix=None,
+            )
+            for s in range(count)
+        ]
+        results["serve_handle_one_shard"] = timed(lambda: routed[0].search.remote(z, k, False, None, at).result(), n)
         results["serve_handle_every_shard"] = timed(
-            lambda: [r.result() for r in [h.search.remote(z, k, False, None, at) for h in handles]], n
+            lambda: [r.result() for r in [h.search.remote(z, k, False, None, at) for h in routed]], n
         )
         plain: Any = ray.remote(num_cpus=0)(ShardServer).remote(str(shards_dir), 0, 1)
         results["plain_actor_search"] = timed(lambda: ray.get(plain.search.remote(z, k, False, None, at)), n)
@@ -82,6 +97,13 @@ if __name__ == "__main__":
     ap.add_argument("--calls", type=int, default=300)
     a = ap.parse_args()
     r = main(a.shards_dir, a.json, a.calls)
-    for name in ("serve_handle_one_shard", "serve_handle_every_shard", "plain_actor_search", "plain_actor_call"):
+    for name in (
+        "ingress_one_shard",
+        "ingress_every_shard",
+        "serve_handle_one_shard",
+        "serve_handle_every_shard",
+        "plain_actor_search",
+        "plain_actor_call",
+    ):
         print(f"{name}: p50 {r[name]['p50_ms']:.2f} ms, p90 {r[name]['p90_ms']:.2f} ms")
     print(f"wrote {a.json}")

@@ -124,6 +124,17 @@ class LocalCluster:
                 continue
         return found
 
+    def shard_processes(self, shard: int) -> list[psutil.Process]:
+        """The live processes holding shard number `shard` (one for each replica of its deployment)."""
+        found = []
+        for p in self.processes():
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE and p.environ().get("RAC_SHARD") == str(shard):
+                    found.append(p)
+            except psutil.Error:
+                continue
+        return found
+
     def stop(self) -> None:
         """SIGTERM, then SIGKILL, to every process carrying the marker; again while any is left (a raylet
         restarts an agent that ends before it does)."""

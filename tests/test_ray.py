@@ -241,12 +241,12 @@ def test_ray_cache_metrics_and_refusals_as_the_single_machine_service(deployed: 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_killing_a_shard_replica_fails_no_request(deployed: Deployed) -> None:
-    """Two replicas per shard: one of shard 0's is killed (SIGKILL) while requests flow; every request is answered
-    (the ingress asks a failed shard call again, the handle routes it to the live replica), and Ray starts a new
-    replica in its place."""
+    """Two replicas per shard: one of shard 0's is killed (SIGKILL) while requests flow, and the shard process it
+    owns ends with it; every request is answered (the ingress sends a failed shard call to the live replica's
+    process), and Serve starts a new replica, with its process, in its place."""
     cluster = deployed.cluster
-    before = cluster.replicas("shard-0")
-    assert len(before) == 2
+    before, held = cluster.replicas("shard-0"), cluster.shard_processes(0)
+    assert len(before) == 2 and len(held) == 2
     stop = threading.Event()
     results: list[int | str] = []
     lock = threading.Lock()
@@ -280,10 +280,16 @@ def test_killing_a_shard_replica_fails_no_request(deployed: Deployed) -> None:
     assert failures == [], f"{len(failures)} of {len(results)} requests failed: {failures[:5]}"
 
     def replaced() -> bool:
-        now = cluster.replicas("shard-0")
-        return len(now) == 2 and victim.pid not in {p.pid for p in now}
+        now, processes = cluster.replicas("shard-0"), cluster.shard_processes(0)
+        pids = {p.pid for p in processes}
+        return (
+            len(now) == 2
+            and victim.pid not in {p.pid for p in now}
+            and len(pids) == 2
+            and pids != {p.pid for p in held}
+        )
 
-    wait_until(replaced, 60, "Ray to replace the killed replica")
+    wait_until(replaced, 60, "Serve to replace the killed replica and its process")
     with httpx.Client(base_url=deployed.url, timeout=30) as c:
         assert c.post("/classify", files={"image": ("x.png", png(7), "image/png")}).status_code == 200
 
@@ -351,17 +357,18 @@ def test_ray_swap_of_a_sharded_memory_under_load(deployed: Deployed, tmp_path: P
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_swap_with_a_shard_replica_killed_during_the_switch(deployed: Deployed, tmp_path: Path) -> None:
-    """One of shard 0's replicas killed (SIGKILL) as the new version is published: the ingress asks the live
-    replica again and switches once it holds the version (a dead replica is not a refusal), no request fails,
-    no answer mixes versions; the replica Ray starts in its place serves the new version."""
-    victim = deployed.cluster.replicas("shard-0")[0]
+    """The process of one of shard 0's replicas killed (SIGKILL) as the new version is published: the ingress
+    asks the live one again and switches once it holds the version (a dead process is not a refusal), no request
+    fails, no answer mixes versions; its replica reports itself unhealthy, and the one Serve starts in its place
+    serves the new version."""
+    victim = deployed.cluster.shard_processes(0)[0]
     swap_under_load(deployed, tmp_path, set(range(1, 400, 2)), victim.kill)
 
     def replaced() -> bool:
-        now = deployed.cluster.replicas("shard-0")
-        return len(now) == 2 and victim.pid not in {p.pid for p in now}
+        now = {p.pid for p in deployed.cluster.shard_processes(0)}
+        return len(now) == 2 and victim.pid not in now and len(deployed.cluster.replicas("shard-0")) == 2
 
-    wait_until(replaced, 60, "Ray to replace the killed replica")
+    wait_until(replaced, 60, "Serve to replace the replica whose process was killed")
     with httpx.Client(base_url=deployed.url, timeout=30) as c:  # both replicas answer, whichever is routed to
         for i in range(8):
             body = c.post("/classify?neighbors=10", files={"image": ("x.png", png(40_000 + i), "image/png")}).json()

@@ -35,50 +35,87 @@ def test_the_single_machine_service_never_imports_ray() -> None:
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
 
 
+class Ref:
+    """A stand-in for a Ray call's result: its value, or the error it raises."""
+
+    def __init__(self, value: object):
+        self.value = value
+
+    def result(self) -> object:
+        if isinstance(self.value, Exception):
+            raise self.value
+        return self.value
+
+
+class Method:
+    def __init__(self, answers: list[object]):
+        self.answers, self.calls = answers, 0
+
+    def remote(self, *args: object) -> Ref:
+        self.calls += 1
+        return Ref(self.answers.pop(0))
+
+
+class Process:
+    """A stand-in shard process: its gather answers in turn."""
+
+    def __init__(self, name: str, answers: list[object]):
+        self._actor_id = name.encode()  # what the client tells processes apart by (its .hex())
+        self.gather = Method(answers)
+
+
+class Deployment:
+    """A stand-in shard deployment: what its replicas name as their processes, one list a broadcast."""
+
+    def __init__(self, *named: list[Process]):
+        self.deployment_name, self.named = "shard-x", list(named)
+
+    def broadcast(self, method: str) -> Broadcast:
+        assert method == "process"
+        return Broadcast(self.named.pop(0) if len(self.named) > 1 else self.named[0])
+
+
+class Broadcast:
+    def __init__(self, processes: list[Process]):
+        self.processes = processes
+
+    def results(self, timeout_s: float) -> list[Process]:
+        return self.processes
+
+
 @pytest.mark.ray
-def test_a_shard_call_a_dying_replica_failed_is_asked_again() -> None:
-    """RayShards over stand-in handles: a call that fails with a dead replica's error, or that a replica of
-    another memory version refused, is sent again; a shard's own error is not."""
+def test_a_shard_call_a_dying_process_failed_goes_to_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RayShards over stand-in deployments and processes: a call that fails with a dead process's error goes to
+    the shard's other process, and the dead one is not asked again even where its replica still names it; a
+    replica started in its place is found; a call a process of another memory version refused is sent again; a
+    shard's own error is not; when no process answers, ShardsUnavailable (503)."""
     need_ray()
     import ray
 
-    from service.cluster.app import RETRIES, RayShards
+    from service.cluster import shards as cluster
     from service.memory.shards import At, ShardsUnavailable, StaleShard
 
-    class Response:
-        def __init__(self, value: object):
-            self.value = value
-
-        def result(self) -> object:
-            if isinstance(self.value, Exception):
-                raise self.value
-            return self.value
-
-    class Method:
-        def __init__(self, answers: list[object]):
-            self.answers, self.calls = answers, 0
-
-        def remote(self, *args: object) -> Response:
-            self.calls += 1
-            return Response(self.answers.pop(0))
-
-    class Handle:
-        deployment_name = "shard-x"
-
-        def __init__(self, answers: list[object]):
-            self.gather = Method(answers)
-
+    monkeypatch.setattr(cluster.ray, "get", lambda ref, timeout=None: ref.result())
     died = ray.exceptions.ActorDiedError()
-    stale = StaleShard("shard 0 holds memory version a, not b")  # a replica of the version being replaced
-    flaky, steady = Handle([died, stale, (0, 5, "v")]), Handle([(5, 9, "v")])
-    client = RayShards([flaky, steady])  # type: ignore[list-item]
-    at = At("b", "/memory/b")
-    assert client.gather([np.arange(2), np.arange(2)], True, True, at) == [(0, 5, "v"), (5, 9, "v")]
-    assert (flaky.gather.calls, steady.gather.calls, client.retried) == (3, 1, 2)
+    stale = StaleShard("shard 0 holds memory version a, not b")  # a process of the version being replaced
+    dying, flaky = Process("a", [died]), Process("b", [stale, (0, 5, "v"), (0, 5, "w")])
+    steady = Process("c", [(5, 9, "v"), (5, 9, "w")])
+    client = cluster.RayShards([Deployment([dying, flaky]), Deployment([steady])])  # type: ignore[list-item]
+    at, ids = At("b", "/memory/b"), [np.arange(2), np.arange(2)]
+    assert client.gather(ids, True, True, at) == [(0, 5, "v"), (5, 9, "v")]
+    assert (dying.gather.calls, flaky.gather.calls, steady.gather.calls, client.retried) == (1, 2, 1, 2)
+    client.refreshed = -1e9  # ask the deployments again: shard 0's still names the dead process
+    assert client.gather(ids, True, True, at) == [(0, 5, "w"), (5, 9, "w")]
+    assert dying.gather.calls == 1
+
+    replaced = Process("e", [(0, 5, "v")])  # the replica Serve started in place of the one that died
+    client = cluster.RayShards([Deployment([Process("d", [died])], [replaced])])  # type: ignore[list-item]
+    assert client.gather(ids[:1], True, True, at) == [(0, 5, "v")]
     with pytest.raises(ValueError):
-        RayShards([Handle([ValueError("bad ids")])]).gather([np.arange(2)], True, True, at)  # type: ignore[list-item]
-    with pytest.raises(ShardsUnavailable):  # every try failed: the request answers 503
-        RayShards([Handle([died] * (RETRIES + 1))]).gather([np.arange(2)], True, True, at)  # type: ignore[list-item]
+        one = Deployment([Process("f", [ValueError("bad ids")])])
+        cluster.RayShards([one]).gather(ids[:1], True, True, at)  # type: ignore[list-item]
+    with pytest.raises(ShardsUnavailable):  # no process left: the request answers 503
+        cluster.RayShards([Deployment([Process("g", [died])])]).gather(ids[:1], True, True, at)  # type: ignore[list-item]
 
 
 @pytest.mark.ray
