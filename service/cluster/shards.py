@@ -32,8 +32,8 @@ from service.memory.shards import Answer, At, FilterSpec, Shard, ShardInfo, Shar
 
 log = logging.getLogger(__name__)
 
-# A shard call a dying process dropped is sent to another replica's process, at most this many times, this far
-# apart when none is known to be live.
+# A shard call a dying (or stale) process dropped is sent to another replica's process, at most this many times,
+# the first at once, the others this far apart.
 RETRIES = 20
 RETRY_PAUSE_S = 0.05
 REFRESH_S = 5.0  # how often the ingress asks the deployments for their replicas' processes
@@ -186,6 +186,8 @@ class RayShards:
                 if isinstance(e, DIED):
                     self._forget(shard, process)
                 self.retried += 1
+                if attempt:  # the first at once (another process), the rest paced: a version switch takes a while
+                    time.sleep(RETRY_PAUSE_S)
                 process = self._pick(shard)
                 ref = call(process, shard)
         raise AssertionError("unreachable")
