@@ -59,15 +59,15 @@ class Method:
 class Process:
     """A stand-in shard process: its gather answers in turn."""
 
-    def __init__(self, name: str, answers: list[object]):
+    def __init__(self, name: str, answers: list[object], loads: list[object] | None = None):
         self._actor_id = name.encode()  # what the client tells processes apart by (its .hex())
-        self.gather = Method(answers)
+        self.gather, self.load = Method(answers), Method(loads or [])
 
 
 class Deployment:
     """A stand-in shard deployment: what its replicas name as their processes, one list a broadcast."""
 
-    def __init__(self, *named: list[Process]):
+    def __init__(self, *named: list[Process] | Exception):
         self.deployment_name, self.named = "shard-x", list(named)
 
     def broadcast(self, method: str) -> Broadcast:
@@ -76,10 +76,12 @@ class Deployment:
 
 
 class Broadcast:
-    def __init__(self, processes: list[Process]):
+    def __init__(self, processes: list[Process] | Exception):
         self.processes = processes
 
     def results(self, timeout_s: float) -> list[Process]:
+        if isinstance(self.processes, Exception):
+            raise self.processes
         return self.processes
 
 
@@ -116,6 +118,31 @@ def test_a_shard_call_a_dying_process_failed_goes_to_another(monkeypatch: pytest
         cluster.RayShards([one]).gather(ids[:1], True, True, at)  # type: ignore[list-item]
     with pytest.raises(ShardsUnavailable):  # no process left: the request answers 503
         cluster.RayShards([Deployment([Process("g", [died])])]).gather(ids[:1], True, True, at)  # type: ignore[list-item]
+
+
+@pytest.mark.ray
+def test_a_version_load_waits_for_shards_still_starting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard deployment with no replica running yet (the application starting) is waited for, not a refusal:
+    its process, once named, loads the version; a process that refuses the version refuses the switch."""
+    need_ray()
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    from service.artifacts import ArtifactError
+    from service.cluster import shards as cluster
+    from service.memory.shards import ShardInfo
+
+    monkeypatch.setattr(cluster.ray, "get", lambda ref, timeout=None: ref.result())
+    monkeypatch.setattr(cluster, "RELOAD_PAUSE_S", 0.01)
+    info = ShardInfo(0, 1, 5, "v")
+    starting = DeploymentUnavailableError(DeploymentID(name="shard-x", app_name="rac"))
+    late = Process("a", [], [info])
+    client = cluster.RayShards([Deployment(starting, starting, [late])])  # type: ignore[list-item]
+    assert client.load(Path("/memory/v")) == [info]
+    assert late.load.calls == 1
+    refusing = Process("b", [], [ArtifactError("shard 0 of /memory/v: keys.npy is short")])
+    with pytest.raises(ArtifactError, match="could not load"):
+        cluster.RayShards([Deployment([refusing])]).load(Path("/memory/v"))  # type: ignore[list-item]
 
 
 @pytest.mark.ray

@@ -38,6 +38,7 @@ RETRIES = 20
 RETRY_PAUSE_S = 0.05
 REFRESH_S = 5.0  # how often the ingress asks the deployments for their replicas' processes
 LOAD_TIMEOUT_S = 600.0  # how long every replica of a shard may take to load (and pre-fault) a new version
+RELOAD_PAUSE_S = 0.5  # between asking again for a shard's processes while none has loaded a version
 HEALTH_TIMEOUT_S = 10.0  # a shard process that does not answer a ping within this is not healthy
 DIED = (ray.exceptions.RayActorError, ReplicaUnavailableError)  # the process (or its replica) is gone
 
@@ -131,19 +132,19 @@ class RayShards:
         self.turn = itertools.count()
         self.lock = threading.Lock()
         self.retried = 0  # calls sent again after a process failed them
+        self.why = ["no replica running" for _ in self.handles]  # what the last refresh could not learn, by shard
 
     def refresh(self) -> None:
-        """Ask every deployment for its replicas' processes (a replica that does not answer keeps what was known
-        of its shard)."""
+        """Ask every deployment for its replicas' processes. Where a replica does not answer, or the deployment
+        has none running (yet), what was known of its shard stays, and `why` says so."""
         answers = [h.broadcast("process") for h in self.handles]
         for s, (handle, answer) in enumerate(zip(self.handles, answers, strict=True)):
             try:
                 got = answer.results(timeout_s=HEALTH_TIMEOUT_S)
-            except (*DIED, TimeoutError) as e:
-                log.warning("%s: a replica did not name its process: %s", handle.deployment_name, type(e).__name__)
+            except (*DIED, TimeoutError, DeploymentUnavailableError, BackPressureError) as e:
+                self.why[s] = f"{type(e).__name__}: {e}"
+                log.warning("%s: no replica's process named: %s", handle.deployment_name, self.why[s])
                 continue
-            except (DeploymentUnavailableError, BackPressureError) as e:
-                raise ShardsUnavailable(f"{handle.deployment_name}: {e}") from e
             with self.lock:
                 self.processes[s] = [p for p in got if name_of(p) not in self.dead]
         self.refreshed = time.monotonic()
@@ -163,7 +164,7 @@ class RayShards:
             if attempt:
                 time.sleep(RETRY_PAUSE_S)
             self.refresh()
-        raise ShardsUnavailable(f"{self.handles[shard].deployment_name}: no live replica")
+        raise ShardsUnavailable(f"{self.handles[shard].deployment_name}: no live replica ({self.why[shard]})")
 
     def _all(self, call: Callable[[ActorHandle, int], Any]) -> list[Any]:
         if time.monotonic() - self.refreshed > REFRESH_S:
@@ -196,14 +197,12 @@ class RayShards:
         """Every replica's process of every shard loads `directory`'s shard: ArtifactError naming the shard where
         one refuses it, so that the version is not switched to; the old one keeps serving. A process that dies
         during the load is not a refusal: the live ones are asked again (loading is idempotent), and the one
-        Serve starts in its place loads the version on its first call for it."""
-        try:
-            self.refresh()
-            deadline = time.monotonic() + LOAD_TIMEOUT_S
-            asked = [self._ask_load(s, directory) for s in range(len(self.handles))]
-            return [self._loaded(s, asked[s], directory, deadline) for s in range(len(self.handles))]
-        except ShardsUnavailable as e:
-            raise ArtifactError(f"{directory}: {e}") from e
+        Serve starts in its place loads the version on its first call for it. A shard with no replica running yet
+        (the application starting) is waited for, as long as a load may take."""
+        self.refresh()
+        deadline = time.monotonic() + LOAD_TIMEOUT_S
+        asked = [self._ask_load(s, directory) for s in range(len(self.handles))]
+        return [self._loaded(s, asked[s], directory, deadline) for s in range(len(self.handles))]
 
     def _ask_load(self, shard: int, directory: Path) -> list[tuple[ActorHandle, Any]]:
         with self.lock:
@@ -226,9 +225,9 @@ class RayShards:
                     raise ArtifactError(f"{name}: its replicas answered {answers} for {directory}")
                 return answers[0]
             if time.monotonic() > deadline:
-                raise ArtifactError(f"{name}: no live replica loaded {directory}")
-            time.sleep(RETRY_PAUSE_S)
-            self._pick(shard)  # waits for a live one
+                raise ArtifactError(f"{name}: no live replica loaded {directory} ({self.why[shard]})")
+            time.sleep(RELOAD_PAUSE_S)
+            self.refresh()
             asked = self._ask_load(shard, directory)
 
     def release(self, version: str) -> None:
