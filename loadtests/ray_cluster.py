@@ -40,6 +40,9 @@ class LocalCluster:
         self.address = f"127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAC_") and k != "REDIS_URL"}
         self.env |= {MARKER: self.temp_dir, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": self.address}
+        # A loopback cluster of its own, with no token: one in ~/.ray (a local `ray.init()` leaves one) would
+        # otherwise fail the worker node's join with an authentication error.
+        self.env["RAY_AUTH_MODE"] = "disabled"
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.env |= env or {}
 
