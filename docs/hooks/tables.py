@@ -35,6 +35,11 @@ COMMANDS = {
         f"--ft-blocks {b} --ft-lr {lr} --json results/finetune_choices/b{b}_lr{lr}_flip.json"
         for b, lr in ((2, "3e-4"), (2, "1e-3"), (1, "1e-3"), (1, "3e-4"))
     },
+    **{
+        f"finetune_choices/b{b}_lr3e-4_flip_seeds3.json": "rac train --artifacts artifacts/demo --finetune "
+        f"--seeds 0,1,2 --ft-blocks {b} --ft-lr 3e-4 --json results/finetune_choices/b{b}_lr3e-4_flip_seeds3.json"
+        for b in (1, 2)
+    },
     "finetune_split0.json": "rac evaluate --artifacts artifacts/demo --only table --finetune "
     "--json results/finetune_split0.json",
     "finetune_split1.json": "rac evaluate --artifacts artifacts/demo --only table --finetune --data-seed 1 "
