@@ -356,7 +356,7 @@ def test_ray_swap_of_a_sharded_memory_under_load(deployed: Deployed, tmp_path: P
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ray_swap_with_a_shard_replica_killed_during_the_switch(deployed: Deployed, tmp_path: Path) -> None:
+def test_ray_swap_with_a_shard_process_killed_during_the_switch(deployed: Deployed, tmp_path: Path) -> None:
     """The process of one of shard 0's replicas killed (SIGKILL) as the new version is published: the ingress
     asks the live one again and switches once it holds the version (a dead process is not a refusal), no request
     fails, no answer mixes versions; its replica reports itself unhealthy, and the one Serve starts in its place

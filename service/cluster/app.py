@@ -58,8 +58,9 @@ class Ingress:
     def __init__(self, config: dict[str, Any], *shards: DeploymentHandle):
         self.config = RayConfig.model_validate(config)
         for h in shards:
-            # The pipeline calls the shards from its batch thread, not the replica's event loop: the handles'
-            # router needs a loop of its own (the default, except under RAY_SERVE_THROUGHPUT_OPTIMIZED=1).
+            # The pipeline asks the deployments for their processes (a broadcast) from its batch thread, not the
+            # replica's event loop: the handles' router needs a loop of its own (the default, except under
+            # RAY_SERVE_THROUGHPUT_OPTIMIZED=1).
             if not h.is_initialized:
                 h._init(_run_router_in_separate_loop=True)
         self.client = RayShards(shards)
