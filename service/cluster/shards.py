@@ -6,8 +6,8 @@ Each replica of a shard deployment (`shard-0`, `shard-1`, ...) starts one plain 
 unhealthy, so Serve starts another in its place. Serve keeps what it is for: how many replicas, on which nodes,
 their restarts and rolling updates. The ingress asks each deployment for its replicas' processes (a broadcast,
 again every few seconds and whenever one fails) and sends each search to one of them itself, round robin: a
-shard call pays Ray's actor call, not Serve's router as well (about 1.6 ms against 3.8 for one shard on the
-local two-node cluster, results/ray_calls.json).
+shard call pays Ray's actor call, not Serve's router as well (`python -m loadtests.ray_calls` times both:
+results/ray_calls.json).
 """
 
 from __future__ import annotations
