@@ -16,6 +16,8 @@ gRPC drivers to measure, each right after REST: 0 the native one, N the Python o
 measured at each concurrency, REST then
 gRPC; `--repeat` runs the whole round again, so that two versions of the server are compared on the same
 machine state, interleaved. On a shared host the figures move between rounds: compare within a round.
+`--hits` also sends one image over and over to /classify: every request a cache hit, the request path without
+the model (python -m loadtests.protocols --hits --grpc-processes '' --checkout before=/tmp/old --checkout after=.).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def run(
     repeat: int,
     drivers: list[int],
     classify: bool = False,
+    hits: bool = False,
 ) -> dict[str, Any]:
     share = max(2_000, round(SHARE * seconds))
     images = iter(pngs())
@@ -61,6 +64,10 @@ def run(
                 processes = server_tree(url)
                 for c in levels:
                     print(f"round {n + 1}, {name}, {c} connections ...", flush=True)
+                    if hits:  # one image over and over: cache hits, the request path without the model
+                        bodies = [multipart.encode([("image", next(iter(pngs())))])]
+                        drive = functools.partial(wrk, f"{url}/classify", bodies, c, seconds, Path(t))
+                        runs.setdefault("classify_hits", {})[str(c)] = measured(url, processes, drive)
                     if classify:  # multipart, as /classify's clients send it, by wrk
                         bodies = [multipart.encode([("image", b)]) for b in itertools.islice(images, share)]
                         drive = functools.partial(wrk, f"{url}/classify", bodies, c, seconds, Path(t))
@@ -100,19 +107,20 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated gRPC drivers: 0 the native one (make grpc-load), N loadtests/v2load.py in N processes",
     )
     p.add_argument("--classify", action="store_true", help="also POST /classify, first at each concurrency")
+    p.add_argument("--hits", action="store_true", help="also POST /classify with one image (cache hits), first")
     p.add_argument("--json", type=Path, default=Path("results/protocols.json"))
     a = p.parse_args(argv)
     checkouts = {name: Path(d).resolve() for name, d in (c.split("=", 1) for c in a.checkout)} or {"this": ROOT}
     levels = [int(c) for c in a.concurrency.split(",")]
     drivers = [int(p) for p in a.grpc_processes.split(",") if p]
-    results = run(a.artifacts.resolve(), checkouts, levels, a.seconds, a.repeat, drivers, a.classify)
+    results = run(a.artifacts.resolve(), checkouts, levels, a.seconds, a.repeat, drivers, a.classify, a.hits)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(results, indent=1))
     for n, r in enumerate(results["rounds"], 1):
         for name, runs in r.items():
             for c, ratios in runs["grpc_over_http"].items():
                 line = f"round {n} {name} c={c}:"
-                for api in [k for k in runs if k.startswith("v2_") or k == "classify"]:
+                for api in [k for k in runs if k.startswith(("v2_", "classify"))]:
                     r = runs[api][c]
                     line += f"  {api} {r['req_per_s']:6.1f} req/s, server {r['server_cpu_ms_per_request']:.2f} ms"
                     line += (

@@ -15,14 +15,17 @@ import logging
 import os
 import signal
 import threading
+import typing
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import pages, routes, schema
@@ -171,10 +174,10 @@ def create_app(
         return status, body
 
     app.state.reload_all = functools.partial(_reload_all, supervisor)
-    app.include_router(routes.router)
-    app.include_router(zero_shot_routes.router)
-    app.include_router(v2_rest.router)
-    app.include_router(pages.router)
+    routers = (routes.router, zero_shot_routes.router, v2_rest.router, pages.router)
+    for router in routers:
+        app.include_router(router)
+    app.router.routes[:0] = [r for router in routers for r in plain_routes(router)]
     schema.document(app)
     app.add_middleware(Intake, settings=settings, state=app.state)
     app.add_middleware(Authenticate, keys=keys, metrics=metrics)  # before the upload door: no key, no admission
@@ -193,6 +196,38 @@ def create_app(
     app.add_exception_handler(RequestValidationError, bad_query)
     app.add_exception_handler(RequestError, refused)
     return app
+
+
+class PlainRoute(Route):
+    """A Starlette route that names itself in the request's scope, as FastAPI's routes do (RequestMetrics
+    labels a request with its route's path template)."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match != Match.NONE:
+            child["route"] = self
+        return match, child
+
+
+def plain_routes(router: APIRouter) -> list[Route]:
+    """The routes of `router` whose endpoint reads its Request itself and returns a Response (/classify,
+    /classify/batch, /readyz), served by Starlette's own Route in front of FastAPI's: FastAPI's work a request
+    (solving parameters there are none of, an exit stack, the response model a Response skips) cost about
+    40 us of CPU a request here, a tenth of the request path outside the model. FastAPI's routes stay, behind
+    them, for the OpenAPI document; errors go to the same handlers."""
+    plain: list[Route] = []
+    for route in router.routes:
+        if not isinstance(route, APIRoute):
+            continue
+        d = route.dependant
+        params = (d.path_params, d.query_params, d.header_params, d.cookie_params, d.body_params, d.dependencies)
+        returns = typing.get_type_hints(route.endpoint).get("return")
+        if d.request_param_name and not any(params) and isinstance(returns, type) and issubclass(returns, Response):
+            methods = set(route.methods or ())
+            served = PlainRoute(route.path, route.endpoint, methods=list(methods), name=route.name)
+            served.methods = methods  # not the HEAD Starlette adds to a GET: the methods FastAPI's route has
+            plain.append(served)
+    return plain
 
 
 def _error_field(request: Request) -> str:

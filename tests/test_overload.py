@@ -28,8 +28,9 @@ from loadtests.images import pngs
 from loadtests.overload import write_bodies
 from loadtests.server import free_port
 from loadtests.v2load import METHOD, grpc_request
+from service.api.parking import OneWrite
 from tests.helpers import client, wait_until
-from tests.processes import ROOT, answer, metric, multipart, server, upload_head
+from tests.processes import BOUNDARY, ROOT, answer, metric, multipart, server, upload_head
 from tests.synthetic import png
 
 pytestmark = pytest.mark.slow
@@ -170,6 +171,45 @@ def test_a_bounded_burst_gets_answers_and_refusals_only_and_readyz_stays_fast(im
     assert stats["statuses"].get("200", 0) > 0 and stats["refused_per_s"] > 0  # past its limits, still serving
     assert stats["errors"] == {} and stats["refused_without_retry_after"] == 0
     assert stats["readyz_probes"] >= 20 and stats["readyz_p99_ms"] < 100
+
+
+def test_an_answer_leaves_in_one_write_and_a_100_continue_at_once(impatient: str) -> None:
+    """The status line and headers wait for the body and go out with it (service/api/parking.py: OneWrite);
+    a 100 Continue is not held back (the client waits for it before sending its body), and the answer to a
+    HEAD, which has no body, still goes out."""
+    writes: list[bytes] = []
+    transport = OneWrite(Recorder(writes))  # type: ignore[arg-type]
+    transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    transport.write(b"{}")
+    transport.write(b"more")
+    assert writes[1:] == [b"HTTP/1.1 200 OK\r\n\r\n{}", b"more"]
+
+    port = int(impatient.rsplit(":", 1)[1])
+    body = multipart(png(5))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        head = f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+        s.sendall(f"{head}Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode())
+        assert s.recv(4096) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(body)
+        status, headers, got = answer(s)
+        assert status == 200 and len(got) == int(headers["content-length"]) and orjson.loads(got)["predictions"]
+        s.sendall(b"HEAD /info HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = s.recv(4096)
+            assert chunk, reply
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 405 ") and reply.endswith(b"\r\n\r\n")
+
+
+class Recorder:
+    def __init__(self, writes: list[bytes]):
+        self.writes = writes
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
 
 
 def test_probes_are_answered_by_the_protocol_as_by_the_routes(impatient: str, synthetic_artifacts: Path) -> None:

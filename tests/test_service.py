@@ -9,14 +9,15 @@ import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import torch
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.app import create_app
+from service.app import PlainRoute, create_app
 from service.artifacts import ENCODER, HEAD, KEYS, VALUES, ArtifactError, read_manifest
 from service.core.decode import InputSpec, decode
 from service.core.encode import Encoder
@@ -248,3 +249,42 @@ def test_a_killed_workers_live_gauge_leaves_the_sum(tmp_path: Path) -> None:
     _forget_dead_processes(str(tmp_path))
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted([f"counter_{gone.pid}.db", f"gauge_livesum_{os.getpid()}.db"])  # counters stay counted
+
+
+def test_plainly_served_routes_answer_as_fastapis_own(api: TestClient, synthetic_artifacts: Path) -> None:
+    """The routes served by Starlette's Route in front of FastAPI's (service/app.py: plain_routes) are those
+    whose endpoint takes the Request alone and returns a Response; an app without them (FastAPI's routes
+    only) gives the same answers, refusals and statuses."""
+    routes = cast(FastAPI, api.app).router.routes
+    plain = {(r.path, m) for r in routes if isinstance(r, PlainRoute) for m in r.methods or ()}
+    gets = {"/", "/readyz", "/v2/health/ready"}
+    assert plain == {(p, "GET") for p in gets} | {("/classify", "POST"), ("/classify/batch", "POST")}
+    with client(synthetic_artifacts, max_batch=8, max_wait_ms=20) as reference:
+        app = cast(FastAPI, reference.app)
+        app.router.routes[:] = [r for r in app.router.routes if not isinstance(r, PlainRoute)]
+        app.middleware_stack = None
+        image, files = png(12), {"image": ("x.png", png(12), "image/png")}
+
+        def same(method: str, path: str, **kw: Any) -> None:
+            got, want = api.request(method, path, **kw), reference.request(method, path, **kw)
+            kinds = got.headers.get("content-type"), want.headers.get("content-type")
+            assert (got.status_code, kinds[0]) == (want.status_code, kinds[1]), path
+            assert unmeasured(got.json() if got.content else None) == unmeasured(want.json() if want.content else None)
+
+        same("POST", "/classify", files=files, params={"top_k": 2})
+        same("POST", "/classify", content=image, headers={"content-type": "image/png"})
+        same("POST", "/classify/batch", files=[("images", ("a.png", image, "image/png"))] * 2)
+        same("POST", "/classify", content=b"hello", headers={"content-type": "text/plain"})
+        same("POST", "/classify", files=files, params={"neighbors": 11})
+        same("GET", "/classify")
+        same("GET", "/readyz")
+        same("HEAD", "/readyz")
+    text = api.get("/metrics").text
+    assert re.search(r'rac_requests_total\{route="/readyz",status="200"\} [1-9]', text)
+
+
+def unmeasured(doc: Any) -> Any:
+    """An answer without what differs between two runs of the same request: its timings and cache flag."""
+    if isinstance(doc, dict):
+        return {k: unmeasured(v) for k, v in doc.items() if k not in ("timings_ms", "cached")}
+    return [unmeasured(v) for v in doc] if isinstance(doc, list) else doc

@@ -330,11 +330,20 @@ def _driver(d: Doc, run: tuple[str | int, ...]) -> str:
 
 
 def classify_ab(docs: Sequence[Doc]) -> Rows:
+    return _ab(docs, "classify", "/classify req/s at 16 connections")
+
+
+def request_path_ab(docs: Sequence[Doc]) -> Rows:
+    return _ab(docs, "classify_hits", "/classify req/s at 16 connections, one image (cache hits)")
+
+
+def _ab(docs: Sequence[Doc], api: str, label: str) -> Rows:
+    """Two checkouts' rounds (python -m loadtests.protocols --checkout ...) of one API: what each served."""
     (d,) = docs
     rows = []
     for i, name, r in _rounds(d):
-        c = d.keys(*r, "classify")[0]
-        x = (*r, "classify", c)
+        c = d.keys(*r, api)[0]
+        x = (*r, api, c)
         rows.append(
             [
                 str(i),
@@ -344,7 +353,7 @@ def classify_ab(docs: Sequence[Doc]) -> Rows:
                 f"{d.num(*x, 'mean_batch'):.1f}",
             ]
         )
-    return ["round", "server", "/classify req/s at 16 connections", "server CPU ms/request", "mean batch"], rows
+    return ["round", "server", label, "server CPU ms/request", "mean batch"], rows
 
 
 def load(docs: Sequence[Doc]) -> Rows:

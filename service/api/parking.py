@@ -73,6 +73,8 @@ class ParkingProtocol(HttpToolsProtocol):
             self._unreserve()
             return
         super().on_headers_complete()  # the request's task is scheduled: an upload takes the slot at the door
+        if self.scope["method"] != "HEAD":  # a HEAD's answer has no body to carry its head
+            self.cycle.transport = OneWrite(self.transport)  # type: ignore[assignment]
         self._unreserve(upload=door(self.scope) is not None)
 
     def _answer_probe(self) -> bool:
@@ -116,3 +118,31 @@ class ParkingProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._unreserve()
         super().connection_lost(exc)
+
+
+class OneWrite:
+    """The transport as one response's cycle sees it: the status line and headers wait for the body's first
+    part and go out with it in one write: one send(2) and one packet, not two (a send on loopback cost about
+    15 us of the sender's CPU here). A 100 Continue goes out at once; a close sends what waits first."""
+
+    def __init__(self, transport: asyncio.Transport):
+        self.transport = transport
+        self.head: bytes | None = None
+        self.started = False
+
+    def write(self, data: bytes) -> None:
+        if not self.started and not data.startswith(b"HTTP/1.1 100 "):
+            self.started, self.head = True, data  # the status line and headers: wait for the body
+            return
+        if self.head is not None:
+            data, self.head = self.head + data, None
+        self.transport.write(data)
+
+    def close(self) -> None:
+        if self.head is not None:
+            self.transport.write(self.head)
+            self.head = None
+        self.transport.close()
+
+    def __getattr__(self, name: str) -> object:  # is_closing(), get_extra_info(), ...: the transport's own
+        return getattr(self.transport, name)
