@@ -66,7 +66,8 @@ COMMANDS = {
     "classify_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify --grpc-processes '' "
     "--checkout before=DIR --checkout after=. --repeat 3 --json results/classify_ab.json",
     "request_path_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --hits --grpc-processes '' "
-    "--checkout before=DIR --checkout after=. --concurrency 16 --seconds 6 --repeat 4 --json results/request_path_ab.json",
+    "--checkout before=DIR --checkout after=. --concurrency 16 --seconds 6 --repeat 4 "
+    "--json results/request_path_ab.json",
     "load/summary.json": "make load",
     "filters.json": "python -m loadtests.filters --artifacts artifacts/demo --scale .cache/scale/1m "
     "--json results/filters.json",
