@@ -121,6 +121,22 @@ def test_a_shard_call_a_dying_process_failed_goes_to_another(monkeypatch: pytest
 
 
 @pytest.mark.ray
+def test_each_shard_sends_its_calls_to_all_its_processes_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two shards of two processes each: four calls reach each process twice (a count shared by the shards
+    would send every call of shard 0 to its first process and every call of shard 1 to its second)."""
+    need_ray()
+    from service.cluster import shards as cluster
+    from service.memory.shards import At
+
+    monkeypatch.setattr(cluster.ray, "get", lambda ref, timeout=None: ref.result())
+    processes = [[Process(f"{s}{p}", [(s, p)] * 2) for p in range(2)] for s in range(2)]
+    client = cluster.RayShards([Deployment(ps) for ps in processes])  # type: ignore[list-item]
+    for _ in range(4):
+        client.gather([np.arange(1), np.arange(1)], False, True, At("v", "/memory/v"))
+    assert [[p.gather.calls for p in ps] for ps in processes] == [[2, 2], [2, 2]]
+
+
+@pytest.mark.ray
 def test_a_version_load_waits_for_shards_still_starting(monkeypatch: pytest.MonkeyPatch) -> None:
     """A shard deployment with no replica running yet (the application starting) is waited for, not a refusal:
     its process, once named, loads the version; a process that refuses the version refuses the switch."""

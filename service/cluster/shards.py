@@ -129,7 +129,7 @@ class RayShards:
         self.processes: list[list[ActorHandle]] = [[] for _ in self.handles]
         self.dead: set[str] = set()  # processes seen dead: a replica asked before its health check still names it
         self.refreshed = -REFRESH_S
-        self.turn = itertools.count()
+        self.turns = [itertools.count() for _ in self.handles]  # each shard's own count: all its processes in turn
         self.lock = threading.Lock()
         self.retried = 0  # calls sent again after a process failed them
         self.why = ["no replica running" for _ in self.handles]  # what the last refresh could not learn, by shard
@@ -160,7 +160,7 @@ class RayShards:
             with self.lock:
                 known = self.processes[shard]
                 if known:
-                    return known[next(self.turn) % len(known)]
+                    return known[next(self.turns[shard]) % len(known)]
             if attempt:
                 time.sleep(RETRY_PAUSE_S)
             self.refresh()
