@@ -130,7 +130,7 @@ def test_each_shard_sends_its_calls_to_all_its_processes_in_turn(monkeypatch: py
 
     monkeypatch.setattr(cluster.ray, "get", lambda ref, timeout=None: ref.result())
     processes = [[Process(f"{s}{p}", [(s, p)] * 2) for p in range(2)] for s in range(2)]
-    client = cluster.RayShards([Deployment(ps) for ps in processes])  # type: ignore[list-item]
+    client = cluster.RayShards([Deployment(ps) for ps in processes])  # type: ignore[misc]
     for _ in range(4):
         client.gather([np.arange(1), np.arange(1)], False, True, At("v", "/memory/v"))
     assert [[p.gather.calls for p in ps] for ps in processes] == [[2, 2], [2, 2]]
