@@ -13,6 +13,8 @@ load) before its own task runs. Its answer comes from the app (service/app.py's 
 routes' and counted as theirs); an app without one, or a probe pipelined behind another request, takes the
 usual way.
 
+An answer's status line and headers leave with its body, in one write (OneWrite).
+
 `python -m service` serves with it (service/serve.py); a server built otherwise (`uvicorn --factory
 service.app:factory`) keeps uvicorn's own protocol, the door and the routes.
 """
