@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -118,21 +118,18 @@ class LocalCluster:
     def replicas(self, deployment: str) -> list[psutil.Process]:
         """The live replica processes of one deployment of the `rac` application."""
         name = f"ray::ServeReplica:rac:{deployment}"
-        found = []
-        for p in self.processes():
-            try:
-                if p.status() != psutil.STATUS_ZOMBIE and " ".join(p.cmdline()).startswith(name):
-                    found.append(p)
-            except psutil.Error:
-                continue
-        return found
+        return self._live(lambda p: " ".join(p.cmdline()).startswith(name))
 
     def shard_processes(self, shard: int) -> list[psutil.Process]:
         """The live processes holding shard number `shard` (one for each replica of its deployment)."""
+        return self._live(lambda p: p.environ().get("RAC_SHARD") == str(shard))
+
+    def _live(self, match: Callable[[psutil.Process], bool]) -> list[psutil.Process]:
+        """This cluster's processes, not zombies, that `match` (a process gone meanwhile is left out)."""
         found = []
         for p in self.processes():
             try:
-                if p.status() != psutil.STATUS_ZOMBIE and p.environ().get("RAC_SHARD") == str(shard):
+                if p.status() != psutil.STATUS_ZOMBIE and match(p):
                     found.append(p)
             except psutil.Error:
                 continue
