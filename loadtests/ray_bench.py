@@ -10,6 +10,11 @@ latency at one connection and throughput at --concurrency connections, driven by
 image (cache misses). The fan-out cost per request: the difference of the p50 latencies at one connection,
 and of the search stage's mean time (the ingress's rac_stage_seconds{stage="search"}: one round trip to
 every shard and the merge, against a local memory-mapped search).
+
+    python -m loadtests.ray_bench --shards-dir /tmp/rac-ray-bench/shards --checkout before=DIR \
+        --checkout after=. --repeat 3 --json results/ray_transport_ab.json
+
+compares checkouts of this project instead, in interleaved rounds, each served by the best configuration.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from loadtests import multipart
 from loadtests.drivers import wrk
 from loadtests.images import pngs
 from loadtests.ray_cluster import ray_cluster
-from loadtests.server import free_port, scrape, serving
+from loadtests.server import ROOT, free_port, scrape, serving
 from models.memory.shards import shard
 from service.artifacts import ArtifactError, read_manifest
 from service.memory.shards import shard_dirs
@@ -94,11 +99,7 @@ def main(artifacts: Path, shards_dir: Path, shards: int, replicas: int, out: Pat
         for name, start in runs.items():
             print(f"{name} ...", flush=True)
             try:
-                with start() as url:
-                    with httpx.Client(base_url=url, timeout=30) as client:  # first-call costs outside the measurement
-                        for p in itertools.islice(images, 64):
-                            client.post("/classify", files={"image": ("x.png", p, "image/png")}).raise_for_status()
-                    results[name] = measure(url, images, concurrency, seconds, Path(tmp))
+                results[name] = warmed(start, images, concurrency, seconds, Path(tmp))
             except Exception as e:  # a lever this Ray cannot run is written down, not fatal
                 if name not in LEVERS:
                     raise
@@ -143,13 +144,65 @@ def main(artifacts: Path, shards_dir: Path, shards: int, replicas: int, out: Pat
     print(f"\nwrote {out}")
 
 
+def warmed(
+    start: Callable[[], AbstractContextManager[str]],
+    images: Iterator[bytes],
+    levels: list[int],
+    seconds: float,
+    tmp: Path,
+) -> dict[str, Any]:
+    """What `measure` measures of the service `start` serves, after 64 requests (first-call costs) not counted."""
+    with start() as url:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for p in itertools.islice(images, 64):
+                client.post("/classify", files={"image": ("x.png", p, "image/png")}).raise_for_status()
+        return measure(url, images, levels, seconds, tmp)
+
+
+def ab(
+    checkouts: dict[str, Path], shards_dir: Path, shards: int, replicas: int, out: Path, seconds: float, repeat: int
+) -> None:
+    """Checkouts of this project (name -> its root) served in turn by the best configuration (HAProxy, throughput
+    optimized), `repeat` interleaved rounds: each checkout's code first on every Ray process's path."""
+    images = pngs()
+    for _ in range(4096):
+        next(images)
+    rounds: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeat):
+            rounds.append({})
+            for name, root in checkouts.items():
+                print(f"round {i + 1}, {name} ...", flush=True)
+                start = partial(ray_serving, shards_dir, shards, replicas, {}, LEVERS["ray_haproxy"], root.resolve())
+                rounds[-1][name] = r = warmed(start, images, [16], seconds, Path(tmp))
+                print(
+                    f"  c=1 p50 {r['1']['p50_ms']:.2f} ms, search {r['1']['search_ms_per_batch']:.2f} ms; "
+                    f"c=16 {r['16']['req_per_s']:.0f} req/s",
+                    flush=True,
+                )
+    result = {
+        "machine": {"cpus": os.cpu_count()},
+        "config": "ray_haproxy",
+        "checkouts": {n: str(p) for n, p in checkouts.items()},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result | {"rounds": rounds}, indent=1))
+    print(f"wrote {out}")
+
+
 @contextmanager
 def ray_serving(
-    shards_dir: Path, shards: int, replicas: int, settings: dict[str, Any], env: dict[str, str] | None = None
+    shards_dir: Path,
+    shards: int,
+    replicas: int,
+    settings: dict[str, Any],
+    env: dict[str, str] | None = None,
+    root: Path = ROOT,
 ) -> Iterator[str]:
-    """A local two-node cluster (its Ray processes given `env`) serving the shards (deploy/ray/serve.yaml, its
-    ingress settings updated with `settings`), for the length of a `with`."""
-    with ray_cluster(env) as cluster:
+    """A local two-node cluster (its Ray processes given `env`, running the code of the checkout in `root`)
+    serving the shards (deploy/ray/serve.yaml, its ingress settings updated with `settings`), for the length of
+    a `with`."""
+    with ray_cluster(env, root) as cluster:
         yield cluster.deploy(
             shards_dir.resolve(), free_port(), shards=shards, shard_replicas=replicas, settings=settings
         )
@@ -185,5 +238,17 @@ if __name__ == "__main__":
     parser.add_argument("--json", type=Path, default=Path("results/ray_bench.json"))
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", default="16", help="throughput at these connection counts")
+    parser.add_argument(
+        "--checkout",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="instead: compare checkouts of this project (twice or more), the best configuration only",
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of the comparison")
     a = parser.parse_args()
-    main(a.artifacts, a.shards_dir, a.shards, a.replicas, a.json, a.seconds, a.concurrency)
+    if a.checkout:
+        named = dict(c.split("=", 1) for c in a.checkout)
+        ab({k: Path(v) for k, v in named.items()}, a.shards_dir, a.shards, a.replicas, a.json, a.seconds, a.repeat)
+    else:
+        main(a.artifacts, a.shards_dir, a.shards, a.replicas, a.json, a.seconds, a.concurrency)

@@ -1,8 +1,8 @@
 """What one call from the ingress to the shards costs on Ray: the shipped deployment's client (RayShards, the
-way the ingress calls the shard processes: Ray actor calls), against the same search through a Serve
-deployment's handle (Serve's router in the way: a deployment of the same class, deployed for this), a plain
-Ray actor of the class, and a plain actor call that searches nothing, from one process on the same local
-two-node cluster, one call at a time. Needs the `ray` extra.
+way the ingress calls the shard processes: over a connection of its own to each), against the same search
+through a Serve deployment's handle (Serve's router in the way: a deployment of the same class, deployed for
+this), as a Ray actor call to a plain actor of the class, and a plain actor call that searches nothing, from
+one process on the same local two-node cluster, one call at a time. Needs the `ray` extra.
 
     python -m loadtests.ray_calls --shards-dir /tmp/rac-ray-bench/shards --json results/ray_calls.json
 

@@ -32,8 +32,11 @@ DEPLOY_S = 180  # a deployment's replicas started, the artifacts loaded and warm
 
 
 class LocalCluster:
-    def __init__(self, env: dict[str, str] | None = None) -> None:
-        """env: more environment for every Ray process (e.g. Serve's RAY_SERVE_* switches)."""
+    def __init__(self, env: dict[str, str] | None = None, root: Path = ROOT) -> None:
+        """env: more environment for every Ray process (e.g. Serve's RAY_SERVE_* switches). root: the checkout of
+        this project whose code the cluster runs (Ray puts the directory it is started from first on its
+        workers' path, before PYTHONPATH: both are root)."""
+        self.root = root
         # A short path: Ray's unix sockets live under it (at most 107 bytes).
         self.temp_dir = tempfile.mkdtemp(prefix="rac-ray-", dir="/tmp")
         self.port = free_port()
@@ -45,9 +48,11 @@ class LocalCluster:
         self.env["RAY_AUTH_MODE"] = "disabled"
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.env |= env or {}
+        if root != ROOT:
+            self.env["PYTHONPATH"] = str(root)
 
     def _ray(self, *args: str) -> None:
-        subprocess.run([str(BIN / "ray"), *args], cwd=ROOT, env=self.env, check=True, capture_output=True)
+        subprocess.run([str(BIN / "ray"), *args], cwd=self.root, env=self.env, check=True, capture_output=True)
 
     def start(self) -> None:
         # (Ray 2.60 replaces a loopback node address by the host's own: the nodes talk to each other at that address,
@@ -83,7 +88,7 @@ class LocalCluster:
         path.write_text(yaml.safe_dump(config))
         subprocess.run(
             [str(BIN / "serve"), "run", "--non-blocking", str(path)],
-            cwd=ROOT,
+            cwd=self.root,
             env=self.env,
             check=True,
             capture_output=True,
@@ -153,8 +158,8 @@ class LocalCluster:
 
 
 @contextmanager
-def ray_cluster(env: dict[str, str] | None = None) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(env)
+def ray_cluster(env: dict[str, str] | None = None, root: Path = ROOT) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(env, root)
     try:
         cluster.start()
         yield cluster

@@ -1,5 +1,6 @@
 """The Ray pieces that need no Serve deployment: the single-machine service never imports Ray; the ingress's
-shard client asks a call again where a replica died or held another memory version (stand-in handles); and
+shard client asks a call again where a replica died or held another memory version (stand-in handles); a shard
+process lets a version go only once the searches under way are answered; and
 `rac memory add --ray` on a two-node cluster of its own (Ray Data) writes the single-machine add's memory,
 unsharded or shard by shard.
 
@@ -57,11 +58,26 @@ class Method:
 
 
 class Process:
-    """A stand-in shard process: its gather answers in turn."""
+    """A stand-in shard process: its gather answers in turn (what its connection answers), its loads (Ray calls)."""
 
     def __init__(self, name: str, answers: list[object], loads: list[object] | None = None):
         self._actor_id = name.encode()  # what the client tells processes apart by (its .hex())
-        self.gather, self.load = Method(answers), Method(loads or [])
+        self.answers, self.calls = answers, 0
+        self.load = Method(loads or [])
+
+    def send(self, method: str, args: tuple[object, ...]) -> Ref:
+        """The client's Peer for this process is the process itself (see `direct`)."""
+        assert method == "gather"
+        self.calls += 1
+        return Ref(self.answers.pop(0))
+
+
+def direct(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RayShards over stand-ins: a process's calls go to the stand-in itself, Ray calls return their value."""
+    from service.cluster import shards as cluster
+
+    monkeypatch.setattr(cluster.ray, "get", lambda ref, timeout=None: ref.result())
+    monkeypatch.setattr(cluster.RayShards, "peer", lambda self, process: process)
 
 
 class Deployment:
@@ -95,20 +111,22 @@ def test_a_shard_call_a_dying_process_failed_goes_to_another(monkeypatch: pytest
     import ray
 
     from service.cluster import shards as cluster
+    from service.cluster.wire import Gone
     from service.memory.shards import At, ShardsUnavailable, StaleShard
 
-    monkeypatch.setattr(cluster.ray, "get", lambda ref, timeout=None: ref.result())
+    direct(monkeypatch)
     died = ray.exceptions.ActorDiedError()
+    broke = Gone("10.0.0.7:4711: Connection reset by peer")  # the process died during the call
     stale = StaleShard("shard 0 holds memory version a, not b")  # a process of the version being replaced
-    dying, flaky = Process("a", [died]), Process("b", [stale, (0, 5, "v"), (0, 5, "w")])
+    dying, flaky = Process("a", [broke]), Process("b", [stale, (0, 5, "v"), (0, 5, "w")])
     steady = Process("c", [(5, 9, "v"), (5, 9, "w")])
     client = cluster.RayShards([Deployment([dying, flaky]), Deployment([steady])])  # type: ignore[list-item]
     at, ids = At("b", "/memory/b"), [np.arange(2), np.arange(2)]
     assert client.gather(ids, True, True, at) == [(0, 5, "v"), (5, 9, "v")]
-    assert (dying.gather.calls, flaky.gather.calls, steady.gather.calls, client.retried) == (1, 2, 1, 2)
+    assert (dying.calls, flaky.calls, steady.calls, client.retried) == (1, 2, 1, 2)
     client.refreshed = -1e9  # ask the deployments again: shard 0's still names the dead process
     assert client.gather(ids, True, True, at) == [(0, 5, "w"), (5, 9, "w")]
-    assert dying.gather.calls == 1
+    assert dying.calls == 1
 
     replaced = Process("e", [(0, 5, "v")])  # the replica Serve started in place of the one that died
     client = cluster.RayShards([Deployment([Process("d", [died])], [replaced])])  # type: ignore[list-item]
@@ -128,12 +146,12 @@ def test_each_shard_sends_its_calls_to_all_its_processes_in_turn(monkeypatch: py
     from service.cluster import shards as cluster
     from service.memory.shards import At
 
-    monkeypatch.setattr(cluster.ray, "get", lambda ref, timeout=None: ref.result())
+    direct(monkeypatch)
     processes = [[Process(f"{s}{p}", [(s, p)] * 2) for p in range(2)] for s in range(2)]
     client = cluster.RayShards([Deployment(ps) for ps in processes])  # type: ignore[misc]
     for _ in range(4):
         client.gather([np.arange(1), np.arange(1)], False, True, At("v", "/memory/v"))
-    assert [[p.gather.calls for p in ps] for ps in processes] == [[2, 2], [2, 2]]
+    assert [[p.calls for p in ps] for ps in processes] == [[2, 2], [2, 2]]
 
 
 @pytest.mark.ray
@@ -148,7 +166,7 @@ def test_a_version_load_waits_for_shards_still_starting(monkeypatch: pytest.Monk
     from service.cluster import shards as cluster
     from service.memory.shards import ShardInfo
 
-    monkeypatch.setattr(cluster.ray, "get", lambda ref, timeout=None: ref.result())
+    direct(monkeypatch)
     monkeypatch.setattr(cluster, "RELOAD_PAUSE_S", 0.01)
     info = ShardInfo(0, 1, 5, "v")
     starting = DeploymentUnavailableError(DeploymentID(name="shard-x", app_name="rac"))
@@ -159,6 +177,50 @@ def test_a_version_load_waits_for_shards_still_starting(monkeypatch: pytest.Monk
     refusing = Process("b", [], [ArtifactError("shard 0 of /memory/v: keys.npy is short")])
     with pytest.raises(ArtifactError, match="could not load"):
         cluster.RayShards([Deployment([refusing])]).load(Path("/memory/v"))  # type: ignore[list-item]
+
+
+@pytest.mark.ray
+def test_a_shard_process_lets_a_version_go_only_after_its_searches(
+    synthetic_artifacts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ShardServer (no cluster: its listener on this host's address) searched over its connection while the
+    version is dropped: the drop waits for the search, which answers in full; the next search of that version
+    loads it again from its directory."""
+    need_ray()
+    import threading
+
+    from service.cluster.shards import ShardServer
+    from service.cluster.wire import Peer
+    from service.memory.shards import At, Shard
+
+    sharded = tmp_path / "sharded"
+    shard(synthetic_artifacts, sharded, 2)
+    server = ShardServer(str(sharded), 0, 1)
+    (version,) = server.versions
+    at, held = At(version, str(sharded)), server.versions[version]
+    inside, go_on = threading.Event(), threading.Event()
+    search = Shard.search
+
+    def slow(self: Shard, *args: object) -> object:
+        inside.set()
+        assert go_on.wait(30)
+        return search(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Shard, "search", slow)
+    z = np.ones((1, held.memory.dim), np.float32) / np.sqrt(held.memory.dim)
+    call = Peer(server.address(), 30.0).send("search", (z, 5, False, None, at))
+    assert inside.wait(30)
+    dropping = threading.Thread(target=server.drop, args=(version,))
+    dropping.start()
+    dropping.join(0.3)
+    assert dropping.is_alive() and version not in server.versions  # no new call finds it; this one goes on
+    go_on.set()
+    assert (call.result().ids[0] >= 0).all()
+    dropping.join(10)
+    assert not dropping.is_alive()
+    monkeypatch.setattr(Shard, "search", search)
+    assert (server.search(z, 5, False, None, at).ids[0] >= 0).all() and version in server.versions
+    server.listener.close()
 
 
 @pytest.mark.ray

@@ -1,5 +1,5 @@
-"""Renderers of the speed tables: rac bench, memory at scale, Ray, the profile and the A/B runs of two servers
-(registered in tables.py)."""
+"""Renderers of the speed tables: rac bench, memory at scale, the profile and the A/B runs of two servers
+(registered in tables.py; Ray's are in cluster.py)."""
 
 from __future__ import annotations
 
@@ -198,57 +198,6 @@ def scale_target(docs: Sequence[Doc]) -> Rows:
             a, z = d.num(*small, where, b, what, "p99_ms"), d.num(*large, where, b, what, "p99_ms")
             rows.append([f"{label}, {b.replace('batch', 'batch ')}", f2(a), f2(z), f"{z / a:.2f}x", met(z / a <= 2)])
     return ["p99 ms", f"{n(float(sizes[0]))} items", f"{n(float(sizes[-1]))} items", "ratio", "at most 2x"], rows
-
-
-def ray(docs: Sequence[Doc]) -> Rows:
-    (d,) = docs
-    rows = []
-    for key, what in (
-        ("single_process", "single process"),
-        ("ray", "Ray, 2 shards x 2 replicas"),
-        ("ray_in_flight_4", "Ray, 4 batches in flight"),
-        ("ray_throughput_optimized", "Ray, RAY_SERVE_THROUGHPUT_OPTIMIZED"),
-        ("ray_haproxy", "Ray, the same behind HAProxy"),
-    ):
-        if key not in d.keys():  # noqa: SIM118 (Doc.keys, not a dict's): a lever this run could not start (results' "failed" says why)
-            continue
-        for c in d.keys(key):
-            r = (key, c)
-            rows.append(
-                [
-                    what,
-                    c,
-                    n(d.num(*r, "req_per_s")),
-                    f2(d.num(*r, "p50_ms")),
-                    f2(d.num(*r, "p99_ms")),
-                    f2(d.num(*r, "search_ms_per_batch")),
-                    f"{d.num(*r, 'images_per_batch'):.1f}",
-                    n(d.num(*r, "non_2xx") + d.num(*r, "socket_errors")),
-                ]
-            )
-    header = ["service", "connections", "req/s", "p50 ms", "p99 ms", "search stage ms per batch", "images per batch"]
-    return [*header, "errors"], rows
-
-
-def ray_build(docs: Sequence[Doc]) -> Rows:
-    """The embedding step of `rac memory add`, here and on Ray Data, then the estimate for 100M and 1B items."""
-    (d,) = docs
-    rows = [
-        ["rac memory add, this process", "1 x 2 cores", n(d.num("single_process", "images_per_s")), "", ""],
-        ["rac memory add --ray", "2 x 1 CPU", n(d.num("ray", "images_per_s")), "", ""],
-    ]
-    cpus = d.num("estimate", "node_cpus")
-    for nodes in d.keys("estimate", "hours", "100M"):
-        rows.append(
-            [
-                "estimate",
-                f"{nodes} x {cpus:.0f} CPUs",
-                n(d.num("estimate", "images_per_s_per_cpu") * cpus * int(nodes)),
-                f"{d.num('estimate', 'hours', '100M', nodes):,.1f}",
-                f"{d.num('estimate', 'hours', '1B', nodes):,.1f}",
-            ]
-        )
-    return ["embedding", "nodes", "images/s", "hours for 100M", "hours for 1B"], rows
 
 
 # --- where the time goes, and A/B comparisons of two servers (loadtests.profile, loadtests.protocols) ---

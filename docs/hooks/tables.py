@@ -1,10 +1,11 @@
 """The docs' tables of measured figures: which results files each reads and how its rows are made (accuracy.py,
-speed.py), and which command wrote each file. A new measurement is a new entry here and a
+speed.py, cluster.py, ...), and which command wrote each file. A new measurement is a new entry here and a
 `<!-- figure: name -->` marker in a page."""
 
 from __future__ import annotations
 
 import accuracy as a
+import cluster as c
 import finetune as ft
 import speed as s
 import store as m
@@ -56,6 +57,8 @@ COMMANDS = {
     "--json results/ray_bench.json",
     "ray_build.json": "python -m loadtests.ray_add --artifacts artifacts/demo --images 16000 "
     "--json results/ray_build.json",
+    "ray_transport_ab.json": "python -m loadtests.ray_bench --shards-dir /tmp/rac-ray-bench/shards "
+    "--checkout actor_calls=DIR --checkout connections=. --repeat 3 --json results/ray_transport_ab.json",
     "ray_calls.json": "python -m loadtests.ray_calls --shards-dir /tmp/rac-ray-bench/shards "
     "--json results/ray_calls.json",
     "profile.json": "python -m loadtests.profile --artifacts artifacts/demo --json results/profile.json",
@@ -107,8 +110,9 @@ TABLES: dict[str, Table] = {
     "scale_target": Table(("memory_scale.json",), s.scale_target),
     "memory_curve": Table(("memory_curve.json",), a.memory_curve, "Test top-1 % through HTTP, one head throughout."),
     "memory_accuracy": Table(("memory_accuracy.json",), a.memory_accuracy),
-    "ray": Table(("ray_bench.json",), s.ray, "Distinct images (cache misses), over HTTP on loopback."),
-    "ray_build": Table(("ray_build.json",), s.ray_build, "Decode, embed, text and thumbnail, per image."),
+    "ray": Table(("ray_bench.json",), c.ray, "Distinct images (cache misses), over HTTP on loopback."),
+    "ray_ab": Table(("ray_transport_ab.json",), c.ray_ab, "HAProxy, throughput optimized; new images (cache misses)."),
+    "ray_build": Table(("ray_build.json",), c.ray_build, "Decode, embed, text and thumbnail, per image."),
     "profile": Table(("profile.json",), s.profile),
     "protocols": Table(("protocols.json",), s.protocols, "16 connections."),
     "protocol_drivers": Table(("protocols_drivers.json",), s.protocol_drivers, "16 connections."),

@@ -5,19 +5,22 @@ Each replica of a shard deployment (`shard-0`, `shard-1`, ...) starts one plain 
 (ShardServer), and owns it: the process ends with its replica, and a replica whose process died reports itself
 unhealthy, so Serve starts another in its place. Serve keeps what it is for: how many replicas, on which nodes,
 their restarts and rolling updates. The ingress asks each deployment for its replicas' processes (a broadcast,
-again every few seconds and whenever one fails) and sends each search to one of them itself, round robin: a
-shard call pays Ray's actor call, not Serve's router as well (`python -m loadtests.ray_calls` times both:
-results/ray_calls.json).
+again every few seconds and whenever one fails) and sends each search to one of them itself, round robin, over
+a connection of its own to the process (service/cluster/wire.py): a shard call pays neither Serve's router nor
+Ray's actor call (`python -m loadtests.ray_calls` times the three: results/ray_calls.json). The control calls
+(a version's load and release, the health ping) stay Ray actor calls.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,6 +31,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 
 from service.artifacts import ArtifactError, read_manifest, resolve
+from service.cluster.wire import Address, Call, Failed, Gone, Listener, Peer
 from service.memory.shards import Answer, At, FilterSpec, Shard, ShardInfo, ShardsUnavailable, StaleShard, shard_dirs
 
 log = logging.getLogger(__name__)
@@ -40,7 +44,8 @@ REFRESH_S = 5.0  # how often the ingress asks the deployments for their replicas
 LOAD_TIMEOUT_S = 600.0  # how long every replica of a shard may take to load (and pre-fault) a new version
 RELOAD_PAUSE_S = 0.5  # between asking again for a shard's processes while none has loaded a version
 HEALTH_TIMEOUT_S = 10.0  # a shard process that does not answer a ping within this is not healthy
-DIED = (ray.exceptions.RayActorError, ReplicaUnavailableError)  # the process (or its replica) is gone
+# The process (or its replica) is gone: a Ray call says so, or its connection does.
+DIED = (ray.exceptions.RayActorError, ReplicaUnavailableError, Gone)
 
 
 class ShardServer:
@@ -52,11 +57,18 @@ class ShardServer:
     def __init__(self, root: str, shard: int, threads: int):
         self.shard, self.threads = shard, threads
         self.versions: dict[str, Shard] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # a load at a time
+        self.using = threading.Condition()  # calls in progress, by shard: a drop waits for them to end
+        self.busy: Counter[Shard] = Counter()
         self.load(str(resolve(Path(root))))
+        self.listener = Listener(self, ("search", "gather"), ray.util.get_node_ip_address())
 
     def ping(self) -> int:
         return self.shard
+
+    def address(self) -> Address:
+        """Where the ingress sends its searches and gathers, with the token that opens a connection."""
+        return self.listener.address
 
     def load(self, directory: str) -> ShardInfo:
         """Open this shard of the sharded memory in `directory` (pre-faulted: its first search reads no cold
@@ -73,25 +85,45 @@ class ShardServer:
             return shard.info
 
     def drop(self, version: str) -> None:
+        """Let `version` go once the calls searching it are done (they run in the listener's threads)."""
         with self.lock:
             gone = self.versions.pop(version, None)
         if gone is not None:
+            with self.using:
+                self.using.wait_for(lambda: not self.busy[gone])
+                del self.busy[gone]
             gone.memory.close()
 
-    def _of(self, at: At) -> Shard:
-        held = self.versions.get(at.version)
+    def _take(self, at: At) -> Shard | None:
+        with self.using:  # looked up and counted at once: a drop either waits for this call or comes before it
+            held = self.versions.get(at.version)
+            if held is not None:
+                self.busy[held] += 1
+            return held
+
+    @contextlib.contextmanager
+    def _of(self, at: At) -> Iterator[Shard]:
+        """The shard of `at`'s version, loaded where not held, kept open while the call uses it."""
+        held = self._take(at)
         if held is None:
             self.load(at.directory)
-            held = self.versions.get(at.version)
+            held = self._take(at)
         if held is None:
             raise StaleShard(f"{at.directory} does not hold memory version {at.version}")
-        return held
+        try:
+            yield held
+        finally:
+            with self.using:
+                self.busy[held] -= 1
+                self.using.notify_all()
 
     def search(self, z: np.ndarray, k: int, every_list: bool, spec: FilterSpec | None, at: At) -> Answer:
-        return self._of(at).search(z, k, every_list, spec, at.version)
+        with self._of(at) as shard:
+            return shard.search(z, k, every_list, spec, at.version)
 
     def gather(self, ids: np.ndarray, keys: bool, values: bool, at: At) -> tuple[np.ndarray, np.ndarray]:
-        return self._of(at).gather(ids, keys, values, at.version)
+        with self._of(at) as shard:
+            return shard.gather(ids, keys, values, at.version)
 
 
 ShardProcess = ray.remote(max_restarts=0)(ShardServer)
@@ -127,6 +159,7 @@ class RayShards:
     def __init__(self, handles: Sequence[DeploymentHandle]):
         self.handles = list(handles)
         self.processes: list[list[ActorHandle]] = [[] for _ in self.handles]
+        self.peers: dict[str, Peer] = {}  # by process: its address and open connections
         self.dead: set[str] = set()  # processes seen dead: a replica asked before its health check still names it
         self.refreshed = -REFRESH_S
         self.turns = [itertools.count() for _ in self.handles]  # each shard's own count: all its processes in turn
@@ -153,6 +186,29 @@ class RayShards:
         with self.lock:
             self.dead.add(name_of(process))
             self.processes[shard] = [p for p in self.processes[shard] if name_of(p) not in self.dead]
+            peer = self.peers.pop(name_of(process), None)
+        if peer is not None:
+            peer.close()
+
+    def peer(self, process: ActorHandle) -> Peer:
+        """The process's connections: its address asked of it (a Ray call) the first time."""
+        name = name_of(process)
+        with self.lock:
+            known = self.peers.get(name)
+        if known is not None:
+            return known
+        try:
+            address = cast(Address, ray.get(process.address.remote(), timeout=HEALTH_TIMEOUT_S))
+        except ray.exceptions.GetTimeoutError as e:
+            raise Gone(f"{name} did not say where it listens: {e}") from e
+        with self.lock:
+            return self.peers.setdefault(name, Peer(address, LOAD_TIMEOUT_S))  # a call may load a version first
+
+    def _send(self, process: ActorHandle, method: str, args: tuple[Any, ...]) -> Call | Failed:
+        try:
+            return self.peer(process).send(method, args)
+        except DIED as e:
+            return Failed(e)
 
     def _pick(self, shard: int) -> ActorHandle:
         """One of the shard's live processes, in turn; asks the deployments again while none is known."""
@@ -166,20 +222,21 @@ class RayShards:
             self.refresh()
         raise ShardsUnavailable(f"{self.handles[shard].deployment_name}: no live replica ({self.why[shard]})")
 
-    def _all(self, call: Callable[[ActorHandle, int], Any]) -> list[Any]:
+    def _all(self, method: str, args: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """`method` called on every shard at once (args: by shard), each call to one of its processes."""
         if time.monotonic() - self.refreshed > REFRESH_S:
             self.refresh()
         chosen = [self._pick(s) for s in range(len(self.handles))]
-        pending = [call(p, s) for s, p in enumerate(chosen)]
-        return [self._result(s, p, call, ref) for s, (p, ref) in enumerate(zip(chosen, pending, strict=True))]
+        sent = [self._send(p, method, args[s]) for s, p in enumerate(chosen)]
+        return [self._result(s, chosen[s], method, args[s], call) for s, call in enumerate(sent)]
 
-    def _result(self, shard: int, process: ActorHandle, call: Callable[[ActorHandle, int], Any], ref: Any) -> Any:
+    def _result(self, shard: int, process: ActorHandle, method: str, args: tuple[Any, ...], call: Call | Failed) -> Any:
         for attempt in range(RETRIES + 1):
             try:
-                return ray.get(ref)
+                return call.result()
             except (*DIED, StaleShard) as e:
                 # A dead process, or one of another memory version (a rolling update under way): another may
-                # answer. A shard's own exception arrives as a RayTaskError that is also an instance of it.
+                # answer. A shard's own exception arrives as itself.
                 if attempt == RETRIES:
                     raise ShardsUnavailable(f"{self.handles[shard].deployment_name}: no replica answered: {e}") from e
                 if attempt == 0:
@@ -190,7 +247,7 @@ class RayShards:
                 if attempt:  # the first at once (another process), the rest paced: a version switch takes a while
                     time.sleep(RETRY_PAUSE_S)
                 process = self._pick(shard)
-                ref = call(process, shard)
+                call = self._send(process, method, args)
         raise AssertionError("unreachable")
 
     def load(self, directory: Path) -> list[ShardInfo]:
@@ -238,12 +295,12 @@ class RayShards:
             p.drop.remote(version)
 
     def search(self, z: np.ndarray, k: int, every_list: bool, spec: FilterSpec | None, at: At) -> list[Answer]:
-        return self._all(lambda p, s: p.search.remote(z, k, every_list, spec, at))
+        return self._all("search", [(z, k, every_list, spec, at)] * len(self.handles))
 
     def gather(
         self, ids: Sequence[np.ndarray], keys: bool, values: bool, at: At
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        return self._all(lambda p, s: p.gather.remote(ids[s], keys, values, at))
+        return self._all("gather", [(part, keys, values, at) for part in ids])
 
 
 def check_shards(shards_dir: Path, expected: int) -> list[Path]:
