@@ -48,9 +48,14 @@ LEVERS = {
     "ray_throughput_optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
     "ray_haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
 }
+INGRESS_2 = "ray_haproxy_2_ingress"
 
 
-def measure(url: str, images: Iterator[bytes], levels: list[int], seconds: float, workdir: Path) -> dict[str, Any]:
+def measure(
+    url: str, images: Iterator[bytes], levels: list[int], seconds: float, workdir: Path, stages: bool = True
+) -> dict[str, Any]:
+    """stages: read the search stage and the batch sizes from /metrics (with one ingress replica only: with
+    several, each scrape reaches one of them, and the counts of two scrapes need not be the same replica's)."""
     out: dict[str, Any] = {}
     for c in [1, *levels]:
         bodies = [
@@ -61,10 +66,11 @@ def measure(url: str, images: Iterator[bytes], levels: list[int], seconds: float
         after = scrape(url)
         grew = {key: after[key] - before.get(key, 0.0) for key in after}
         batches = max(1.0, grew['rac_stage_seconds_count{stage="search"}'])
-        stats["search_ms_per_batch"] = 1000 * grew['rac_stage_seconds_sum{stage="search"}'] / batches
+        search_ms = 1000 * grew['rac_stage_seconds_sum{stage="search"}'] / batches
         # (label order differs between a multiprocess registry and Ray's single one)
         misses = sum(v for k, v in grew.items() if k.startswith("rac_images_total{") and 'outcome="miss"' in k)
-        stats["images_per_batch"] = misses / batches
+        stats["search_ms_per_batch"] = search_ms if stages else None
+        stats["images_per_batch"] = misses / batches if stages else None
         out[str(c)] = stats
         print(f"  c={c}: {stats['req_per_s']:.0f} req/s, p50 {stats['p50_ms']:.2f} ms, p99 {stats['p99_ms']:.2f} ms")
     return out
@@ -94,14 +100,17 @@ def main(artifacts: Path, shards_dir: Path, shards: int, replicas: int, out: Pat
         "ray": lambda: ray_serving(shards_dir, shards, replicas, {}),
         "ray_in_flight_4": lambda: ray_serving(shards_dir, shards, replicas, {"batches_in_flight": 4}),
         **{name: partial(ray_serving, shards_dir, shards, replicas, {}, env) for name, env in LEVERS.items()},
+        # The best of those with two ingress replicas (HAProxy spreads the connections over them), as the
+        # single-process service runs two server processes on these two cores.
+        INGRESS_2: partial(ray_serving, shards_dir, shards, replicas, {}, LEVERS["ray_haproxy"], ingress=2),
     }
     with tempfile.TemporaryDirectory() as tmp:
         for name, start in runs.items():
             print(f"{name} ...", flush=True)
             try:
-                results[name] = warmed(start, images, concurrency, seconds, Path(tmp))
+                results[name] = warmed(start, images, concurrency, seconds, Path(tmp), stages=name != INGRESS_2)
             except Exception as e:  # a lever this Ray cannot run is written down, not fatal
-                if name not in LEVERS:
+                if name not in (*LEVERS, INGRESS_2):
                     raise
                 print(f"  {name} failed: {e!r}", flush=True)
                 results.setdefault("failed", {})[name] = repr(e)[:500]
@@ -120,7 +129,7 @@ def main(artifacts: Path, shards_dir: Path, shards: int, replicas: int, out: Pat
             "over_single_throughput": results[name][top]["req_per_s"] / results["single_process"][top]["req_per_s"],
             "fan_out_p50_c1_ms": results[name]["1"]["p50_ms"] - single["p50_ms"],
         }
-        for name in ("ray", "ray_in_flight_4", *LEVERS)
+        for name in ("ray", "ray_in_flight_4", *LEVERS, INGRESS_2)
         if name in results
     }
     levers = results["levers"]
@@ -150,13 +159,14 @@ def warmed(
     levels: list[int],
     seconds: float,
     tmp: Path,
+    stages: bool = True,
 ) -> dict[str, Any]:
     """What `measure` measures of the service `start` serves, after 64 requests (first-call costs) not counted."""
     with start() as url:
         with httpx.Client(base_url=url, timeout=30) as client:
             for p in itertools.islice(images, 64):
                 client.post("/classify", files={"image": ("x.png", p, "image/png")}).raise_for_status()
-        return measure(url, images, levels, seconds, tmp)
+        return measure(url, images, levels, seconds, tmp, stages)
 
 
 def ab(
@@ -198,13 +208,19 @@ def ray_serving(
     settings: dict[str, Any],
     env: dict[str, str] | None = None,
     root: Path = ROOT,
+    ingress: int = 1,
 ) -> Iterator[str]:
     """A local two-node cluster (its Ray processes given `env`, running the code of the checkout in `root`)
-    serving the shards (deploy/ray/serve.yaml, its ingress settings updated with `settings`), for the length of
-    a `with`."""
+    serving the shards (deploy/ray/serve.yaml, its ingress settings updated with `settings`, `ingress` ingress
+    replicas), for the length of a `with`."""
     with ray_cluster(env, root) as cluster:
         yield cluster.deploy(
-            shards_dir.resolve(), free_port(), shards=shards, shard_replicas=replicas, settings=settings
+            shards_dir.resolve(),
+            free_port(),
+            shards=shards,
+            shard_replicas=replicas,
+            ingress_replicas=ingress,
+            settings=settings,
         )
 
 
@@ -213,11 +229,12 @@ def table(r: dict[str, Any]) -> str:
         "| service | connections | req/s | p50 ms | p99 ms | search stage ms / batch | images / batch | non-2xx |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name in ("single_process", "ray", "ray_in_flight_4", *LEVERS):
+    for name in ("single_process", "ray", "ray_in_flight_4", *LEVERS, INGRESS_2):
         for c, s in r.get(name, {}).items():
+            search, size = s["search_ms_per_batch"], s["images_per_batch"]
             lines.append(
                 f"| {name} | {c} | {s['req_per_s']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} "
-                f"| {s['search_ms_per_batch']:.2f} | {s['images_per_batch']:.1f} "
+                f"| {'-' if search is None else f'{search:.2f}'} | {'-' if size is None else f'{size:.1f}'} "
                 f"| {s['non_2xx'] + s['socket_errors']} |"
             )
     f = r["fan_out_ms"]

@@ -76,11 +76,16 @@ class LocalCluster:
         self._ray("start", "--address", self.address, *common)
 
     def deploy(self, shards_dir: Path, http_port: int, **args: Any) -> str:
-        """deploy/ray/serve.yaml with this shard directory, the HTTP proxy on 127.0.0.1:http_port and `args`
+        """deploy/ray/serve.yaml with this shard directory, the HTTP proxy on 127.0.0.1:http_port (the head's
+        only) and `args`
         over its application args (`settings` over its settings); `serve run --non-blocking` it and wait until
         /readyz answers. Returns the URL."""
         config = yaml.safe_load(CONFIG.read_text())
         config["http_options"] |= {"host": "127.0.0.1", "port": http_port}
+        # One proxy, on the head: the two nodes share this machine's address, so a proxy per node would contend
+        # for one port (HAProxy's on the second node fails to bind it, and Serve starts it again and again: a
+        # Python process start each time, on the cores being measured). A real cluster's nodes each have theirs.
+        config["proxy_location"] = "HeadOnly"
         app = config["applications"][0]["args"]
         app["settings"] = (app.get("settings") or {}) | args.pop("settings", {})
         app |= {"shards_dir": str(shards_dir), **args}

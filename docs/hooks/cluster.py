@@ -3,7 +3,7 @@ embedding on Ray Data (registered in tables.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from figures import Doc, Rows, f2, n
 
@@ -17,6 +17,7 @@ def ray(docs: Sequence[Doc]) -> Rows:
         ("ray_in_flight_4", "Ray, 4 batches in flight"),
         ("ray_throughput_optimized", "Ray, RAY_SERVE_THROUGHPUT_OPTIMIZED"),
         ("ray_haproxy", "Ray, the same behind HAProxy"),
+        ("ray_haproxy_2_ingress", "Ray, the same with 2 ingress replicas"),
     ):
         if key not in d.keys():  # noqa: SIM118 (Doc.keys, not a dict's): a lever this run could not start (results' "failed" says why)
             continue
@@ -29,13 +30,18 @@ def ray(docs: Sequence[Doc]) -> Rows:
                     n(d.num(*r, "req_per_s")),
                     f2(d.num(*r, "p50_ms")),
                     f2(d.num(*r, "p99_ms")),
-                    f2(d.num(*r, "search_ms_per_batch")),
-                    f"{d.num(*r, 'images_per_batch'):.1f}",
+                    _or_dash(d, r, "search_ms_per_batch", f2),
+                    _or_dash(d, r, "images_per_batch", lambda x: f"{x:.1f}"),
                     n(d.num(*r, "non_2xx") + d.num(*r, "socket_errors")),
                 ]
             )
     header = ["service", "connections", "req/s", "p50 ms", "p99 ms", "search stage ms per batch", "images per batch"]
     return [*header, "errors"], rows
+
+
+def _or_dash(d: Doc, at: tuple[str, str], key: str, fmt: Callable[[float], str]) -> str:
+    """A figure, or "-" where the run did not measure it (the stages of a run with several ingress replicas)."""
+    return "-" if d.get(*at, key) is None else fmt(d.num(*at, key))
 
 
 def ray_build(docs: Sequence[Doc]) -> Rows:
