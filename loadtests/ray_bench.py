@@ -86,9 +86,7 @@ def main(artifacts: Path, shards_dir: Path, shards: int, replicas: int, out: Pat
         print(f"sharding {artifacts} into {shards} shards in {shards_dir} ...", flush=True)
         shard(artifacts, shards_dir, shards)
     concurrency = [int(c) for c in levels.split(",")]
-    images = pngs()
-    for _ in range(4096):  # the images the server's warm-up or an earlier run may have cached: skipped
-        next(images)
+    images = uncached()
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count()},
         "memory": {"items": manifest.memory.size, "index": manifest.index.type, "nprobe": manifest.index.nprobe},
@@ -153,6 +151,11 @@ def main(artifacts: Path, shards_dir: Path, shards: int, replicas: int, out: Pat
     print(f"\nwrote {out}")
 
 
+def uncached() -> Iterator[bytes]:
+    """New images, past the 4,096 first ones that a server's warm-up or an earlier run may have cached."""
+    return itertools.islice(pngs(), 4096, None)
+
+
 def warmed(
     start: Callable[[], AbstractContextManager[str]],
     images: Iterator[bytes],
@@ -174,9 +177,7 @@ def ab(
 ) -> None:
     """Checkouts of this project (name -> its root) served in turn by the best configuration (HAProxy, throughput
     optimized), `repeat` interleaved rounds: each checkout's code first on every Ray process's path."""
-    images = pngs()
-    for _ in range(4096):
-        next(images)
+    images = uncached()
     rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(repeat):

@@ -77,9 +77,8 @@ class LocalCluster:
 
     def deploy(self, shards_dir: Path, http_port: int, **args: Any) -> str:
         """deploy/ray/serve.yaml with this shard directory, the HTTP proxy on 127.0.0.1:http_port (the head's
-        only) and `args`
-        over its application args (`settings` over its settings); `serve run --non-blocking` it and wait until
-        /readyz answers. Returns the URL."""
+        only) and `args` over its application args (`settings` over its settings); `serve run --non-blocking`
+        it and wait until /readyz answers. Returns the URL."""
         config = yaml.safe_load(CONFIG.read_text())
         config["http_options"] |= {"host": "127.0.0.1", "port": http_port}
         # One proxy, on the head: the two nodes share this machine's address, so a proxy per node would contend
