@@ -11,6 +11,15 @@ with a non-zero status within a second or so, with one process or several, so th
 Kubernetes see it. SIGHUP to the main process (`docker kill -s HUP`, systemd's ExecReload, a Kubernetes
 hook: they all signal the main process) makes every server process look at the serving root's `current`
 link now; POST /admin/reload to any process does the same through it.
+
+With several processes each listens on a socket of its own, bound to the server's address with SO_REUSEPORT,
+and the kernel spreads new connections evenly among the processes listening (a hash of each connection's
+addresses). One socket shared by all would go to whichever process wakes first: a burst of keep-alive
+connections, opened at once, could land nearly all on one process for their whole life, leaving the other
+with small batches and idle time. A process starts listening once it is ready, and its socket closes with
+it: connections it had not yet accepted when it died are reset, and new ones go to the others until its
+replacement is ready. The supervisor holds the port bound (not listening) meanwhile, so that a port in use
+fails the start at once and nobody else takes it.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ import logging
 import os
 import shutil
 import signal
+import socket
+import sys
 import tempfile
 from multiprocessing.connection import wait
 from typing import TYPE_CHECKING
@@ -58,12 +69,43 @@ class AppFactory:
         return create_app(self.settings, self.metrics_dir, supervisor=self.supervisor)
 
 
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) with SO_REUSEPORT, not listening: it takes no connection until it
+    listens (uvicorn's server does that once the app has started)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Worker(Process):
+    """A server process that listens on a socket of its own (the module says why)."""
+
+    def target(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            own = reuse_port_socket(self.config.host, self.config.port)
+        except OSError as e:
+            log.error("cannot bind %s:%s: %s", self.config.host, self.config.port, e)
+            sys.exit(STARTUP_FAILURE)
+        super().target([own])
+
+
 class Supervisor(Multiprocess):
     """uvicorn's supervisor of the server processes, but: SIGHUP is passed on to every process that has
     started (a reload: they look at the memory root; uvicorn's own restarts them all); a process that exits
     is seen at once (uvicorn asks each process for a health answer and, for one that has just died, waits the
     whole health-check timeout); and when one refuses to start, the others are stopped at once, not left to
-    finish loading."""
+    finish loading. Each process binds its own socket (Worker)."""
+
+    def init_processes(self) -> None:
+        for _ in range(self.processes_num):
+            self.processes.append(Worker(self.config, []))
+            self.processes[-1].start()
 
     def handle_hup(self) -> None:
         started = [p for p in self.processes if p.exitcode is None and _answer(p, 1.0) is True]
@@ -85,7 +127,7 @@ class Supervisor(Multiprocess):
                 self.should_exit.set()
                 return
             log.info("server process %s died: starting another", process.pid)
-            self.processes[idx] = Process(self.config, self.sockets)
+            self.processes[idx] = Worker(self.config, [])
             self.processes[idx].start()
 
     def join_all(self) -> None:
@@ -122,12 +164,20 @@ def serve(settings: Settings) -> int:
         server = uvicorn.Server(_config(AppFactory(settings), 1))
         server.run()  # a refusal raises SystemExit(3) out of here
         return 0 if server.started else STARTUP_FAILURE
+    try:
+        port = reuse_port_socket(settings.host, settings.port)  # held, not listening, until the server stops
+    except OSError as e:
+        log.error("cannot bind %s:%s: %s", settings.host, settings.port, e)
+        return STARTUP_FAILURE
+    settings = settings.model_copy(update={"port": port.getsockname()[1]})  # port 0: the one the kernel chose
     metrics_dir = os.environ[METRICS_DIR_VARIABLE] = tempfile.mkdtemp(prefix="rac-metrics-")
     try:
         config = _config(AppFactory(settings, metrics_dir, os.getpid()), workers)
-        supervisor = Supervisor(config, sockets=[config.bind_socket()])
+        log.info("serving on http://%s:%s with %d processes", settings.host, settings.port, workers)
+        supervisor = Supervisor(config, sockets=[])
         supervisor.run()  # returns, status unsaid, once a process failed to start or a signal came
     finally:
+        port.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
         os.environ.pop(METRICS_DIR_VARIABLE, None)
     failed = [p.pid for p in supervisor.processes if p.exitcode == STARTUP_FAILURE]

@@ -1,11 +1,17 @@
 """The supervisor of several server processes, as real processes: SIGHUP to it (what docker kill -s HUP,
 systemd's ExecReload and Kubernetes send to the main process) makes every server process look at the memory
 root, without restarting any; POST /admin/reload to one process reaches them all; a SIGHUP with a plain
-artifact directory changes nothing; a server whose processes refuse to start exits at once."""
+artifact directory changes nothing; a server whose processes refuse to start exits at once; connections opened
+at once are spread over the processes; a port in use fails the start; a process that dies leaves the port to
+the others."""
 
 from __future__ import annotations
 
+import http.client
+import json
+import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -106,3 +112,73 @@ def test_a_server_that_refuses_to_start_exits_within_seconds(
     assert refused is not None, "no refusal in the log"
     assert proc.returncode != 0
     assert time.monotonic() - refused < 5
+
+
+def burst(port: int, n: int) -> list[http.client.HTTPConnection]:
+    """n connections opened at once, as a load generator's or a proxy's pool opens them: every handshake on
+    its way before any has completed."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+    connections = []
+    for s in socks:
+        select.select([], [s], [], 10)
+        s.setblocking(True)
+        s.settimeout(10)
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.sock = s
+        connections.append(c)
+    return connections
+
+
+def answering(connections: list[http.client.HTTPConnection]) -> list[int]:
+    """The server process behind each connection (each asks /info once)."""
+    pids = []
+    for c in connections:
+        c.request("GET", "/info")
+        pids.append(json.loads(c.getresponse().read())["memory"]["pid"])
+    return pids
+
+
+def test_connections_opened_at_once_are_spread_over_the_processes(synthetic_artifacts: Path) -> None:
+    """Each process listens on a socket of its own: one socket shared by all could hand a burst of keep-alive
+    connections to whichever process woke first, for the connections' whole life."""
+    with server(synthetic_artifacts, RAC_WORKERS="2") as (proc, url):
+        wait_until(lambda: len(workers(proc)) == 2, 10, "two server processes")
+        pids = workers(proc)
+        assert served(url, pids, read_manifest(synthetic_artifacts).memory_version)  # both listen
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(3):
+            connections = burst(port, 64)
+            counts = {pid: answering(connections).count(pid) for pid in pids}
+            for c in connections:
+                c.close()
+            assert min(counts.values()) >= 16, counts  # a hash of 64 connections: 32 +- 4 each
+
+
+def test_a_port_in_use_fails_the_start_naming_it(synthetic_artifacts: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = environ(synthetic_artifacts, port, RAC_WORKERS="2")
+        done = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert f"cannot bind 127.0.0.1:{port}" in done.stderr
+
+
+def test_a_process_that_dies_leaves_the_port_to_the_others(synthetic_artifacts: Path) -> None:
+    """Its socket closes with it: new connections go to the process still serving, none to the dead one's
+    socket, until its replacement is ready and listens."""
+    with server(synthetic_artifacts, RAC_WORKERS="2") as (proc, url):
+        wait_until(lambda: len(workers(proc)) == 2, 10, "two server processes")
+        pids = workers(proc)
+        assert served(url, pids, read_manifest(synthetic_artifacts).memory_version)
+        dead, alive = sorted(pids)
+        psutil.Process(dead).kill()
+        psutil.Process(dead).wait(10)
+        for _ in range(32):  # new connections each: all answered, by the survivor (or the replacement once ready)
+            r = httpx.get(f"{url}/info", timeout=10)
+            assert r.status_code == 200 and r.json()["memory"]["pid"] != dead
+        wait_until(lambda: len(workers(proc)) == 2 and alive in workers(proc), 30, "a replacement")
