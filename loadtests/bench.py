@@ -20,7 +20,9 @@
 8. the ceiling again at the batch sizes the server formed at the top concurrency and at the lowest overload
    level (after the server has stopped), so that the loss to smaller batches is told apart from the loss
    to the request path: `server_cpu_ms_per_request` is the server's CPU per successful request at the
-   lowest overload level minus the pipeline's CPU per image at the batch size the server formed there
+   lowest overload level minus the pipeline's CPU per image at the batch size the server formed there;
+   `server_cpu_split` splits the server's CPU at that level by thread instead, within the one run: the
+   batches' worker threads (rac_batch_cpu_seconds) and the rest, the request path's own
 
 Every goal of the serving path is in "targets", with its value and whether it is met. The machine may be
 shared: its load averages at the start and the end are in "machine"; compare ratios, which come from one run.
@@ -168,7 +170,16 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str, flood: st
     results["ratios"] = ratios(results, top, floods)
     if low is not None:
         pipeline_ms = results["ceiling"]["at_formed_batch"][f"overload_c{low}"]["cpu_ms_per_image"]
-        results["server_cpu_ms_per_request"] = results["overload"][low]["server_cpu_ms_per_request"] - pipeline_ms
+        at_low = results["overload"][low]
+        results["server_cpu_ms_per_request"] = at_low["server_cpu_ms_per_request"] - pipeline_ms
+        # The same at that level, split by thread within the one run: the request path's own CPU (all but the
+        # batches' worker threads), and what the batches cost an image there against the ceiling's.
+        results["server_cpu_split"] = {
+            "connections": int(low),
+            "outside_batches_ms_per_request": at_low["outside_batches_cpu_ms_per_request"],
+            "batch_ms_per_image": at_low["batch_cpu_ms_per_image"],
+            "ceiling_ms_per_image": pipeline_ms,
+        }
     results["targets"] = targets(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
@@ -254,6 +265,13 @@ def table(r: dict[str, Any]) -> str:
     for key, t in r["targets"].items():
         value = "-" if t["value"] is None else f"{t['value']:.3g}"
         lines.append(f"| {key} | {value} | {t['goal']} | {'yes' if t['met'] else 'no'} |")
+    split = r.get("server_cpu_split")
+    if split:
+        lines.append(
+            f"\nat {split['connections']} connections: {split['outside_batches_ms_per_request']:.3f} ms of server CPU "
+            f"a request outside the batches; the batches {split['batch_ms_per_image']:.3f} ms an image "
+            f"(the ceiling's {split['ceiling_ms_per_image']:.3f})"
+        )
     return "\n".join(lines)
 
 

@@ -165,7 +165,8 @@ def server_tree(url: str) -> list[psutil.Process]:
 
 def measured(url: str, processes: list[psutil.Process], drive: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """One load run, with what it cost per (successful) request: the server's CPU (all its processes, read from
-    them), the driver's, and the mean size of the batches the server ran meanwhile (rac_batch_size)."""
+    them; the part its batches took, rac_batch_cpu_seconds, and the rest), the driver's, and the mean size of
+    the batches the server ran meanwhile (rac_batch_size)."""
 
     def cpu() -> float:
         return sum(sum(p.cpu_times()[:2]) for p in processes)
@@ -175,8 +176,13 @@ def measured(url: str, processes: list[psutil.Process], drive: Callable[[], dict
     used, after = cpu() - used, scrape(url)
     batches = after.get("rac_batch_size_count", 0.0) - before.get("rac_batch_size_count", 0.0)
     images = after.get("rac_batch_size_sum", 0.0) - before.get("rac_batch_size_sum", 0.0)
+    in_batches = after.get("rac_batch_cpu_seconds_total", 0.0) - before.get("rac_batch_cpu_seconds_total", 0.0)
     n = max(1, stats["requests"])
     stats["server_cpu_ms_per_request"] = 1000 * used / n
+    # The same CPU split by thread: the batches' (their worker threads: the pipeline) and the rest (the request
+    # path: HTTP, framework, cache, answers; the supervisor's and gRPC's threads too).
+    stats["batch_cpu_ms_per_image"] = 1000 * in_batches / images if images else None
+    stats["outside_batches_cpu_ms_per_request"] = 1000 * (used - in_batches) / n
     stats["server_cores"] = used / stats["seconds"]
     stats["client_cpu_ms_per_request"] = 1000 * stats["client_cores"] * stats["seconds"] / n
     stats["mean_batch"] = images / batches if batches else None

@@ -82,6 +82,11 @@ class Metrics:
         self.batch_size = Histogram(
             "rac_batch_size", "Images per encode/search/head batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
         )
+        self.batch_cpu = Counter(
+            "rac_batch_cpu_seconds",
+            "CPU time the batches took in their worker threads (decode, encode, search, head)",
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "rac_queue_depth", "Images admitted and not yet answered", multiprocess_mode="livesum", registry=r
         )

@@ -116,3 +116,28 @@ def test_at_most_in_flight_batches_run_at_once(in_flight: int) -> None:
     assert most == in_flight
     if in_flight > 1:  # 12 batches of 0.05 s, overlapped
         assert time.perf_counter() - t < 12 * 0.05
+
+
+def test_the_batches_cpu_time_is_counted_and_their_waits_are_not() -> None:
+    """rac_batch_cpu_seconds: the worker thread's CPU time, so a batch that sleeps (waits) adds next to nothing
+    and one that computes adds what it computed."""
+
+    def wait_then_burn(jobs: list[float]) -> list[float]:
+        for seconds in jobs:
+            time.sleep(seconds)
+            end = time.thread_time() + seconds
+            while time.thread_time() < end:
+                pass
+        return jobs
+
+    async def run() -> float:
+        m = Metrics()
+        batcher: Batcher[float, float] = Batcher(wait_then_burn, 1, 0.0, m)
+        batcher.start()
+        await batcher.submit(0.1)
+        await batcher.submit(0.1)
+        await batcher.stop()
+        return float(m.batch_cpu._value.get())
+
+    counted = asyncio.run(run())
+    assert 0.2 <= counted < 0.3  # two batches, each 0.1 s asleep and 0.1 s computing
