@@ -111,10 +111,14 @@ def bench_protocols(docs: Sequence[Doc]) -> Rows:
                     f2(d.num(*r, "p99_ms")),
                     n(errors),
                     f2(d.num(*r, "req_per_s") / base),
+                    f2(d.num(*r, "outside_batches_cpu_ms_per_request")),
+                    f2(d.num(*r, "batch_cpu_ms_per_image")),
                     f2(d.num(*r, "client_cores")),
                 ]
             )
-    return ["API", "connections", "req/s", "p50 ms", "p99 ms", "errors", "vs /classify", "client CPU (cores)"], rows
+    header = ["API", "connections", "req/s", "p50 ms", "p99 ms", "errors", "vs /classify"]
+    cpu = ["server CPU ms/request outside the batches", "batches' CPU ms/image", "client CPU (cores)"]
+    return [*header, *cpu], rows
 
 
 def bench_targets(docs: Sequence[Doc]) -> Rows:
