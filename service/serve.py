@@ -164,20 +164,20 @@ def serve(settings: Settings) -> int:
         server = uvicorn.Server(_config(AppFactory(settings), 1))
         server.run()  # a refusal raises SystemExit(3) out of here
         return 0 if server.started else STARTUP_FAILURE
-    try:
-        port = reuse_port_socket(settings.host, settings.port)  # held, not listening, until the server stops
-    except OSError as e:
-        log.error("cannot bind %s:%s: %s", settings.host, settings.port, e)
-        return STARTUP_FAILURE
-    settings = settings.model_copy(update={"port": port.getsockname()[1]})  # port 0: the one the kernel chose
     metrics_dir = os.environ[METRICS_DIR_VARIABLE] = tempfile.mkdtemp(prefix="rac-metrics-")
     try:
-        config = _config(AppFactory(settings, metrics_dir, os.getpid()), workers)
-        log.info("serving on http://%s:%s with %d processes", settings.host, settings.port, workers)
-        supervisor = Supervisor(config, sockets=[])
-        supervisor.run()  # returns, status unsaid, once a process failed to start or a signal came
+        config = _config(AppFactory(settings, metrics_dir, os.getpid()), workers)  # uvicorn's logging set up too
+        try:
+            port = reuse_port_socket(config.host, config.port)  # held, not listening, until the server stops
+        except OSError as e:
+            log.error("cannot bind %s:%s: %s", config.host, config.port, e)
+            return STARTUP_FAILURE
+        with port:
+            config.port = port.getsockname()[1]  # RAC_PORT=0: the one port the kernel chose, for every process
+            log.info("serving on http://%s:%s with %d processes", config.host, config.port, workers)
+            supervisor = Supervisor(config, sockets=[])
+            supervisor.run()  # returns, status unsaid, once a process failed to start or a signal came
     finally:
-        port.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
         os.environ.pop(METRICS_DIR_VARIABLE, None)
     failed = [p.pid for p in supervisor.processes if p.exitcode == STARTUP_FAILURE]
