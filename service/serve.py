@@ -19,7 +19,7 @@ connections, opened at once, could land nearly all on one process for their whol
 with small batches and idle time. A process starts listening once it is ready, and its socket closes with
 it: connections it had not yet accepted when it died are reset, and new ones go to the others until its
 replacement is ready. The supervisor holds the port bound (not listening) meanwhile, so that a port in use
-fails the start at once and nobody else takes it.
+fails the start at once and nobody else takes it; a server process whose supervisor is gone stops.
 """
 
 from __future__ import annotations
@@ -84,9 +84,23 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
 
 
 class Worker(Process):
-    """A server process that listens on a socket of its own (the module says why)."""
+    """A server process that listens on a socket of its own (the module says why), and stops when its
+    supervisor is gone (killed, even with SIGKILL): nothing would restart, reload or stop it any more, and it
+    would go on answering on the port beside the processes of a server started again there."""
+
+    def always_pong(self) -> None:
+        """Answers the supervisor's health checks; the pipe to it ends when the supervisor does: stop then, as a
+        SIGTERM would (readiness off, the requests in flight answered)."""
+        try:
+            super().always_pong()
+        except (EOFError, OSError):
+            log.warning("the supervisor is gone: stopping")
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def target(self, sockets: list[socket.socket] | None = None) -> None:
+        # This process got both ends of the pipe (the launcher pickles the whole Process): with the
+        # supervisor's end closed here, the pipe ends when the supervisor does.
+        self.parent_conn.close()
         try:
             own = reuse_port_socket(self.config.host, self.config.port)
         except OSError as e:

@@ -182,3 +182,18 @@ def test_a_process_that_dies_leaves_the_port_to_the_others(synthetic_artifacts: 
             r = httpx.get(f"{url}/info", timeout=10)
             assert r.status_code == 200 and r.json()["memory"]["pid"] != dead
         wait_until(lambda: len(workers(proc)) == 2 and alive in workers(proc), 30, "a replacement")
+
+
+def test_the_server_processes_stop_when_the_supervisor_is_killed(synthetic_artifacts: Path) -> None:
+    """A supervisor killed outright (SIGKILL, the OOM killer) takes its server processes with it: left running,
+    they would go on answering on the port beside those of a server started again there."""
+    with server(synthetic_artifacts, RAC_WORKERS="2") as (proc, url):
+        wait_until(lambda: len(workers(proc)) == 2, 10, "two server processes")
+        pids = workers(proc)
+        assert served(url, pids, read_manifest(synthetic_artifacts).memory_version)
+        proc.kill()
+        proc.wait(10)
+        _, alive = psutil.wait_procs([psutil.Process(p) for p in pids], timeout=20)
+        assert not alive, f"still running: {[p.pid for p in alive]}"
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz", timeout=5)
