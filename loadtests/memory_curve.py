@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import platform
 import shutil
 import sqlite3
@@ -220,7 +221,11 @@ def main() -> None:
     result = {
         "command": "python -m loadtests.memory_curve "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items()),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}; shared with other work while measured",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "load_avg_end": os.getloadavg(),  # the last 1, 5 and 15 minutes: was the host otherwise idle?
+        },
         "head": f"the shipped head of {a.artifacts} (memory version {manifest.memory_version}), never retrained",
         "offline_test_top1_of_the_build": manifest.evaluation["test"]["accuracy"],
         "test_images": limit,

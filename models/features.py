@@ -56,13 +56,16 @@ class Prepared:
     emb: dict[str, np.ndarray]  # pool -> (N, d) float32 embeddings
 
 
-def embed(images: ImageSet, encoder: Encoder, spec: InputSpec, batch: int = 64, desc: str = "") -> np.ndarray:
-    """(N, d) float32 embeddings of every image in the set, in order."""
-    out = np.empty((len(images), encoder.dim), np.float32)
+def embed(
+    images: ImageSet, encoder: Encoder, spec: InputSpec, batch: int = 64, desc: str = "", query: bool = False
+) -> np.ndarray:
+    """(N, d) float32 embeddings of every image in the set, in order: the search keys, or with `query` what the
+    head reads (a fine-tuned graph's query output; elsewhere the key)."""
+    out = np.empty((len(images), encoder.query_dim if query else encoder.dim), np.float32)
     done = 0
     with tqdm(total=len(images), desc=desc or "embed", unit="img", leave=False) as bar:
         for x in _batches(images, spec, batch):
-            out[done : done + len(x)] = encoder(x)
+            out[done : done + len(x)] = encoder.both(x)[1] if query else encoder(x)
             done += len(x)
             bar.update(len(x))
     return out

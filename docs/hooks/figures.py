@@ -233,13 +233,17 @@ def expand(
 
 
 def check(pages: Sequence[Path], tables: dict[str, Table], commands: dict[str, str]) -> list[str]:
-    """Every marker of every page, and every table of the registry (used or not), expanded: the problems."""
-    problems = []
+    """Every marker of every page, and every table of the registry, expanded: the problems, a table that no page
+    shows among them."""
+    problems, shown = [], set()
     for page in pages:
+        text = page.read_text()
+        shown |= set(TABLE.findall(text))
         try:
-            expand(page.read_text(), tables, commands)
+            expand(text, tables, commands)
         except FigureError as e:
             problems.append(f"{page.relative_to(ROOT)}: {e}")
+    problems += [f"tables.TABLES[{name!r}]: no page shows it" for name in tables if name not in shown]
     for name in tables:
         try:
             expand(f"<!-- figure: {name} -->", tables, commands)
