@@ -3,7 +3,7 @@ systemd's ExecReload and Kubernetes send to the main process) makes every server
 root, without restarting any; POST /admin/reload to one process reaches them all; a SIGHUP with a plain
 artifact directory changes nothing; a server whose processes refuse to start exits at once; connections opened
 at once are spread over the processes; a port in use fails the start; a process that dies leaves the port to
-the others."""
+the others; the processes stop when the supervisor is killed."""
 
 from __future__ import annotations
 
