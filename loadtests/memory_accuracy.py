@@ -27,7 +27,7 @@ from service.memory import rerank
 
 def _search(index: faiss.Index, z: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
     ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
+    if ivf is not None and nprobe > 0:  # 0: a build whose served index is flat (faiss's own default then)
         ivf.nprobe = nprobe
     return index.search(z, k)
 

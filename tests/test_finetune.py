@@ -223,3 +223,14 @@ def test_the_table_gains_rows_with_a_fine_tuned_encoder(tuned_quick: Path, tmp_p
         tuned = table[f"{name} + FT"]
         assert tuned["lr"] == table[name]["lr"] and tuned["lr_from"] == name and tuned["finetune"]["blocks"] == 1
         assert 0 < tuned["test"]["accuracy"]["all"]["mean"] <= 100
+
+
+@pytest.mark.slow
+def test_the_index_accuracy_run_reads_the_query_output(tuned_quick: Path, tmp_path: Path) -> None:
+    """loadtests.memory_accuracy over a fine-tuned build: with the served index its head reads the query output
+    as the service does, so it reproduces the build's own test top-1 (from the key, it would not)."""
+    from loadtests import memory_accuracy
+
+    out = memory_accuracy.run(tuned_quick, tmp_path / "cache")
+    served = out["variants"][read_manifest(tuned_quick).index.type]["test_top1"]
+    assert abs(served - out["build_test_top1"]) < 0.01
