@@ -71,15 +71,17 @@ class AppFactory:
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to (host, port) with SO_REUSEPORT, not listening: it takes no connection until it
-    listens (uvicorn's server does that once the app has started)."""
+    listens (uvicorn's server does that once the app has started). One that cannot be bound (a port in use)
+    ends the process with uvicorn's start-up failure status, the cause in the log."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
-    except OSError:
+    except OSError as e:
         sock.close()
-        raise
+        log.error("cannot bind %s:%s: %s", host, port, e)
+        sys.exit(STARTUP_FAILURE)
     return sock
 
 
@@ -101,12 +103,7 @@ class Worker(Process):
         # This process got both ends of the pipe (the launcher pickles the whole Process): with the
         # supervisor's end closed here, the pipe ends when the supervisor does.
         self.parent_conn.close()
-        try:
-            own = reuse_port_socket(self.config.host, self.config.port)
-        except OSError as e:
-            log.error("cannot bind %s:%s: %s", self.config.host, self.config.port, e)
-            sys.exit(STARTUP_FAILURE)
-        super().target([own])
+        super().target([reuse_port_socket(self.config.host, self.config.port)])
 
 
 class Supervisor(Multiprocess):
@@ -170,7 +167,7 @@ def _answer(process: Process, timeout: float) -> bool | None:
 
 def serve(settings: Settings) -> int:
     """Serve until stopped. Returns the exit status: 3 (uvicorn's startup failure) when a process refused to
-    start, else 0."""
+    start, else 0; a port that cannot be bound raises SystemExit(3), as uvicorn's own binding does."""
     workers = settings.processes
     settings = settings.model_copy(update={"workers": workers})  # each process sizes its encoder threads by it
     if workers == 1:
@@ -181,12 +178,7 @@ def serve(settings: Settings) -> int:
     metrics_dir = os.environ[METRICS_DIR_VARIABLE] = tempfile.mkdtemp(prefix="rac-metrics-")
     try:
         config = _config(AppFactory(settings, metrics_dir, os.getpid()), workers)  # uvicorn's logging set up too
-        try:
-            port = reuse_port_socket(config.host, config.port)  # held, not listening, until the server stops
-        except OSError as e:
-            log.error("cannot bind %s:%s: %s", config.host, config.port, e)
-            return STARTUP_FAILURE
-        with port:
+        with reuse_port_socket(config.host, config.port) as port:  # held, not listening, until the server stops
             config.port = port.getsockname()[1]  # RAC_PORT=0: the one port the kernel chose, for every process
             log.info("serving on http://%s:%s with %d processes", config.host, config.port, workers)
             supervisor = Supervisor(config, sockets=[])
