@@ -49,6 +49,7 @@ LEVERS = {
     "ray_haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
 }
 INGRESS_2 = "ray_haproxy_2_ingress"
+CLUSTER = ("ray", "ray_in_flight_4", *LEVERS, INGRESS_2)  # every cluster configuration measured, in order
 
 
 def measure(
@@ -127,7 +128,7 @@ def main(artifacts: Path, shards_dir: Path, shards: int, replicas: int, out: Pat
             "over_single_throughput": results[name][top]["req_per_s"] / results["single_process"][top]["req_per_s"],
             "fan_out_p50_c1_ms": results[name]["1"]["p50_ms"] - single["p50_ms"],
         }
-        for name in ("ray", "ray_in_flight_4", *LEVERS, INGRESS_2)
+        for name in CLUSTER
         if name in results
     }
     levers = results["levers"]
@@ -230,7 +231,7 @@ def table(r: dict[str, Any]) -> str:
         "| service | connections | req/s | p50 ms | p99 ms | search stage ms / batch | images / batch | non-2xx |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name in ("single_process", "ray", "ray_in_flight_4", *LEVERS, INGRESS_2):
+    for name in ("single_process", *CLUSTER):
         for c, s in r.get(name, {}).items():
             search, size = s["search_ms_per_batch"], s["images_per_batch"]
             lines.append(
