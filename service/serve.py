@@ -31,6 +31,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from multiprocessing.connection import wait
 from typing import TYPE_CHECKING
 
@@ -91,11 +92,15 @@ class Worker(Process):
     would go on answering on the port beside the processes of a server started again there."""
 
     def always_pong(self) -> None:
-        """Answers the supervisor's health checks; the pipe to it ends when the supervisor does: stop then, as a
-        SIGTERM would (readiness off, the requests in flight answered)."""
+        """Answers the supervisor's health checks. The pipe to it ends when the supervisor stops this process
+        (it sends SIGTERM, then closes its end: the drain it started must not be cut short by a second one) or
+        when the supervisor is gone: this process is then handed to another parent, and stops as on SIGTERM
+        (readiness off, the requests in flight answered)."""
         try:
             super().always_pong()
         except (EOFError, OSError):
+            while os.getppid() == self.supervisor_pid:  # the kernel closes a dying process's files, then reparents
+                time.sleep(0.1)
             log.warning("the supervisor is gone: stopping")
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -103,6 +108,7 @@ class Worker(Process):
         # This process got both ends of the pipe (the launcher pickles the whole Process): with the
         # supervisor's end closed here, the pipe ends when the supervisor does.
         self.parent_conn.close()
+        self.supervisor_pid = os.getppid()
         super().target([reuse_port_socket(self.config.host, self.config.port)])
 
 

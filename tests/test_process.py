@@ -58,7 +58,7 @@ def test_a_failed_warm_up_exits_non_zero_and_says_so(synthetic_artifacts: Path) 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_sigterm_turns_readyz_503_then_answers_the_requests_in_flight(synthetic_artifacts: Path, workers: str) -> None:
-    with server(synthetic_artifacts, RAC_WORKERS=workers, RAC_DRAIN_S="3") as (proc, url):
+    with server(synthetic_artifacts, RAC_WORKERS=workers, RAC_DRAIN_S="4") as (proc, url):
         port = int(url.rsplit(":", 1)[1])
         bodies = [multipart(png(500 + i)) for i in range(8)]
         conns = [upload_head(port, len(b)) for b in bodies]  # accepted, bodies half sent
@@ -68,6 +68,12 @@ def test_sigterm_turns_readyz_503_then_answers_the_requests_in_flight(synthetic_
         proc.send_signal(signal.SIGTERM)
         # Still accepting, not ready (with several processes, once the launcher has passed the signal on)
         wait_until(lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 503, 2.5, "readyz 503")
+        # and every process goes on accepting for the drain's time (a second SIGTERM would cut it short)
+        answering, until = [], time.monotonic() + 1.5
+        while time.monotonic() < until:
+            assert httpx.get(f"{url}/readyz", timeout=2).status_code == 503
+            answering.append(httpx.get(f"{url}/info", timeout=2).json()["memory"]["pid"])
+        assert len(set(answering)) == int(workers), answering
         for s, body in zip(conns, bodies, strict=True):
             s.sendall(body[len(body) // 2 :])
         statuses = [answer(s)[0] for s in conns]
