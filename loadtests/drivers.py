@@ -152,8 +152,8 @@ def server_processes(url: str) -> list[psutil.Process]:
 
 
 def server_tree(url: str) -> list[psutil.Process]:
-    """Every process of the server: the supervisor (`python -m service`) and all its children (its workers
-    share one listening socket, which the kernel names under one of them only)."""
+    """Every process of the server: the supervisor (`python -m service`) and all its children (multiprocessing's
+    resource tracker, and server processes that do not listen at the moment)."""
     tree: dict[int, psutil.Process] = {}
     for p in server_processes(url):
         parent = p.parent()

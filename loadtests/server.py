@@ -13,6 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
+
+from service.settings import cores
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_S = 120  # loading, checking and warming up the artifacts
@@ -34,11 +37,26 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
+def listening(port: int) -> set[int]:
+    """The processes listening on `port`: each server process listens on a socket of its own once it has
+    started (the supervisor of several holds the port bound, not listening)."""
+    found = psutil.net_connections("tcp")
+    return {c.pid for c in found if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid}
+
+
+def all_started(url: str, env: dict[str, str]) -> bool:
+    """Whether `url` answers /readyz 200 and every one of the server's processes (RAC_WORKERS in `env`, else
+    one per core) listens: the first one ready answers /readyz while the others may still be loading."""
+    if httpx.get(f"{url}/readyz", timeout=2).status_code != 200:
+        return False
+    return len(listening(int(url.rsplit(":", 1)[1]))) >= (int(env.get("RAC_WORKERS") or 0) or cores())
+
+
 @contextmanager
 def serving(artifacts: Path, root: Path = ROOT, /, **env: str) -> Iterator[str]:
     """Start `python -m service` (uvicorn, RAC_WORKERS processes) of the checkout at `root` on a free port with
     RAC_ARTIFACTS=artifacts and `env` (and no RAC_* or REDIS_URL of the caller's; gRPC off unless env names
-    RAC_GRPC_PORT); yield its base URL once /readyz answers 200."""
+    RAC_GRPC_PORT); yield its base URL once /readyz answers 200 and every server process listens."""
     port = free_port()
     environ = {k: v for k, v in os.environ.items() if not k.startswith("RAC_") and k != "REDIS_URL"}
     environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -54,7 +72,7 @@ def serving(artifacts: Path, root: Path = ROOT, /, **env: str) -> Iterator[str]:
             deadline = time.monotonic() + STARTUP_S
             while proc.poll() is None:
                 try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    if all_started(url, environ):
                         break
                 except httpx.HTTPError:
                     pass

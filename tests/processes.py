@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtests.server import free_port
+from loadtests.server import all_started, free_port
 from tests.helpers import ROOT
 
 BOUNDARY = "rac-test-boundary"
@@ -32,18 +32,19 @@ def environ(artifacts: Path, port: int, **env: str) -> dict[str, str]:
 @contextmanager
 def server(artifacts: Path, logfile: Path | None = None, /, **env: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """`python -m service` on a free port, its log in `logfile` (else a temporary file); yields the process and
-    its URL once /readyz answers 200."""
+    its URL once /readyz answers 200 and every server process listens."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(logfile, "w+") if logfile else tempfile.TemporaryFile("w+") as log:
         cmd = [sys.executable, "-m", "service"]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=environ(artifacts, port, **env), stdout=log, stderr=log, text=True)
+        variables = environ(artifacts, port, **env)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=variables, stdout=log, stderr=log, text=True)
         try:
             deadline = time.monotonic() + 60
             while True:
                 assert proc.poll() is None, f"exited with {proc.returncode}: {log.seek(0) or log.read()}"
                 try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    if all_started(url, variables):
                         break
                 except httpx.HTTPError:
                     pass
