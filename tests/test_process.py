@@ -58,7 +58,7 @@ def test_a_failed_warm_up_exits_non_zero_and_says_so(synthetic_artifacts: Path) 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_sigterm_turns_readyz_503_then_answers_the_requests_in_flight(synthetic_artifacts: Path, workers: str) -> None:
-    with server(synthetic_artifacts, RAC_WORKERS=workers, RAC_DRAIN_S="4") as (proc, url):
+    with server(synthetic_artifacts, RAC_WORKERS=workers, RAC_DRAIN_S="5") as (proc, url):
         port = int(url.rsplit(":", 1)[1])
         bodies = [multipart(png(500 + i)) for i in range(8)]
         conns = [upload_head(port, len(b)) for b in bodies]  # accepted, bodies half sent
