@@ -112,12 +112,12 @@ def test_a_connection_without_the_token_is_closed_before_anything_is_unpickled(s
     for opening, seen in ((b"x" * TOKEN_BYTES, []), (token, [1])):
         unpickled.clear()
         with socket.create_connection((host, port), timeout=10) as sock:
-            sock.sendall(opening)
-            send(sock, ("search", (Marker(),)))
-            sock.shutdown(socket.SHUT_WR)
             try:
+                sock.sendall(opening)
+                send(sock, ("search", (Marker(),)))
+                sock.shutdown(socket.SHUT_WR)
                 answer = b"".join(iter(lambda: sock.recv(65536), b""))
-            except ConnectionResetError:  # closed with what was sent unread
+            except OSError:  # reset: closed with what was sent unread (at any step, by how fast the listener is)
                 answer = b""
         assert unpickled == seen
         assert bool(answer) == bool(seen)  # the token's connection gets an answer (an error: no such query)
