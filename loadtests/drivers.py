@@ -145,7 +145,8 @@ def overload(url: str, bodies: list[bytes], connections: int, seconds: float, wo
 
 
 def server_processes(url: str) -> list[psutil.Process]:
-    """The processes listening on the server's port (uvicorn's supervisor and its workers)."""
+    """The processes with a socket on the server's port: each server process listening, and with several, their
+    supervisor, which holds the port bound."""
     port = int(url.rsplit(":", 1)[1])
     pids = {c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port and c.pid}
     return [psutil.Process(p) for p in sorted(pids)]
