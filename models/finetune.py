@@ -1,7 +1,8 @@
-"""Fine-tuning the query encoder with the head ("Ours + FT"): the last blocks of EfficientNet-Lite, its head
-conv and the projection are trained with the head, while the search keeps the frozen encoder's embedding, so
-the memory's keys never change. Served as one ONNX graph: the frozen trunk, computed once, feeds the frozen
-tail (output `embedding`, the search key) and the trained copy of the tail (output `query`, the head's input).
+"""Fine-tuning the query encoder with the head ("Ours + FT"): the last blocks of EfficientNet-Lite are trained
+with the head (and its head conv and the projection too, with `head="trained"`), while the search keeps the
+frozen encoder's embedding, so the memory's keys never change. Served as one ONNX graph: the frozen trunk,
+computed once, feeds the frozen tail (output `embedding`, the search key) and the trained copy of the tail
+(output `query`, the head's input); with the head conv and projection frozen, one head serves both tails.
 
     rac build --finetune --out artifacts/ft                               # a fine-tuned build
     rac train --finetune --artifacts artifacts/demo --ft-blocks 2          # one head on a build's data, validation
@@ -43,6 +44,7 @@ class FinetuneConfig:
     augment: str = "flip"  # "none", or models.data.AugmentedImages' kind: random views of the training images
     views: int = 2  # augmented views of each training image besides itself (each one's trunk features cached)
     drop_connect: float = 0.2  # stochastic depth in the trained blocks: EfficientNet's own rate and profile
+    head: str = "frozen"  # "frozen": the head conv and projection kept, shared by both tails; "trained": trained too
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -89,23 +91,39 @@ class Tail(nn.Module):
         self.projection = projection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.view(-1, *self.shape)  # (B, C, h, w)
+        return self.head(self.run_blocks(x))
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) or (B, C*h*w) trunk features -> the last block's output (B, C', h, w)."""
+        x = x.view(-1, *self.shape)
         for block, rate in zip(self.blocks, self.rates, strict=True):
             x = block(x, drop_connect_rate=rate)  # drop connect acts in training mode only
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's output -> head conv, mean pooling, L2 norm, projection: (B, d), L2-normalised."""
         pooled = self.act(self.bn(self.conv_head(x))).mean((2, 3))  # (B, 1280)
         return nn.functional.normalize(self.projection(nn.functional.normalize(pooled, dim=-1)), dim=-1)
 
 
 class Served(nn.Module):
-    """What encoder.onnx computes in a fine-tuned build: pixels -> (embedding, query), each (B, d)."""
+    """What encoder.onnx computes in a fine-tuned build: pixels -> (embedding, query), each (B, d).
 
-    def __init__(self, trunk: Trunk, key: Tail, query: Tail):
+    shared_head: the query tail kept the frozen head conv and projection, so both tails' blocks feed one head
+    as a batch of 2B: at small batches the head's weights, not its arithmetic, bound its time, and they are
+    then read once for both outputs."""
+
+    def __init__(self, trunk: Trunk, key: Tail, query: Tail, shared_head: bool = False):
         super().__init__()
-        self.trunk, self.key, self.query = trunk, key, query
+        self.trunk, self.key, self.query, self.shared_head = trunk, key, query, shared_head
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.trunk(pixels)  # once for both tails
-        return self.key(t), self.query(t)
+        if not self.shared_head:
+            return self.key(t), self.query(t)
+        b = t.shape[0]
+        both = self.key.head(torch.cat([self.key.run_blocks(t), self.query.run_blocks(t)]))  # (2B, d)
+        return both[:b], both[b:]
 
 
 def read_projection(encoder: Path) -> Projection:
@@ -147,12 +165,22 @@ class Tuning:
     def trainable(self) -> TunedQuery:
         """A fresh trainable copy of the frozen tail, over the training features."""
         tail = copy.deepcopy(self.key)
-        tail.projection = trainable_projection(self.key.projection)
+        if self.cfg.head == "trained":
+            tail.projection = trainable_projection(self.key.projection)
+        else:
+            tail.conv_head.requires_grad_(False)
+            tail.bn.requires_grad_(False)
         return TunedQuery(tail, self.train, self.cfg.encoder_lr)
 
     def served(self, query: nn.Module) -> Served:
         assert isinstance(query, Tail)
-        return Served(self.trunk, self.key, query).eval()
+        shared = self.cfg.head == "frozen"
+        if shared:  # the query tail's head must be the frozen one, or sharing it would change the query vectors
+            frozen, kept = self.key.state_dict(), query.state_dict()
+            head = [k for k in frozen if k.startswith(("conv_head.", "bn.", "projection."))]
+            if not head or not all(torch.equal(frozen[k], kept[k]) for k in head):
+                raise ValueError("the query tail's head conv or projection differs from the frozen one's")
+        return Served(self.trunk, self.key, query, shared).eval()
 
 
 @torch.no_grad()
@@ -176,6 +204,8 @@ def make_tuning(prep: Prepared, encoder: str, cfg: FinetuneConfig, cache_dir: Pa
     n = len(net._blocks)
     if not 1 <= cfg.blocks <= n:
         raise ValueError(f"blocks to fine-tune must be 1 to {n}, not {cfg.blocks}")
+    if cfg.head not in ("frozen", "trained"):
+        raise ValueError(f"the head conv and projection are 'frozen' or 'trained', not {cfg.head!r}")
     cut = n - cfg.blocks
     trunk = Trunk(net, cut).eval()
     with torch.no_grad():

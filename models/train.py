@@ -135,7 +135,7 @@ def train_head(
     log_prior = torch.tensor(np.log(np.maximum(counts, 0.5) / counts.sum()), dtype=torch.float32)
     groups: list[dict[str, Any]] = [{"params": list(head.parameters())}]
     if tuned is not None:
-        groups.append({"params": list(tuned.tail.parameters()), "lr": tuned.lr})
+        groups.append({"params": [p for p in tuned.tail.parameters() if p.requires_grad], "lr": tuned.lr})
     opt = torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     steps_per_epoch = math.ceil(len(train.labels) / tcfg.batch_size)
     total, warmup = tcfg.epochs * steps_per_epoch, max(1, int(tcfg.warmup_epochs * steps_per_epoch))

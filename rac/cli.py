@@ -74,6 +74,12 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ft-augment", default="flip", choices=["none", "flip", "shift", "flip+shift"])
     g.add_argument("--ft-views", type=int, default=2, help="augmented views of each training image")
     g.add_argument("--ft-drop-connect", type=float, default=0.2, help="stochastic depth in the trained blocks")
+    g.add_argument(
+        "--ft-head",
+        default="frozen",
+        choices=["frozen", "trained"],
+        help="the head conv and projection: kept frozen (one head computed for both tails) or trained",
+    )
 
 
 def _finetune_config(a: argparse.Namespace) -> FinetuneConfig | None:
@@ -82,7 +88,12 @@ def _finetune_config(a: argparse.Namespace) -> FinetuneConfig | None:
     if not a.finetune:
         return None
     return FinetuneConfig(
-        blocks=a.ft_blocks, encoder_lr=a.ft_lr, augment=a.ft_augment, views=a.ft_views, drop_connect=a.ft_drop_connect
+        blocks=a.ft_blocks,
+        encoder_lr=a.ft_lr,
+        augment=a.ft_augment,
+        views=a.ft_views,
+        drop_connect=a.ft_drop_connect,
+        head=a.ft_head,
     )
 
 

@@ -59,10 +59,14 @@ class EncoderInfo(BaseModel):
         if self.query is None:
             return {"search_key": key, "query_vector": "the search key"}
         blocks = self.query.finetune.get("blocks")
+        if self.query.finetune.get("head", "trained") == "trained":  # builds before the option trained it
+            tuned = f"its last {blocks} blocks, head conv and projection fine-tuned with the head"
+        else:
+            tuned = f"its last {blocks} blocks fine-tuned with the head, its head conv and projection the frozen ones"
         return {
             "search_key": key,
-            "query_vector": f"{self.name} with its last {blocks} blocks, head conv and projection fine-tuned "
-            f"with the head, over the same frozen trunk (output `{self.query.output}`, {self.query.dim}-d)",
+            "query_vector": f"{self.name} with {tuned}, over the same frozen trunk (output `{self.query.output}`, "
+            f"{self.query.dim}-d)",
         }
 
 

@@ -157,30 +157,37 @@ def tuned_quick(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-def test_the_served_encoder_equals_torch_for_key_and_query(tuned_quick: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("head", ["trained", "frozen"])
+def test_the_served_encoder_equals_torch_for_key_and_query(tuned_quick: Path, tmp_path: Path, head: str) -> None:
     """onnxruntime against torch, 1e-4: the graph's key against the frozen encoder rebuilt in torch (and the
-    key the memory was built with), its query against the fine-tuned tail, at batch sizes it was not traced at."""
+    key the memory was built with), its query against the fine-tuned tail run alone, at batch sizes it was not
+    traced at. With the head frozen the graph runs one head for both tails; the reference runs each tail whole."""
     manifest = read_manifest(tuned_quick)
     cfg = config_from_manifest(manifest, tuned_quick, tmp_path / "cache")
     prep = prepare(cfg, tuned_quick / ENCODER, exported=manifest.encoder)
-    tuning = make_tuning(prep, cfg.encoder, FinetuneConfig(blocks=2, augment="none"), tmp_path / "cache")
+    tuning = make_tuning(prep, cfg.encoder, FinetuneConfig(blocks=2, augment="none", head=head), tmp_path / "cache")
     tuned = tuning.trainable()
     with torch.no_grad():  # a tail unlike the frozen one, as training makes it
         for p in tuned.tail.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
     path = tmp_path / "encoder.onnx"
     export_served(tuning, tuned.tail, prep, path)
-    model = tuning.served(tuned.tail)
     pool, test = prep.dataset.pools[prep.splits.test.pool], prep.splits.test.index
     encoder = Encoder(path, "cpu")
     for n in (1, 5):
         pixels = np.stack([preprocess(pool.image(int(i)), prep.spec) for i in test[:n]])
         key, query = encoder.both(pixels)
         with torch.no_grad():
-            want_key, want_query = (t.numpy() for t in model(torch.from_numpy(pixels)))
+            trunk = tuning.trunk(torch.from_numpy(pixels))
+            want_key, want_query = tuning.key(trunk).numpy(), tuned.tail(trunk).numpy()
         assert np.abs(key - want_key).max() < 1e-4 and np.abs(query - want_query).max() < 1e-4
         assert np.abs(key - prep.emb[prep.splits.test.pool][test[:n]]).max() < 1e-4  # the memory's encoder
         assert np.abs(query - key).max() > 1e-2  # two outputs, not one twice
+    if head == "frozen":  # a head that was trained cannot be shared
+        tuned.tail.state_dict()["conv_head.weight"].add_(0.01)  # the parameter's own storage
+        with pytest.raises(ValueError, match="differs from the frozen"):
+            tuning.served(tuned.tail)
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ def choices(docs: Sequence[Doc]) -> Rows:
     for d in docs:
         ft = ("finetune",)
         views = d.num(*ft, "views")
+        head = _head(d)
         cells = [f"{d.num(*acc, b):.2f}" for b in BUCKETS]
         if d.num(*acc, "all") == best:
             cells[-1] = f"**{cells[-1]}**"
@@ -28,10 +29,17 @@ def choices(docs: Sequence[Doc]) -> Rows:
                 f"{d.num(*ft, 'blocks'):.0f}",
                 f"{d.num(*ft, 'encoder_lr'):g}",
                 f"{d.get(*ft, 'augment')}, {views:.0f} view{'s' if views != 1 else ''}",
+                head,
                 *cells,
             ]
         )
-    return ["blocks", "encoder lr", "augmentation", *(f"val {b}" for b in BUCKETS)], rows
+    return ["blocks", "encoder lr", "augmentation", "head conv, projection", *(f"val {b}" for b in BUCKETS)], rows
+
+
+def _head(d: Doc) -> str:
+    """Whether a run trained the head conv and projection (runs from before the option was recorded did)."""
+    finetune = d.get("finetune")
+    return str(finetune.get("head", "trained")) if isinstance(finetune, dict) else "trained"
 
 
 def split(docs: Sequence[Doc]) -> Rows:
@@ -53,12 +61,16 @@ def split(docs: Sequence[Doc]) -> Rows:
 
 
 def cost(docs: Sequence[Doc]) -> Rows:
-    """Per image, the fine-tuned build's time over the frozen one's: one row a run (a tuned build's blocks)."""
+    """Per image, the fine-tuned build's time over the frozen one's: one row a run (a tuned build's blocks and
+    whether its head conv and projection were trained)."""
     keys = docs[0].keys("cost_ratio")
     rows = []
     for d in docs:
         blocks = d.num("finetune", "blocks")
         rows.append(
-            [f"{blocks:.0f} block{'s' if blocks != 1 else ''}", *(f"{d.num('cost_ratio', k):.2f}" for k in keys)]
+            [
+                f"{blocks:.0f} block{'s' if blocks != 1 else ''}, head {_head(d)}",
+                *(f"{d.num('cost_ratio', k):.2f}" for k in keys),
+            ]
         )
     return ["per image, tuned / frozen time", *(k.replace("_", " ") for k in keys)], rows

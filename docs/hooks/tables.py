@@ -33,13 +33,20 @@ COMMANDS = {
     "zero_shot.json": "rac evaluate --zero-shot --artifacts artifacts/demo --json results/zero_shot.json",
     **{
         f"finetune_choices/b{b}_lr{lr}_flip.json": "rac train --artifacts artifacts/demo --finetune --seeds 0 "
-        f"--ft-blocks {b} --ft-lr {lr} --json results/finetune_choices/b{b}_lr{lr}_flip.json"
+        f"--ft-blocks {b} --ft-lr {lr} --ft-head trained --json results/finetune_choices/b{b}_lr{lr}_flip.json"
         for b, lr in ((2, "3e-4"), (2, "1e-3"), (1, "1e-3"), (1, "3e-4"))
     },
     **{
         f"finetune_choices/b{b}_lr3e-4_flip_seeds3.json": "rac train --artifacts artifacts/demo --finetune "
-        f"--seeds 0,1,2 --ft-blocks {b} --ft-lr 3e-4 --json results/finetune_choices/b{b}_lr3e-4_flip_seeds3.json"
+        f"--seeds 0,1,2 --ft-blocks {b} --ft-lr 3e-4 --ft-head trained "
+        f"--json results/finetune_choices/b{b}_lr3e-4_flip_seeds3.json"
         for b in (1, 2)
+    },
+    **{
+        f"finetune_choices/b2_lr3e-4_flip_headfrozen{tail}.json": "rac train --artifacts artifacts/demo --finetune "
+        f"--seeds {seeds} --ft-blocks 2 --ft-lr 3e-4 --ft-head frozen "
+        f"--json results/finetune_choices/b2_lr3e-4_flip_headfrozen{tail}.json"
+        for tail, seeds in (("", "0"), ("_seeds12", "1,2"))
     },
     "finetune_split0.json": "rac evaluate --artifacts artifacts/demo --only table --finetune "
     "--json results/finetune_split0.json",
@@ -47,8 +54,9 @@ COMMANDS = {
     "--ratio 100 --json results/finetune_split1.json",
     "finetune_cost.json": "make finetune-cost (rac bench --artifacts artifacts/demo --frozen artifacts/frozen "
     "--json results/finetune_cost.json)",
-    "finetune_cost_blocks1.json": "rac bench --artifacts artifacts/ft1 --frozen artifacts/frozen "
-    "--json results/finetune_cost_blocks1.json",
+    "finetune_cost_head_trained.json": "rac bench --artifacts artifacts/fth --frozen artifacts/frozen "
+    "--json results/finetune_cost_head_trained.json (artifacts/fth: rac build --finetune --ft-head trained "
+    "--out artifacts/fth)",
     "memory_scale.json": "rac bench --memory --sizes 100000,1000000,10000000 --json results/memory_scale.json",
     "memory_curve.json": "python -m loadtests.memory_curve --artifacts artifacts/demo --json results/memory_curve.json",
     "memory_accuracy.json": "python -m loadtests.memory_accuracy --artifacts artifacts/demo "
@@ -93,7 +101,16 @@ TABLES: dict[str, Table] = {
     "zero_shot": Table(("zero_shot.json",), a.zero_shot, "Zero-shot test top-1 %, mean ± std over seeds."),
     "zero_shot_k": Table(("zero_shot.json",), a.zero_shot_k, "RECO on both sides, top-1 %."),
     "finetune_choices": Table(
-        tuple(f"finetune_choices/{n}_flip.json" for n in ("b2_lr3e-4", "b2_lr1e-3", "b1_lr1e-3", "b1_lr3e-4")),
+        tuple(
+            f"finetune_choices/{n}.json"
+            for n in (
+                "b2_lr3e-4_flip_headfrozen",
+                "b2_lr3e-4_flip",
+                "b2_lr1e-3_flip",
+                "b1_lr1e-3_flip",
+                "b1_lr3e-4_flip",
+            )
+        ),
         ft.choices,
         "Validation top-1 %, seed 0; MAM head, lr 1e-3.",
     ),
@@ -103,7 +120,7 @@ TABLES: dict[str, Table] = {
     "finetune_split1": Table(
         ("finetune_split1.json",), ft.split, "Test top-1 %, mean ± std over 3 seeds; val all: validation, the mean."
     ),
-    "finetune_cost": Table(("finetune_cost.json", "finetune_cost_blocks1.json"), ft.cost, "One run each."),
+    "finetune_cost": Table(("finetune_cost.json", "finetune_cost_head_trained.json"), ft.cost, "One run each."),
     "nprobe": Table(("build.json",), a.nprobe, "The demo build's sweep, validation queries."),
     "scale": Table(("memory_scale.json",), s.scale),
     "scale_search": Table(("memory_scale.json",), s.scale_search),

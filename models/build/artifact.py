@@ -114,7 +114,8 @@ def config_from_manifest(manifest: Manifest, out: Path, cache: Path) -> BuildCon
     data: JSON = {k: (Path(v) if k in paths and v else v) for k, v in b["data"].items()}
     b["data"] = DataConfig(**data)
     b["head"], b["train"] = HeadConfig(**b["head"]), TrainConfig(**b["train"])
-    b["finetune"] = FinetuneConfig(**b["finetune"]) if b.get("finetune") else None
+    # A build from before `head` was recorded trained its head conv and projection.
+    b["finetune"] = FinetuneConfig(**({"head": "trained"} | b["finetune"])) if b.get("finetune") else None
     b["sources"] = tuple(b["sources"])
     for name in ("checkpoint", "image_tower", "text_tower", "tokenizer", "preprocess"):
         b[name] = Path(b[name]) if b.get(name) else None
