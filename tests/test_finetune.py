@@ -16,8 +16,10 @@ import httpx
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as tg
+import tritonclient.http as th
 
-from loadtests.server import serving
+from loadtests.server import free_port, serving
 from models.build.artifact import config_from_manifest, prepare
 from models.finetune import FinetuneConfig, export_served, make_tuning
 from models.memory import ops
@@ -192,14 +194,24 @@ def test_the_served_encoder_equals_torch_for_key_and_query(tuned_quick: Path, tm
 
 @pytest.mark.slow
 def test_served_answers_equal_the_offline_ones_over_http(tuned_quick: Path, tmp_path: Path) -> None:
-    """Every test image over HTTP: the build's test accuracy, and the examples' probabilities."""
+    """Every test image over HTTP: the build's test accuracy; the examples' probabilities by /classify and by
+    the Open Inference Protocol over REST and gRPC (the unmodified tritonclient)."""
     manifest = read_manifest(tuned_quick)
     assert manifest.encoder.query is not None and manifest.encoder.query.finetune["blocks"] == 1
     cfg = config_from_manifest(manifest, tuned_quick, tmp_path / "cache")
     prep = prepare(cfg, tuned_quick / ENCODER, exported=manifest.encoder)
     pool, test = prep.dataset.pools[prep.splits.test.pool], prep.splits.test.index
     labels = pool.labels[test]
-    with serving(tuned_quick) as url:
+    examples = [(tuned_quick / str(ex["file"])).read_bytes() for ex in manifest.examples]
+    want = np.array([ex["probabilities"] for ex in manifest.examples], np.float32)  # (n, C), the build's own
+    grpc_port = free_port()
+    with serving(tuned_quick, RAC_GRPC_PORT=str(grpc_port)) as url:
+        for protocol, address in ((th, url.removeprefix("http://")), (tg, f"127.0.0.1:{grpc_port}")):
+            v2 = protocol.InferenceServerClient(address)
+            tensor = protocol.InferInput("IMAGE", [len(examples)], "BYTES")
+            tensor.set_data_from_numpy(np.array(examples, dtype=object))
+            got = v2.infer("rac", [tensor]).as_numpy("PROBABILITIES")
+            assert got is not None and np.abs(got - want).max() < 1e-4, protocol.__name__
 
         def top(data: bytes, k: int = 1) -> list[dict]:
             r = httpx.post(f"{url}/classify", files={"image": ("x.png", data, "image/png")}, params={"top_k": k})
