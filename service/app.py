@@ -15,17 +15,14 @@ import logging
 import os
 import signal
 import threading
-import typing
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
 
 import orjson
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from fastapi.routing import APIRoute
-from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import pages, routes, schema
@@ -33,6 +30,7 @@ from service.api import zero_shot as zero_shot_routes
 from service.api.intake import Intake, door
 from service.api.keys import Authenticate
 from service.api.parking import ADMISSION, PROBE, Probe
+from service.api.plain import Service, plain_routes
 from service.artifacts import ArtifactError
 from service.auth import Keys
 from service.core.batching import Admission
@@ -150,7 +148,7 @@ def create_app(
             await pipeline.stop()
             metrics.process_exited()
 
-    app = FastAPI(
+    app = Service(
         # FastAPI's OpenTelemetry hooks look for a configured provider on every request: off (metrics are ours).
         telemetry={"tracing": False, "metrics": False, "logs": False},
         title="Retrieval-augmented image classification",
@@ -177,7 +175,7 @@ def create_app(
     routers = (routes.router, zero_shot_routes.router, v2_rest.router, pages.router)
     for router in routers:
         app.include_router(router)
-    app.router.routes[:0] = [r for router in routers for r in plain_routes(router)]
+    app.serve_plainly([r for router in routers for r in plain_routes(router)])
     schema.document(app)
     app.add_middleware(Intake, settings=settings, state=app.state)
     app.add_middleware(Authenticate, keys=keys, metrics=metrics)  # before the upload door: no key, no admission
@@ -196,38 +194,6 @@ def create_app(
     app.add_exception_handler(RequestValidationError, bad_query)
     app.add_exception_handler(RequestError, refused)
     return app
-
-
-class PlainRoute(Route):
-    """A Starlette route that names itself in the request's scope, as FastAPI's routes do (RequestMetrics
-    labels a request with its route's path template)."""
-
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        match, child = super().matches(scope)
-        if match != Match.NONE:
-            child["route"] = self
-        return match, child
-
-
-def plain_routes(router: APIRouter) -> list[Route]:
-    """The routes of `router` whose endpoint reads its Request itself and returns a Response (/classify,
-    /classify/batch, /readyz, the page, the protocol's readiness), served by Starlette's own Route in front of
-    FastAPI's, without FastAPI's work a request (solving parameters there are none of, an exit stack, the
-    response model a Response skips; python -m loadtests.protocols --hits times the difference). FastAPI's
-    routes stay, behind them, for the OpenAPI document; errors go to the same handlers."""
-    plain: list[Route] = []
-    for route in router.routes:
-        if not isinstance(route, APIRoute):
-            continue
-        d = route.dependant
-        params = (d.path_params, d.query_params, d.header_params, d.cookie_params, d.body_params, d.dependencies)
-        returns = typing.get_type_hints(route.endpoint).get("return")
-        if d.request_param_name and not any(params) and isinstance(returns, type) and issubclass(returns, Response):
-            methods = set(route.methods or ())
-            served = PlainRoute(route.path, route.endpoint, methods=list(methods), name=route.name)
-            served.methods = methods  # not the HEAD Starlette adds to a GET: the methods FastAPI's route has
-            plain.append(served)
-    return plain
 
 
 def _error_field(request: Request) -> str:

@@ -88,10 +88,16 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge(
-            "rac_queue_depth", "Images admitted and not yet answered", multiprocess_mode="livesum", registry=r
+            "rac_queue_depth",
+            "Images admitted and not yet answered (written every 0.1 s)",
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.uploads = Gauge(
-            "rac_uploads", "Requests admitted whose bodies are still arriving", multiprocess_mode="livesum", registry=r
+            "rac_uploads",
+            "Requests admitted whose bodies are still arriving (written every 0.1 s)",
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.refused = Counter(
             "rac_refused_total",

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 from fastapi import FastAPI
+from fastapi.middleware.asyncexitstack import AsyncExitStackMiddleware
 from fastapi.testclient import TestClient
 
-from service.app import PlainRoute, create_app
+from service.api.plain import PlainRoute, Service
+from service.app import create_app
 from service.artifacts import ENCODER, HEAD, KEYS, VALUES, ArtifactError, read_manifest
 from service.core.decode import InputSpec, decode
 from service.core.encode import Encoder
@@ -251,10 +253,12 @@ def test_a_killed_workers_live_gauge_leaves_the_sum(tmp_path: Path) -> None:
     assert left == sorted([f"counter_{gone.pid}.db", f"gauge_livesum_{os.getpid()}.db"])  # counters stay counted
 
 
-def test_plainly_served_routes_answer_as_fastapis_own(api: TestClient, synthetic_artifacts: Path) -> None:
-    """The routes served by Starlette's Route in front of FastAPI's (service/app.py: plain_routes) are those
-    whose endpoint takes the Request alone and returns a Response; an app without them (FastAPI's routes
-    only) gives the same answers, refusals and statuses."""
+def test_plainly_served_routes_answer_as_fastapis_own(
+    api: TestClient, synthetic_artifacts: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The routes served by Starlette's Route in front of FastAPI's (service/api/plain.py), by the short way in,
+    are those whose endpoint takes the Request alone and returns a Response; an app without them (FastAPI's
+    routes only, through FastAPI's whole stack) gives the same answers, refusals and statuses."""
     routes = cast(FastAPI, api.app).router.routes
     plain = {(r.path, m) for r in routes if isinstance(r, PlainRoute) for m in r.methods or ()}
     gets = {"/", "/readyz", "/v2/health/ready"}
@@ -262,6 +266,7 @@ def test_plainly_served_routes_answer_as_fastapis_own(api: TestClient, synthetic
     with client(synthetic_artifacts, max_batch=8, max_wait_ms=20) as reference:
         app = cast(FastAPI, reference.app)
         app.router.routes[:] = [r for r in app.router.routes if not isinstance(r, PlainRoute)]
+        cast(Service, app).plain.clear()
         app.middleware_stack = None
         image, files = png(12), {"image": ("x.png", png(12), "image/png")}
 
@@ -281,6 +286,19 @@ def test_plainly_served_routes_answer_as_fastapis_own(api: TestClient, synthetic
         same("HEAD", "/readyz")
     text = api.get("/metrics").text
     assert re.search(r'rac_requests_total\{route="/readyz",status="200"\} [1-9]', text)
+    # The short way in: a plain route's request skips FastAPI's own layers (its exit stack among them), others not.
+    through: list[str] = []
+    stacked = AsyncExitStackMiddleware.__call__
+
+    async def seen(self: AsyncExitStackMiddleware, scope: Any, receive: Any, send: Any) -> None:
+        through.append(scope["path"])
+        await stacked(self, scope, receive, send)
+
+    monkeypatch.setattr(AsyncExitStackMiddleware, "__call__", seen)
+    assert api.post("/classify", files=files).status_code == 200
+    assert api.post("/classify", content=b"hello", headers={"content-type": "text/plain"}).status_code == 415
+    assert api.get("/info").status_code == 200
+    assert through == ["/info"]
 
 
 def unmeasured(doc: Any) -> Any:

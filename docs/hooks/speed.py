@@ -290,23 +290,23 @@ def request_path_ab(docs: Sequence[Doc]) -> Rows:
     return _ab(docs, "classify_hits", "/classify req/s at 16 connections, one image (cache hits)")
 
 
-def _ab(docs: Sequence[Doc], api: str, label: str) -> Rows:
-    """Two checkouts' rounds (python -m loadtests.protocols --checkout ...) of one API: what each served."""
+def request_path_c64_ab(docs: Sequence[Doc]) -> Rows:
+    return _ab(docs, "classify", "/classify req/s at 64 connections", outside=True)
+
+
+def _ab(docs: Sequence[Doc], api: str, label: str, outside: bool = False) -> Rows:
+    """Two checkouts' rounds (python -m loadtests.protocols --checkout ...) of one API: what each served, and
+    with `outside` the server's CPU a request outside the batches (the request path's own)."""
     (d,) = docs
     rows = []
     for i, name, r in _rounds(d):
         c = d.keys(*r, api)[0]
         x = (*r, api, c)
-        rows.append(
-            [
-                str(i),
-                name,
-                n(d.num(*x, "req_per_s")),
-                f2(d.num(*x, "server_cpu_ms_per_request")),
-                f"{d.num(*x, 'mean_batch'):.1f}",
-            ]
-        )
-    return ["round", "server", label, "server CPU ms/request", "mean batch"], rows
+        row = [str(i), name, n(d.num(*x, "req_per_s")), f2(d.num(*x, "server_cpu_ms_per_request"))]
+        row += [f"{d.num(*x, 'outside_batches_cpu_ms_per_request'):.3f}"] if outside else []
+        rows.append([*row, f"{d.num(*x, 'mean_batch'):.1f}"])
+    head = ["round", "server", label, "server CPU ms/request"]
+    return [*head, *(["outside the batches"] if outside else []), "mean batch"], rows
 
 
 def load(docs: Sequence[Doc]) -> Rows:

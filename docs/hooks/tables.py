@@ -79,6 +79,9 @@ COMMANDS = {
     "request_path_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --hits --grpc-processes '' "
     "--checkout before=DIR --checkout after=. --concurrency 16 --seconds 6 --repeat 4 "
     "--json results/request_path_ab.json",
+    "request_path_c64_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify "
+    "--grpc-processes '' --checkout before=DIR --checkout after=. --concurrency 64 --seconds 6 --repeat 3 "
+    "--json results/request_path_c64_ab.json",
     "load/summary.json": "make load",
     "filters.json": "python -m loadtests.filters --artifacts artifacts/demo --scale .cache/scale/1m "
     "--json results/filters.json",
@@ -135,6 +138,7 @@ TABLES: dict[str, Table] = {
     "protocol_drivers": Table(("protocols_drivers.json",), s.protocol_drivers, "16 connections."),
     "classify_ab": Table(("classify_ab.json",), s.classify_ab),
     "request_path_ab": Table(("request_path_ab.json",), s.request_path_ab),
+    "request_path_c64_ab": Table(("request_path_c64_ab.json",), s.request_path_c64_ab),
     "load": Table(("load/summary.json",), s.load),
     "filters": Table(("filters.json",), m.filters, "/classify at 16 connections, new images (cache misses)."),
     "filters_accuracy": Table(("filters.json",), m.filters_accuracy, "Test top-1 % through HTTP, balanced test set."),

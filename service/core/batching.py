@@ -23,6 +23,7 @@ from typing import Generic, NoReturn, Protocol, TypeVar
 from service.errors import Overloaded
 from service.metrics import Metrics
 
+GAUGE_PERIOD_S = 0.1  # how often Admission's gauges are written: a scrape sees them at most this old
 J = TypeVar("J")  # a job
 R = TypeVar("R")  # its result
 
@@ -64,21 +65,18 @@ class Admission:
         self.limit, self.max_bytes, self.metrics = limit, max_bytes, metrics
         self.max_wait_s, self.max_waiting = max_wait_s, max_waiting
         self.pending = 0  # images admitted and not yet answered
-        self._uploading = 0  # requests whose bodies are still arriving (uploading, below)
+        self.uploading = 0  # requests whose bodies are still arriving (upload(), below)
         self.bytes = 0  # body bytes held by requests in progress
         self.waiting = 0  # requests waiting at the door
         self._turns: deque[asyncio.Future[None]] = deque()  # theirs, oldest first (a done one has left)
         self.reserved = 0  # slots kept for resumed connections until their next request's headers are in
         self._parked: deque[Parked] = deque()
 
-    @property
-    def uploading(self) -> int:
-        return self._uploading
-
-    @uploading.setter
-    def uploading(self, n: int) -> None:
-        self._uploading = n
-        self.metrics.uploads.set(n)
+    def report(self) -> None:
+        """Write the gauges of what the process has taken on (rac_queue_depth, rac_uploads). The pipeline does
+        it every GAUGE_PERIOD_S: at every change it would be four writes to the metrics file a request."""
+        self.metrics.queue_depth.set(self.pending)
+        self.metrics.uploads.set(self.uploading)
 
     def _refuse(self, why: str) -> NoReturn:
         self.metrics.refused.inc()
@@ -96,12 +94,10 @@ class Admission:
         if self._full(n):
             self._refuse(self._why())
         self.pending += n
-        self.metrics.queue_depth.set(self.pending)
         try:
             yield
         finally:
             self.pending -= n
-            self.metrics.queue_depth.set(self.pending)
             self._wake()
 
     async def upload(self, declared: int | None) -> Upload:

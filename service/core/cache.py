@@ -126,6 +126,10 @@ class LocalCache:
         return found[1]
 
     async def set(self, key: str, blob: bytes, ttl_s: int) -> None:
+        self.put(key, blob, ttl_s)
+
+    def put(self, key: str, blob: bytes, ttl_s: int) -> None:
+        """set(), at once: nothing to wait for in process."""
         self._data[key] = (self.clock() + ttl_s, blob)
         self._data.move_to_end(key)
         while len(self._data) > self.entries:
@@ -282,6 +286,9 @@ class Cache:
             self._write(key, vector.astype("<f4").tobytes())
 
     def _write(self, key: str, blob: bytes) -> None:
+        if isinstance(self.store, LocalCache):  # no round trip to wait for: no task either
+            self.store.put(key, blob, self.ttl_s)
+            return
         task = asyncio.get_running_loop().create_task(self._put(key, blob))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from service.artifacts import ENCODER, HEAD, ArtifactError, read_manifest, resolve
 from service.core.batch import BatchRunner, Computed, Job, Neighbors, width
-from service.core.batching import Admission, Batcher
+from service.core.batching import GAUGE_PERIOD_S, Admission, Batcher, cancel
 from service.core.cache import Cache, Entry, LocalCache, Recent, RedisCache, cache_key, label_key
 from service.core.decode import InputSpec, decode
 from service.core.encode import Encoder
@@ -114,6 +114,7 @@ class Pipeline:
         self.cache = Cache(store, settings.cache_ttl_s, metrics)
         # (cache key, neighbours described, zero-shot) -> what the batch computed, its stage times zeroed
         self.answers: Recent[Computed] = Recent(settings.answer_cache_entries)
+        self._reporter: asyncio.Task[None] | None = None  # writes the admission gauges (start() to stop())
 
     @property
     def version(self) -> MemoryVersion:
@@ -175,13 +176,21 @@ class Pipeline:
         self.batcher.start()
         await self.cache.start()
         self.memories.start()
+        self._reporter = asyncio.get_running_loop().create_task(self._report())
 
     async def stop(self) -> None:
+        await cancel(self._reporter)
+        self.admission.report()
         await self.memories.stop()
         await self.batcher.stop()
         self.text_worker.shutdown(wait=False)
         await self.cache.close()
         self.memories.close()
+
+    async def _report(self) -> None:
+        while True:
+            self.admission.report()
+            await asyncio.sleep(GAUGE_PERIOD_S)
 
     async def _warm(self, version: MemoryVersion) -> None:
         """A new version's first-call costs, paid in the batch worker between two batches: one batch of

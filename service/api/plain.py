@@ -1,0 +1,100 @@
+"""The plain routes and their short way in.
+
+A plain route is one whose endpoint reads its Request itself and returns a Response (/classify,
+/classify/batch, /readyz, the page, the protocol's readiness): Starlette's own Route serves it, without
+FastAPI's work a request (solving parameters there are none of, an exit stack, the response model a Response
+skips). FastAPI's routes stay behind them for the OpenAPI document; errors go to the same handlers.
+
+`Service` (FastAPI) also lets a request for a plain route skip the framework's own layers: its error page,
+telemetry and body-limit middleware (telemetry is off, Intake bounds bodies), the exit stack (no plain route
+opens a file) and the scan of the route list. Such a request goes through the service's own middleware
+(RequestMetrics, Authenticate, Intake: every refusal counted as before), then its route, found by method and
+path in one dictionary lookup, with the app's exception handlers where Starlette's route looks for them (a
+RequestError mapped as everywhere; ExceptionMiddleware would put them there and wrap the route a second
+time). An exception nothing handles is answered 500 and logged by uvicorn, as the
+error page would. Every other request, and any request under a root path, takes FastAPI's way.
+"""
+
+from __future__ import annotations
+
+import typing
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import Response
+from fastapi.routing import APIRoute
+from starlette.routing import Match, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+
+class PlainRoute(Route):
+    """A Starlette route that names itself in the request's scope, as FastAPI's routes do (RequestMetrics
+    labels a request with its route's path template)."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match != Match.NONE:
+            child["route"] = self
+        return match, child
+
+
+def plain_routes(router: APIRouter) -> list[PlainRoute]:
+    """The routes of `router` whose endpoint takes the Request alone and returns a Response, as PlainRoutes
+    with the methods FastAPI's route has (python -m loadtests.protocols --hits times the difference)."""
+    plain: list[PlainRoute] = []
+    for route in router.routes:
+        if not isinstance(route, APIRoute):
+            continue
+        d = route.dependant
+        params = (d.path_params, d.query_params, d.header_params, d.cookie_params, d.body_params, d.dependencies)
+        returns = typing.get_type_hints(route.endpoint).get("return")
+        if d.request_param_name and not any(params) and isinstance(returns, type) and issubclass(returns, Response):
+            methods = set(route.methods or ())
+            served = PlainRoute(route.path, route.endpoint, methods=list(methods), name=route.name)
+            served.methods = methods  # not the HEAD Starlette adds to a GET: the methods FastAPI's route has
+            plain.append(served)
+    return plain
+
+
+class Service(FastAPI):
+    """FastAPI with the short way in for its plain routes (the module says which layers it skips)."""
+
+    def __init__(self, **kwargs: typing.Any) -> None:
+        super().__init__(**kwargs)
+        self.plain: dict[tuple[str, str], PlainRoute] = {}  # (method, path) -> route
+        self._short: ASGIApp | None = None
+        self._handlers: tuple[dict[typing.Any, typing.Any], dict[int, typing.Any]] = ({}, {})
+
+    def serve_plainly(self, routes: list[PlainRoute]) -> None:
+        """Serve `routes` before FastAPI's own (also in the route list, for anything that scans it)."""
+        self.router.routes[:0] = routes
+        self.plain |= {(method, r.path): r for r in routes for method in r.methods or ()}
+
+    def build_middleware_stack(self) -> ASGIApp:
+        handlers = {k: v for k, v in self.exception_handlers.items() if k not in (500, Exception)}
+        self._handlers = (
+            {k: v for k, v in handlers.items() if not isinstance(k, int)},
+            {k: v for k, v in handlers.items() if isinstance(k, int)},
+        )
+        short: ASGIApp = self._route
+        for cls, args, kwargs in reversed(self.user_middleware):
+            short = cls(short, *args, **kwargs)
+        self._short = short
+        return super().build_middleware_stack()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        plain = scope["type"] == "http" and (scope["method"], scope["path"]) in self.plain
+        if not plain or scope.get("root_path") or self.root_path:
+            await super().__call__(scope, receive, send)
+            return
+        if self.middleware_stack is None:
+            self.middleware_stack = self.build_middleware_stack()
+        assert self._short is not None
+        scope["app"] = self
+        scope.setdefault("router", self.router)
+        await self._short(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self.plain[(scope["method"], scope["path"])]
+        scope["route"], scope["endpoint"] = route, route.endpoint
+        scope["starlette.exception_handlers"] = self._handlers
+        await route.app(scope, receive, send)
