@@ -11,8 +11,8 @@ opens a file) and the scan of the route list. Such a request goes through the se
 (RequestMetrics, Authenticate, Intake: every refusal counted as before), then its route, found by method and
 path in one dictionary lookup, with the app's exception handlers where Starlette's route looks for them (a
 RequestError mapped as everywhere; ExceptionMiddleware would put them there and wrap the route a second
-time). An exception nothing handles is answered 500 and logged by uvicorn, as the
-error page would. Every other request, and any request under a root path, takes FastAPI's way.
+time). An exception nothing handles is answered 500 and logged by uvicorn, as the error page would. Every
+other request, and any request under a root path, takes FastAPI's way.
 """
 
 from __future__ import annotations
