@@ -58,6 +58,9 @@ GOALS = {
     "server_cpu_ms_per_request": (0.25, True),
     "cache_hit.p50_ms": (0.5, True),
 }
+# Images of each ceiling at a formed batch: 8,192 are a few seconds of work per process; 2,048 (about a second)
+# moved the ceiling's CPU an image by a tenth between runs, and server_cpu_ms_per_request with it.
+FORMED_IMAGES = 8192
 
 
 def raw_encoder(settings: Settings, seconds: float = 2.0) -> dict[str, float]:
@@ -165,7 +168,7 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str, flood: st
     results["ceiling"]["at_formed_batch"] = {}
     for name, mean_batch in formed.items():
         print(f"in-process ceiling at the batch formed in {name} ({mean_batch or 0:.1f}) ...", flush=True)
-        results["ceiling"]["at_formed_batch"][name] = formed_ceiling(settings, images[:2048], mean_batch)
+        results["ceiling"]["at_formed_batch"][name] = formed_ceiling(settings, images[:FORMED_IMAGES], mean_batch)
     results["machine"]["load_avg_end"] = os.getloadavg()
     results["ratios"] = ratios(results, top, floods)
     if low is not None:

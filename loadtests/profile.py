@@ -43,6 +43,7 @@ PARTS: dict[str, tuple[str, ...]] = {
     "metrics": ("prometheus_client",),
     "response JSON": ("orjson", "_neighbors", "_predictions", "render"),
     "routing (FastAPI, Starlette)": ("fastapi/", "starlette/"),
+    "the service's middleware and endpoints": ("service/app.py", "service/api/", "service/v2/", "pipeline.py"),
     "HTTP (uvicorn, h11/httptools)": ("uvicorn/", "httptools", "h11"),
     "event loop, futures, threads": ("asyncio/", "concurrent/futures", "threading.py", "uvloop"),
 }

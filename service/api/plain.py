@@ -8,20 +8,23 @@ skips). FastAPI's routes stay behind them for the OpenAPI document; errors go to
 `Service` (FastAPI) also lets a request for a plain route skip the framework's own layers: its error page,
 telemetry and body-limit middleware (telemetry is off, Intake bounds bodies), the exit stack (no plain route
 opens a file) and the scan of the route list. Such a request goes through the service's own middleware
-(RequestMetrics, Authenticate, Intake: every refusal counted as before), then its route, found by method and
-path in one dictionary lookup, with the app's exception handlers where Starlette's route looks for them (a
-RequestError mapped as everywhere; ExceptionMiddleware would put them there and wrap the route a second
-time). An exception nothing handles is answered 500 and logged by uvicorn, as the error page would. Every
-other request, and any request under a root path, takes FastAPI's way.
+(RequestMetrics, Authenticate, Intake: every refusal counted as before), then its endpoint, found by method
+and path in one dictionary lookup and called with the Request: an exception it raises goes to the app's
+handler for its class, as Starlette's route would send it (a RequestError mapped as everywhere), without that
+route's two wrappers around every request and every message sent. An exception nothing handles is answered
+500 and logged by uvicorn, as the error page would. Every other request, and any request under a root path,
+takes FastAPI's way.
 """
 
 from __future__ import annotations
 
+import inspect
 import typing
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
+from starlette.requests import Request
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -38,8 +41,9 @@ class PlainRoute(Route):
 
 
 def plain_routes(router: APIRouter) -> list[PlainRoute]:
-    """The routes of `router` whose endpoint takes the Request alone and returns a Response, as PlainRoutes
-    with the methods FastAPI's route has (python -m loadtests.protocols --hits times the difference)."""
+    """The routes of `router` whose endpoint (a coroutine function) takes the Request alone and returns a
+    Response, as PlainRoutes with the methods FastAPI's route has (python -m loadtests.protocols --hits times
+    the difference)."""
     plain: list[PlainRoute] = []
     for route in router.routes:
         if not isinstance(route, APIRoute):
@@ -47,7 +51,8 @@ def plain_routes(router: APIRouter) -> list[PlainRoute]:
         d = route.dependant
         params = (d.path_params, d.query_params, d.header_params, d.cookie_params, d.body_params, d.dependencies)
         returns = typing.get_type_hints(route.endpoint).get("return")
-        if d.request_param_name and not any(params) and isinstance(returns, type) and issubclass(returns, Response):
+        plain_return = isinstance(returns, type) and issubclass(returns, Response)
+        if d.request_param_name and not any(params) and plain_return and inspect.iscoroutinefunction(route.endpoint):
             methods = set(route.methods or ())
             served = PlainRoute(route.path, route.endpoint, methods=list(methods), name=route.name)
             served.methods = methods  # not the HEAD Starlette adds to a GET: the methods FastAPI's route has
@@ -62,7 +67,7 @@ class Service(FastAPI):
         super().__init__(**kwargs)
         self.plain: dict[tuple[str, str], PlainRoute] = {}  # (method, path) -> route
         self._short: ASGIApp | None = None
-        self._handlers: tuple[dict[typing.Any, typing.Any], dict[int, typing.Any]] = ({}, {})
+        self._handlers: dict[type, typing.Any] = {}  # exception class -> the app's handler for it
 
     def serve_plainly(self, routes: list[PlainRoute]) -> None:
         """Serve `routes` before FastAPI's own (also in the route list, for anything that scans it)."""
@@ -70,11 +75,7 @@ class Service(FastAPI):
         self.plain |= {(method, r.path): r for r in routes for method in r.methods or ()}
 
     def build_middleware_stack(self) -> ASGIApp:
-        handlers = {k: v for k, v in self.exception_handlers.items() if k not in (500, Exception)}
-        self._handlers = (
-            {k: v for k, v in handlers.items() if not isinstance(k, int)},
-            {k: v for k, v in handlers.items() if isinstance(k, int)},
-        )
+        self._handlers = {k: v for k, v in self.exception_handlers.items() if isinstance(k, type)}
         short: ASGIApp = self._route
         for cls, args, kwargs in reversed(self.user_middleware):
             short = cls(short, *args, **kwargs)
@@ -96,5 +97,12 @@ class Service(FastAPI):
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self.plain[(scope["method"], scope["path"])]
         scope["route"], scope["endpoint"] = route, route.endpoint
-        scope["starlette.exception_handlers"] = self._handlers
-        await route.app(scope, receive, send)
+        request = Request(scope, receive, send)
+        try:
+            response = await route.endpoint(request)
+        except Exception as e:
+            handler = next((self._handlers[c] for c in type(e).__mro__ if c in self._handlers), None)
+            if handler is None:
+                raise
+            response = await handler(request, e)
+        await response(scope, receive, send)
