@@ -180,6 +180,7 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str, flood: st
         results["server_cpu_split"] = {
             "connections": int(low),
             "outside_batches_ms_per_request": at_low["outside_batches_cpu_ms_per_request"],
+            "event_loop_ms_per_request": at_low["event_loop_cpu_ms_per_request"],
             "batch_ms_per_image": at_low["batch_cpu_ms_per_image"],
             "ceiling_ms_per_image": pipeline_ms,
         }
@@ -272,9 +273,15 @@ def table(r: dict[str, Any]) -> str:
     if split:
         lines.append(
             f"\nat {split['connections']} connections: {split['outside_batches_ms_per_request']:.3f} ms of server CPU "
-            f"a request outside the batches; the batches {split['batch_ms_per_image']:.3f} ms an image "
+            f"a request outside the batches ({split.get('event_loop_ms_per_request') or 0:.3f} in the event loops); "
+            f"the batches {split['batch_ms_per_image']:.3f} ms an image "
             f"(the ceiling's {split['ceiling_ms_per_image']:.3f})"
         )
+    top = max(r["http"], key=int)
+    lines.append(
+        f"connections per server process at {top}: "
+        + "; ".join(f"{name} {r[api][top].get('connections_per_process')}" for api, name in names.items())
+    )
     return "\n".join(lines)
 
 

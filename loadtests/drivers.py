@@ -2,7 +2,8 @@
 and what a run cost the server: wrk (HTTP/1.1, prepared bodies cycled by a Lua script), the gRPC drivers
 (loadtests/grpc_load.cc, native; loadtests/v2load.py in Python) and the overload generator
 (loadtests/overload.py); `measured` wraps any of them with the server's CPU per request (read from its
-processes), the driver's, and the mean batch the server formed.
+processes), the driver's, and the mean batch the server formed. wrk and the gRPC drivers also say how the
+server's processes shared their connections (`connections_per_process`, read halfway through the run).
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import os
 import resource
 import subprocess
 import sys
+import threading
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 
@@ -67,6 +71,38 @@ def children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def spread(port: int) -> list[int]:
+    """How many established connections to `port` each process serving it holds, most first. Processes that
+    share a port by SO_REUSEPORT (gRPC) get each connection by a hash of its addresses, so a few connections may
+    well fall unevenly; processes that share one listening socket (uvicorn) get it by whoever accepts first."""
+    found = psutil.net_connections("tcp")
+    held = Counter(c.pid for c in found if c.pid and c.laddr and c.laddr.port == port and c.status == "ESTABLISHED")
+    return sorted(held.values(), reverse=True)
+
+
+class Spread(threading.Thread):
+    """spread(port) while a driver runs: read once `after_s` in, then every half second until its connections
+    are open (a driver in Python takes a while to start) or result() is asked for. Reading it costs the machine
+    some CPU (psutil looks through every process's sockets): once a run."""
+
+    def __init__(self, port: int, after_s: float):
+        super().__init__(daemon=True)
+        self.port, self.after_s = port, after_s
+        self.counts: list[int] = []
+        self.done = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        wait = self.after_s
+        while not self.done.wait(wait) and not self.counts:
+            self.counts, wait = spread(self.port), 0.5
+
+    def result(self) -> list[int]:
+        self.done.set()
+        self.join()
+        return self.counts
+
+
 def wrk(
     url: str,
     bodies: list[bytes],
@@ -82,11 +118,12 @@ def wrk(
     script.write_text(LUA)
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script)]
     env = {"WRK_OUT": str(result), "WRK_CONTENT_TYPE": content_type} | ({"WRK_HEADER": header[0]} if header else {})
-    cpu = children_cpu()
+    cpu, held = children_cpu(), Spread(int(urlsplit(url).port or 80), seconds / 2)
     done = subprocess.run([*cmd, url, "--", str(data)], capture_output=True, text=True, env=os.environ | env)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed: {done.stdout}{done.stderr}")
     stats: dict[str, Any] = json.loads(result.read_text())
+    stats["connections_per_process"] = held.result()
     stats["req_per_s"] = stats["requests"] / stats["seconds"]
     stats["client_cores"] = (children_cpu() - cpu) / stats["seconds"]  # what wrk itself kept busy
     return stats
@@ -117,10 +154,12 @@ def v2_grpc(
         cmd = [sys.executable, "-m", "loadtests.v2load", "--target", target, "--requests", str(requests)]
         cmd += ["--concurrency", str(concurrency), "--seconds", str(seconds), "--out", str(out)]
         cmd += ["--processes", str(processes)]
+    held = Spread(int(target.rsplit(":", 1)[1]), seconds / 2)
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=seconds + 120)
     if done.returncode != 0:
         raise RuntimeError(f"the gRPC load driver failed: {done.stdout}{done.stderr}")
     stats: dict[str, Any] = json.loads(out.read_text())
+    stats["connections_per_process"] = held.result()
     return stats
 
 
@@ -166,15 +205,18 @@ def server_tree(url: str) -> list[psutil.Process]:
 
 def measured(url: str, processes: list[psutil.Process], drive: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """One load run, with what it cost per (successful) request: the server's CPU (all its processes, read from
-    them; the part its batches took, rac_batch_cpu_seconds, and the rest), the driver's, and the mean size of
-    the batches the server ran meanwhile (rac_batch_size)."""
+    them; the part its batches took, rac_batch_cpu_seconds, and the rest, with its event loops' share of it),
+    the driver's, and the mean size of the batches the server ran meanwhile (rac_batch_size)."""
 
-    def cpu() -> float:
-        return sum(sum(p.cpu_times()[:2]) for p in processes)
+    def cpu() -> tuple[float, float]:
+        """All the processes' CPU seconds, and their main threads' (a server process's event loop)."""
+        loops = sum(t.user_time + t.system_time for p in processes for t in p.threads() if t.id == p.pid)
+        return sum(sum(p.cpu_times()[:2]) for p in processes), loops
 
-    before, used = scrape(url), cpu()
+    before, (used, loops) = scrape(url), cpu()
     stats = drive()
-    used, after = cpu() - used, scrape(url)
+    after, (total, loops_after) = scrape(url), cpu()
+    used, loops = total - used, loops_after - loops
     batches = after.get("rac_batch_size_count", 0.0) - before.get("rac_batch_size_count", 0.0)
     images = after.get("rac_batch_size_sum", 0.0) - before.get("rac_batch_size_sum", 0.0)
     in_batches = after.get("rac_batch_cpu_seconds_total", 0.0) - before.get("rac_batch_cpu_seconds_total", 0.0)
@@ -184,6 +226,9 @@ def measured(url: str, processes: list[psutil.Process], drive: Callable[[], dict
     # path: HTTP, framework, cache, answers; the supervisor's and gRPC's threads too).
     stats["batch_cpu_ms_per_image"] = 1000 * in_batches / images if images else None
     stats["outside_batches_cpu_ms_per_request"] = 1000 * (used - in_batches) / n
+    # ... of which the event loops' (HTTP, the framework, the service's own Python); the rest is other threads'
+    # (gRPC's own, for a gRPC run)
+    stats["event_loop_cpu_ms_per_request"] = 1000 * loops / n
     stats["server_cores"] = used / stats["seconds"]
     stats["client_cpu_ms_per_request"] = 1000 * stats["client_cores"] * stats["seconds"] / n
     stats["mean_batch"] = images / batches if batches else None

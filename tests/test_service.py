@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from base64 import b64encode
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -257,16 +258,21 @@ def test_plainly_served_routes_answer_as_fastapis_own(
     api: TestClient, synthetic_artifacts: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The routes served by Starlette's Route in front of FastAPI's (service/api/plain.py), by the short way in,
-    are those whose endpoint takes the Request alone and returns a Response; an app without them (FastAPI's
-    routes only, through FastAPI's whole stack) gives the same answers, refusals and statuses."""
+    are those whose endpoint takes the Request (and at most its path's parameters, as strings) and returns a
+    Response; an app without them (FastAPI's routes only, through FastAPI's whole stack) gives the same
+    answers, refusals and statuses."""
     routes = cast(FastAPI, api.app).router.routes
     plain = {(r.path, m) for r in routes if isinstance(r, PlainRoute) for m in r.methods or ()}
-    gets = {"/", "/readyz", "/v2/health/ready"}
-    assert plain == {(p, "GET") for p in gets} | {("/classify", "POST"), ("/classify/batch", "POST")}
+    model = "/v2/models/{model_name}"
+    gets = {"/", "/readyz", "/v2/health/ready", "/static/{name}", f"{model}/versions/{{model_version}}"}
+    gets.add(f"{model}/versions/{{model_version}}/ready")
+    posts = {"/classify", "/classify/batch", f"{model}/infer", f"{model}/versions/{{model_version}}/infer"}
+    assert plain == {(p, "GET") for p in gets} | {(p, "POST") for p in posts}
     with client(synthetic_artifacts, max_batch=8, max_wait_ms=20) as reference:
         app = cast(FastAPI, reference.app)
         app.router.routes[:] = [r for r in app.router.routes if not isinstance(r, PlainRoute)]
         cast(Service, app).plain.clear()
+        cast(Service, app).templated.clear()
         app.middleware_stack = None
         image, files = png(12), {"image": ("x.png", png(12), "image/png")}
 
@@ -284,6 +290,15 @@ def test_plainly_served_routes_answer_as_fastapis_own(
         same("GET", "/classify")
         same("GET", "/readyz")
         same("HEAD", "/readyz")
+        infer = {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": [b64encode(image).decode()]}]}
+        same("POST", "/v2/models/rac/infer", json=infer)
+        same("POST", "/v2/models/rac/versions/1/infer", json=infer)
+        same("POST", "/v2/models/rac/versions/7/infer", json=infer)
+        same("POST", "/v2/models/resnet/infer", json=infer)
+        same("POST", "/v2/models/rac/infer", json={"inputs": []})
+        same("GET", "/v2/models/rac/versions/1")
+        same("GET", "/v2/models/rac/versions/1/ready")
+        same("GET", "/v2/models/rac/versions/1/infer")
     text = api.get("/metrics").text
     assert re.search(r'rac_requests_total\{route="/readyz",status="200"\} [1-9]', text)
     # The short way in: a plain route's request skips FastAPI's own layers (its exit stack among them), others not.
@@ -297,8 +312,10 @@ def test_plainly_served_routes_answer_as_fastapis_own(
     monkeypatch.setattr(AsyncExitStackMiddleware, "__call__", seen)
     assert api.post("/classify", files=files).status_code == 200
     assert api.post("/classify", content=b"hello", headers={"content-type": "text/plain"}).status_code == 415
+    assert api.post("/v2/models/rac/infer", json=infer).status_code == 200
     assert api.get("/info").status_code == 200
-    assert through == ["/info"]
+    assert api.get("/v2/models/rac").status_code == 200
+    assert through == ["/info", "/v2/models/rac"]
 
 
 def unmeasured(doc: Any) -> Any:

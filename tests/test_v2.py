@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from loadtests.drivers import GRPC_LOAD, v2_grpc
+from loadtests.drivers import GRPC_LOAD, Spread, spread, v2_grpc
 from loadtests.server import free_port, serving
 from service.app import create_app
 from service.settings import Settings
@@ -321,6 +321,27 @@ def test_the_grpc_load_drivers_count_what_the_server_answered(server: Server, tm
     assert stats["non_ok"] == 0 and stats["requests"] > 4
     assert after - before == stats["requests"] + 4
     assert 0 < stats["p50_ms"] <= stats["p99_ms"] <= stats["max_ms"] and stats["client_cores"] > 0
+    assert sum(stats["connections_per_process"]) >= 4  # each caller's connection, held by some server process
+
+
+def test_spread_counts_the_connections_each_process_holds() -> None:
+    """What the drivers report as connections_per_process: the established connections to the port, by the
+    process that holds them (here this one holds 3), and nothing for a port nobody is connected to."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert spread(port) == []
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        accepted = [listener.accept()[0] for _ in clients]
+        try:
+            assert spread(port) == [3]
+            held = Spread(port, 0.0)
+            held.join(timeout=10)  # it stops by itself once it has read the connections
+            assert held.counts == [3]
+        finally:
+            for s in clients + accepted:
+                s.close()
 
 
 def test_one_process_does_not_share_a_taken_grpc_port(quick_artifacts: Path) -> None:

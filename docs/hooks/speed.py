@@ -139,7 +139,7 @@ def bench_targets(docs: Sequence[Doc]) -> Rows:
         ("ok/s at 1024 connections / at 64", "at least 0.8", d.num(*r, "overload_ok_c1024_over_c64"), 0.8, True),
         ("/readyz p99 at 1024 connections (ms)", "at most 100", ready, 100.0, False),
         ("v2 REST / `/classify` at 16 connections", "at least 0.9", d.num(*r, "v2_http_c16_over_http"), 0.9, True),
-        ("v2 gRPC / v2 REST at 16 connections", "at least 1.0", d.num(*r, "v2_grpc_c16_over_v2_http"), 1.0, True),
+        ("v2 gRPC / v2 REST at 16 connections", "at least 0.95", d.num(*r, "v2_grpc_c16_over_v2_http"), 0.95, True),
     ]
     return ["target", "wanted", "measured", ""], [
         [what, want, f2(v), met(v >= bound if at_least else v <= bound)] for what, want, v, bound, at_least in rows
@@ -292,6 +292,10 @@ def request_path_ab(docs: Sequence[Doc]) -> Rows:
 
 def request_path_c64_ab(docs: Sequence[Doc]) -> Rows:
     return _ab(docs, "classify", "/classify req/s at 64 connections", outside=True)
+
+
+def v2_rest_plain_ab(docs: Sequence[Doc]) -> Rows:
+    return _ab(docs, "v2_http", "v2 REST req/s at 16 connections", outside=True)
 
 
 def _ab(docs: Sequence[Doc], api: str, label: str, outside: bool = False) -> Rows:

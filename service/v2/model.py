@@ -151,5 +151,6 @@ def _tensor(name: str, answers: list[Answer], classes: list[str], top_k: int) ->
         return OutputTensor(name, "FP32", np.stack([a.probs for a in answers]).astype(np.float32))  # (B, C)
     if name == "LABELS":
         top = np.argsort(-np.stack([a.probs for a in answers]), axis=1, kind="stable")[:, :top_k]  # (B, top_k)
-        return OutputTensor(name, "BYTES", np.vectorize(lambda c: classes[c].encode(), otypes=[object])(top))
+        labels = np.array([[classes[c].encode() for c in row] for row in top.tolist()], dtype=object)
+        return OutputTensor(name, "BYTES", labels.reshape(top.shape))
     return neighbor_tensor(name, [a.neighbors for a in answers])

@@ -128,10 +128,15 @@ INFER_ERRORS = _errors(400, 401, 403, 404, 413, 415, 503)
 
 
 @router.post("/v2/models/{model_name}/infer", openapi_extra=INFER_BODY, responses=INFER_ERRORS)
-@router.post("/v2/models/{model_name}/versions/{model_version}/infer", openapi_extra=INFER_BODY, responses=INFER_ERRORS)
-async def model_infer(request: Request, model_name: str, model_version: str = "") -> Response:
+async def model_infer(request: Request, model_name: str) -> Response:
     """Classify the images of input IMAGE (BYTES [B]; model `rac-zero-shot`: among the labels of input LABELS,
     BYTES [L]); JSON or the binary tensor data extension."""
+    return await model_version_infer(request, model_name, "")
+
+
+@router.post("/v2/models/{model_name}/versions/{model_version}/infer", openapi_extra=INFER_BODY, responses=INFER_ERRORS)
+async def model_version_infer(request: Request, model_name: str, model_version: str) -> Response:
+    """As /v2/models/{model_name}/infer, for one version of the model (the one it has)."""
     v2.check_model(model_name, model_version, v2.loaded(request.app.state))
     pipeline = v2.require_pipeline(request.app.state)
     body = await _body(request, pipeline.settings.max_request_bytes)
