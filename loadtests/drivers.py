@@ -94,8 +94,10 @@ class Spread(threading.Thread):
 
     def run(self) -> None:
         wait = self.after_s
-        while not self.done.wait(wait) and not self.counts:
+        while not self.done.wait(wait):
             self.counts, wait = spread(self.port), 0.5
+            if self.counts:
+                return
 
     def result(self) -> list[int]:
         self.done.set()

@@ -86,8 +86,9 @@ class Service(FastAPI):
         if route is not None:
             return route
         for route in self.templated:
-            if scope["method"] in (route.methods or ()) and (found := route.path_regex.match(scope["path"])):
-                scope["path_params"] = found.groupdict()
+            match, child = route.matches(scope)  # Starlette's own matching: the method too, its path parameters
+            if match == Match.FULL:
+                scope.update(child)
                 return route
         return None
 
