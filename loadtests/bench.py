@@ -18,11 +18,12 @@
    requests per second, latency of each kind apart, /readyz latency meanwhile, every other answer by status,
    the server's CPU per successful request
 8. the ceiling again at the batch sizes the server formed at the top concurrency and at the lowest overload
-   level (after the server has stopped), so that the loss to smaller batches is told apart from the loss
-   to the request path: `server_cpu_ms_per_request` is the server's CPU per successful request at the
-   lowest overload level minus the pipeline's CPU per image at the batch size the server formed there;
-   `server_cpu_split` splits the server's CPU at that level by thread instead, within the one run: the
-   batches' worker threads (rac_batch_cpu_seconds) and the rest, the request path's own
+   level, each right after the run it is for while the server idles (a shared machine's speed drifts over
+   minutes: what is subtracted is measured within seconds), so that the loss to smaller batches is told
+   apart from the loss to the request path: `server_cpu_ms_per_request` is the server's CPU per successful
+   request at the lowest overload level minus the pipeline's CPU per image at the batch size the server
+   formed there; `server_cpu_split` splits the server's CPU at that level by thread instead, within the one
+   run: the batches' worker threads (rac_batch_cpu_seconds) and the rest, the request path's own
 
 Every goal of the serving path is in "targets", with its value and whether it is met. The machine may be
 shared: its load averages at the start and the end are in "machine"; compare ratios, which come from one run.
@@ -95,6 +96,7 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str, flood: st
     levels = [int(c) for c in concurrency.split(",")]
     floods = [int(c) for c in flood.split(",") if c]
     top = str(max(levels))
+    low = str(min(floods)) if floods else None  # the overload level server_cpu_ms_per_request is read at
     settings = Settings(artifacts=artifacts)  # the caller's RAC_* settings, as the served process gets them
     print("preparing images ...", flush=True)
     # Enough distinct images that no measurement runs out (and repeats, hitting the cache) below 1,500 req/s.
@@ -134,12 +136,20 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str, flood: st
             print(f"{name} ...", flush=True)
             return measured(url, processes, drive)
 
+        def at_formed_batch(name: str, mean_batch: float | None) -> None:
+            """The ceiling at the batch the server formed in run `name`, measured now, the server idle."""
+            print(f"in-process ceiling at the batch formed in {name} ({mean_batch or 0:.1f}) ...", flush=True)
+            formed = formed_ceiling(settings, images[:FORMED_IMAGES], mean_batch)
+            results["ceiling"].setdefault("at_formed_batch", {})[name] = formed
+
         for api in (*apis, "raw"):
             results[api] = {}
         for c in levels:  # the three APIs back to back at each concurrency, each with its own new images
             bodies = [multipart.encode([("image", p)]) for p in itertools.islice(fresh, share)]
             drive = functools.partial(wrk, f"{url}/classify", bodies, c, seconds, tmp)
             results["http"][str(c)] = run(f"http, {c} connections", drive)
+            if str(c) == top:
+                at_formed_batch(f"http_c{top}", results["http"][top]["mean_batch"])
             drive = functools.partial(v2_http, url, list(itertools.islice(fresh, share)), c, seconds, tmp)
             results["v2_http"][str(c)] = run(f"v2 REST, {c} connections", drive)
             target = f"127.0.0.1:{grpc_port}"
@@ -160,15 +170,8 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str, flood: st
             bodies = [multipart.encode([("image", p)]) for p in images[start : start + 40_000]]
             drive = functools.partial(overload, url, bodies, c, seconds, tmp)
             results["overload"][str(c)] = run(f"overload, {c} connections", drive)
-    # After the server has stopped: the ceiling at the batch sizes it formed (its cores to itself again).
-    low = str(min(floods)) if floods else None
-    formed = {f"http_c{top}": results["http"][top]["mean_batch"]}
-    if low is not None:
-        formed[f"overload_c{low}"] = results["overload"][low]["mean_batch"]
-    results["ceiling"]["at_formed_batch"] = {}
-    for name, mean_batch in formed.items():
-        print(f"in-process ceiling at the batch formed in {name} ({mean_batch or 0:.1f}) ...", flush=True)
-        results["ceiling"]["at_formed_batch"][name] = formed_ceiling(settings, images[:FORMED_IMAGES], mean_batch)
+            if str(c) == low:
+                at_formed_batch(f"overload_c{low}", results["overload"][low]["mean_batch"])
     results["machine"]["load_avg_end"] = os.getloadavg()
     results["ratios"] = ratios(results, top, floods)
     if low is not None:
@@ -275,7 +278,8 @@ def table(r: dict[str, Any]) -> str:
             f"\nat {split['connections']} connections: {split['outside_batches_ms_per_request']:.3f} ms of server CPU "
             f"a request outside the batches ({split.get('event_loop_ms_per_request') or 0:.3f} in the event loops); "
             f"the batches {split['batch_ms_per_image']:.3f} ms an image "
-            f"(the ceiling's {split['ceiling_ms_per_image']:.3f})"
+            f"(the ceiling's {split['ceiling_ms_per_image']:.3f}); batches by size (at most): "
+            f"{r['overload'][str(split['connections'])].get('batch_sizes')}"
         )
     top = max(r["http"], key=int)
     lines.append(

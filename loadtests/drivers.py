@@ -208,7 +208,8 @@ def server_tree(url: str) -> list[psutil.Process]:
 def measured(url: str, processes: list[psutil.Process], drive: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """One load run, with what it cost per (successful) request: the server's CPU (all its processes, read from
     them; the part its batches took, rac_batch_cpu_seconds, and the rest, with its event loops' share of it),
-    the driver's, and the mean size of the batches the server ran meanwhile (rac_batch_size)."""
+    the driver's, and the mean size of the batches the server ran meanwhile and how many of each size
+    (rac_batch_size)."""
 
     def cpu() -> tuple[float, float]:
         """All the processes' CPU seconds, and their main threads' (a server process's event loop)."""
@@ -234,4 +235,21 @@ def measured(url: str, processes: list[psutil.Process], drive: Callable[[], dict
     stats["server_cores"] = used / stats["seconds"]
     stats["client_cpu_ms_per_request"] = 1000 * stats["client_cores"] * stats["seconds"] / n
     stats["mean_batch"] = images / batches if batches else None
+    stats["batch_sizes"] = batch_sizes(before, after)
     return stats
+
+
+def batch_sizes(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    """How many batches of each size the server ran between two scrapes, by rac_batch_size's buckets: "4" counts
+    the batches of 3 or 4 images (over the bucket below, at most its bound)."""
+    bounds = sorted(
+        (float(key.split('le="')[1].split('"')[0]), after[key] - before.get(key, 0.0))
+        for key in after
+        if key.startswith("rac_batch_size_bucket{")
+    )
+    sizes, below = {}, 0.0
+    for bound, cumulative in bounds:
+        if cumulative - below:
+            sizes[f"{bound:g}"] = round(cumulative - below)
+        below = cumulative
+    return sizes

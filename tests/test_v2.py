@@ -24,9 +24,10 @@ from fastapi.testclient import TestClient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from loadtests.drivers import GRPC_LOAD, Spread, spread, v2_grpc
+from loadtests.drivers import GRPC_LOAD, Spread, batch_sizes, spread, v2_grpc
 from loadtests.server import free_port, serving
 from service.app import create_app
+from service.metrics import Metrics
 from service.settings import Settings
 from tests.helpers import Served, sample, unavailable, wait_until
 from tests.synthetic import CLASSES, png
@@ -402,3 +403,19 @@ def test_the_docs_client_example_runs(server: Server, quick_artifacts: Path, pro
     assert done.returncode == 0, done.stderr
     labels = (quick_artifacts / "manifest.json").read_text()
     assert done.stdout.startswith("[[b'") and done.stdout.split("'")[1] in labels
+
+
+def test_batch_sizes_counts_the_batches_of_each_size_between_two_scrapes() -> None:
+    """What the drivers report as batch_sizes: rac_batch_size's buckets between two scrapes, each batch counted
+    once, in the bucket of its size."""
+    metrics = Metrics()
+
+    def scraped() -> dict[str, float]:  # as loadtests/server.py's scrape() reads /metrics
+        lines = metrics.exposition().decode().splitlines()
+        return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines if line.startswith("rac_batch_size"))}
+
+    metrics.batch_size.observe(32)
+    before = scraped()
+    for size in (1, 1, 3, 4, 16, 17, 32, 200):
+        metrics.batch_size.observe(size)
+    assert batch_sizes(before, scraped()) == {"1": 2, "4": 2, "16": 1, "32": 2, "inf": 1}
