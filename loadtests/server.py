@@ -29,8 +29,14 @@ def free_port() -> int:
 
 def scrape(url: str) -> dict[str, float]:
     """rac_* samples from /metrics, keyed by name and labels as written."""
+    return samples(httpx.get(f"{url}/metrics", timeout=5).text)
+
+
+def samples(exposition: str) -> dict[str, float]:
+    """The rac_* samples of a Prometheus text exposition (but the stage histograms' buckets), keyed by name and
+    labels as written."""
     out = {}
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+    for line in exposition.splitlines():
         if line.startswith("rac_") and not line.startswith("rac_stage_seconds_bucket"):
             key, value = line.rsplit(" ", 1)
             out[key] = float(value)

@@ -21,6 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from loadtests.server import free_port, serving
+from loadtests.server import samples as exposition_samples
 from models.memory import ops
 from models.memory.shards import shard
 from service.app import create_app
@@ -204,12 +205,7 @@ COUNTED = (
 
 
 def samples(client: httpx.Client | TestClient) -> dict[str, float]:
-    out = {}
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith("rac_"):
-            key, value = line.rsplit(" ", 1)
-            out[key] = float(value)
-    return out
+    return exposition_samples(client.get("/metrics").text)
 
 
 def exercise(client: httpx.Client | TestClient) -> tuple[list[dict[str, object]], int, dict[str, float]]:

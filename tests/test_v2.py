@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from loadtests.drivers import GRPC_LOAD, Spread, batch_sizes, spread, v2_grpc
-from loadtests.server import free_port, serving
+from loadtests.server import free_port, samples, serving
 from service.app import create_app
 from service.metrics import Metrics
 from service.settings import Settings
@@ -409,13 +409,8 @@ def test_batch_sizes_counts_the_batches_of_each_size_between_two_scrapes() -> No
     """What the drivers report as batch_sizes: rac_batch_size's buckets between two scrapes, each batch counted
     once, in the bucket of its size."""
     metrics = Metrics()
-
-    def scraped() -> dict[str, float]:  # as loadtests/server.py's scrape() reads /metrics
-        lines = metrics.exposition().decode().splitlines()
-        return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines if line.startswith("rac_batch_size"))}
-
     metrics.batch_size.observe(32)
-    before = scraped()
+    before = samples(metrics.exposition().decode())  # what scrape() reads from /metrics
     for size in (1, 1, 3, 4, 16, 17, 32, 200):
         metrics.batch_size.observe(size)
-    assert batch_sizes(before, scraped()) == {"1": 2, "4": 2, "16": 1, "32": 2, "inf": 1}
+    assert batch_sizes(before, samples(metrics.exposition().decode())) == {"1": 2, "4": 2, "16": 1, "32": 2, "inf": 1}
