@@ -59,9 +59,10 @@ GOALS = {
     "server_cpu_ms_per_request": (0.25, True),
     "cache_hit.p50_ms": (0.5, True),
 }
-# Images of each ceiling at a formed batch: 8,192 are a few seconds of work per process; 2,048 (about a second)
-# moved the ceiling's CPU an image by a tenth between runs, and server_cpu_ms_per_request with it.
-FORMED_IMAGES = 8192
+# Images of each ceiling at a formed batch: 16,384 are about five seconds of work per process. The ceiling's CPU
+# an image, and server_cpu_ms_per_request with it, moved by a tenth between runs of 2,048 images, by 0.05 between
+# back-to-back runs of 8,192 and by 0.03 between runs of 16,384.
+FORMED_IMAGES = 16384
 
 
 def raw_encoder(settings: Settings, seconds: float = 2.0) -> dict[str, float]:

@@ -1,14 +1,17 @@
 """The fast split of a multipart/form-data body against python-multipart's parser, the reference: the same
-parts (name, filename, bytes) for every body it takes, and no answer (the parser decides) for any other."""
+parts (name, filename, bytes) for every body it takes, and no answer (the parser decides) for any other; the
+fast reader of a header's parameters against python-multipart's, for every value."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import httpx
 import pytest
+from python_multipart.multipart import parse_options_header
 
-from service.api.upload import Part, parse, split
+from service.api.upload import DISPOSITION, Part, options, parse, split
 from service.errors import RequestError
 from tests.synthetic import png
 
@@ -68,3 +71,26 @@ def test_malformed_forms_are_refused_by_the_parser(body: bytes) -> None:
     with pytest.raises(RequestError) as refused:
         parse(body, b"B")
     assert refused.value.status == 400
+
+
+def test_header_parameters_read_as_python_multipart_reads_them() -> None:
+    usual = [
+        "multipart/form-data; boundary=----WebKitFormBoundary7MA4YWxkTrZu0gW",
+        'form-data; name="image"; filename="x.png"',
+        "Multipart/Form-Data;boundary=abc=def",
+        "image/png",
+        " IMAGE/PNG \t",
+        "",
+    ]
+    odd = ['form-data; name="a;b"', 'form-data; filename="C:\\x\\y.png"', "form-data; filename*=utf-8''x", "x;;y"]
+    rng = random.Random(3)
+    pieces = ["a", "B", "=", ";", '"', " ", "\t", "\\", "*", "\u00e9", ":", "name", "filename", "boundary", "form-data"]
+    fuzz = ["".join(rng.choice(pieces) for _ in range(rng.randrange(14))) for _ in range(20_000)]
+    dispositions = [f'form-data; name="{a}"' + (f'; filename="{b}"' if b else "") for a, b in itertools.pairwise(fuzz)]
+    for value in usual + odd + fuzz + dispositions:
+        assert options(value) == parse_options_header(value), value
+        raw = value.encode("latin-1")
+        assert options(raw) == parse_options_header(raw), value
+        if (found := DISPOSITION.fullmatch(raw)) is not None:  # split()'s reading of a usual part header
+            params = parse_options_header(raw)[1]
+            assert found.groups() == (params[b"name"], params.get(b"filename")), value

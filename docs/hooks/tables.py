@@ -82,6 +82,9 @@ COMMANDS = {
     "request_path_c64_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify "
     "--grpc-processes '' --checkout before=DIR --checkout after=. --concurrency 64 --seconds 6 --repeat 3 "
     "--json results/request_path_c64_ab.json",
+    "request_path_cuts_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify "
+    "--grpc-processes '' --checkout before=DIR --checkout after=. --concurrency 64 --seconds 6 --repeat 3 "
+    "--json results/request_path_cuts_ab.json",
     "v2_rest_plain_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify "
     "--grpc-processes 0 --checkout before=DIR --checkout after=. --concurrency 16 --seconds 6 --repeat 3 "
     "--json results/v2_rest_plain_ab.json",
@@ -142,6 +145,7 @@ TABLES: dict[str, Table] = {
     "classify_ab": Table(("classify_ab.json",), s.classify_ab),
     "request_path_ab": Table(("request_path_ab.json",), s.request_path_ab),
     "request_path_c64_ab": Table(("request_path_c64_ab.json",), s.request_path_c64_ab),
+    "request_path_cuts_ab": Table(("request_path_cuts_ab.json",), s.request_path_c64_ab),
     "v2_rest_plain_ab": Table(("v2_rest_plain_ab.json",), s.v2_rest_plain_ab),
     "load": Table(("load/summary.json",), s.load),
     "filters": Table(("filters.json",), m.filters, "/classify at 16 connections, new images (cache misses)."),

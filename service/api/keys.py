@@ -21,8 +21,8 @@ class Authenticate:
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})
-        need = route_scope(scope["path"])
-        if need is None or not self.keys.enabled:
+        need = route_scope(scope["path"]) if self.keys.enabled else None
+        if need is None:
             state["principal"] = OPEN
             await self.app(scope, receive, send)
             return

@@ -6,16 +6,16 @@ import os
 import re
 from typing import Annotated, Any
 
-import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel
+from starlette.datastructures import QueryParams
 
 from service.api.upload import read_images
 from service.artifacts import model_identity
 from service.auth import OPEN, Keys, Principal
-from service.core.pipeline import Answer, Pipeline
+from service.core.pipeline import NO_FILTER, Answer, Pipeline
 from service.errors import NOT_READY, RequestError, json_error
 from service.memory.filters import Filter
 from service.metrics import Metrics
@@ -80,6 +80,7 @@ OPTIONS: dict[str, tuple[int, int | None, int, str]] = {
     ),  # max: k (schema.py)
 }
 INTEGER = re.compile(r"-?[0-9]+")
+NO_QUERY = QueryParams()  # what a request without a query string reads (most do)
 MEMORY_TEXT = "the named memory (one of /info's `memories`); unset: the server's default"
 FILTER_TEXT = {
     "source": "search only items of any of these sources",
@@ -170,8 +171,9 @@ MemoryName = Annotated[str | None, Query(description=MEMORY_TEXT)]
 
 
 async def get_principal(request: Request) -> Principal:
-    """Who the request comes from (service/api/keys.py put it there; OPEN where no keys are configured)."""
-    principal: Principal = getattr(request.state, "principal", OPEN)
+    """Who the request comes from (service/api/keys.py put it in the request's state; OPEN where no keys are
+    configured)."""
+    principal: Principal = request.scope.get("state", {}).get("principal", OPEN)
     return principal
 
 
@@ -199,10 +201,11 @@ def validation_message(detail: list[dict[str, Any]]) -> str:
 
 def answer_json(a: Answer, classes: list[str], top_k: int) -> dict[str, object]:
     """An answer as /classify says it: the top classes, the neighbours described, where it came from."""
-    order = np.argsort(-a.probs, kind="stable")[:top_k]
+    probs = a.probs.tolist()  # a few classes: Python's sort costs less than numpy's call (ties: by index)
+    order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[:top_k]
     n = a.neighbors
     return {
-        "predictions": [{"label": classes[c], "index": int(c), "probability": float(a.probs[c])} for c in order],
+        "predictions": [{"label": classes[c], "index": c, "probability": probs[c]} for c in order],
         "neighbors": [
             {
                 "id": item.id,
@@ -224,11 +227,11 @@ def answer_json(a: Answer, classes: list[str], top_k: int) -> dict[str, object]:
     }
 
 
-def _options(request: Request, pipeline: Pipeline) -> dict[str, int]:
+def _options(query: QueryParams, pipeline: Pipeline) -> dict[str, int]:
     """top_k and neighbors from the query, checked as the schema says (422 naming the parameter)."""
     out = {}
     for name, (low, high, default, _) in OPTIONS.items():
-        given = request.query_params.get(name)
+        given = query.get(name)
         if given is None:
             out[name] = default
             continue
@@ -247,10 +250,10 @@ async def _classify(request: Request, field: str, many: bool) -> tuple[Pipeline,
     """The classify routes' work, their query read here rather than by FastAPI's parameter machinery (see
     OPTIONS): the pipeline, top_k, and each image's answer or refusal."""
     pipeline = await get_pipeline(request)
-    options = _options(request, pipeline)
-    q = request.query_params
+    q = request.query_params if request.scope["query_string"] else NO_QUERY
+    options = _options(q, pipeline)
     memory = await get_memory(pipeline, await get_principal(request), q.get("memory"))
-    only = Filter.of(q.getlist("source"), q.getlist("tag"), q.getlist("exclude_key"))
+    only = Filter.of(q.getlist("source"), q.getlist("tag"), q.getlist("exclude_key")) if q else NO_FILTER
     s = pipeline.settings
     limit = s.max_request_bytes if many else s.max_image_bytes + 64 * 1024
     images = await read_images(request, field, limit, s.max_batch_images if many else 1)

@@ -46,10 +46,14 @@ class Entry:
         """4 bytes a dimension and 12 a neighbour: float32 z, query and sims (answers stay exactly those of an
         uncached request), int64 ids (an item's id is 64-bit and never reused: one cut to 32 bits could name
         another item)."""
-        query = np.empty(0, "<f4") if self.query is None else self.query.astype("<f4")
-        header = _HEADER.pack(_VERSION, len(self.z), len(self.ids), len(query))
-        parts = (self.z.astype("<f4"), self.ids.astype("<i8"), self.sims.astype("<f4"), query)
-        return header + b"".join(p.tobytes() for p in parts)
+        query = b"" if self.query is None else self.query.astype("<f4", copy=False).tobytes()
+        header = _HEADER.pack(_VERSION, len(self.z), len(self.ids), len(query) // 4)
+        parts = (
+            self.z.astype("<f4", copy=False),
+            self.ids.astype("<i8", copy=False),
+            self.sims.astype("<f4", copy=False),
+        )
+        return b"".join((header, *(p.tobytes() for p in parts), query))
 
     @classmethod
     def unpack(cls, blob: bytes) -> Entry:
