@@ -117,15 +117,25 @@ def options(value: str | bytes | None) -> tuple[bytes, dict[bytes, bytes]]:
     if b"\\" not in raw and b"*" not in raw:
         for segment in rest.split(b";"):
             name, equals, given = segment.partition(b"=")
-            given = given.strip(b" \t")
+            name, given = name.strip(b" \t"), given.strip(b" \t")
             quoted = given[:1] == given[-1:] == b'"' and len(given) >= 2
-            if not equals or not name.strip(b" \t") or b'"' in name or given.count(b'"') != (2 if quoted else 0):
+            if not equals or not name or b'"' in name or given.count(b'"') != (2 if quoted else 0):
                 break  # no `=`, no name, or a quote not around a whole value: python-multipart reads it
-            params[name.strip(b" \t").lower()] = given[1:-1] if quoted else given
+            params[name.lower()] = given[1:-1] if quoted else given
         else:
             if b"=" not in kind and b'"' not in kind:
                 return kind.lower().strip(b" \t"), params
     return parse_options_header(raw)
+
+
+def disposition(value: bytes) -> tuple[str, str | None]:
+    """A part's name and filename (None: a plain field) from its Content-Disposition."""
+    if (usual := DISPOSITION.fullmatch(value)) is not None:
+        name, filename = usual.groups()
+    else:
+        _, opts = options(value)
+        name, filename = opts.get(b"name", b""), opts.get(b"filename")
+    return name.decode("utf-8", "replace"), filename.decode("utf-8", "replace") if filename is not None else None
 
 
 def split(body: bytes, boundary: bytes) -> list[Part] | None:
@@ -147,14 +157,7 @@ def split(body: bytes, boundary: bytes) -> list[Part] | None:
             if not colon or not field or field != field.strip():
                 return None
             if field.lower() == b"content-disposition":
-                value = value.strip()
-                if (usual := DISPOSITION.fullmatch(value)) is not None:
-                    name, filename = usual.groups()
-                else:
-                    _, opts = options(value)
-                    name, filename = opts.get(b"name", b""), opts.get(b"filename")
-                part.name = name.decode("utf-8", "replace")
-                part.filename = filename.decode("utf-8", "replace") if filename is not None else None
+                part.name, part.filename = disposition(value.strip())
         parts.append(part)
     return parts
 
@@ -176,10 +179,7 @@ def parse(body: bytes, boundary: bytes) -> list[Part]:
 
     def on_header_end() -> None:
         if header["field"].lower() == b"content-disposition":
-            _, opts = options(bytes(header["value"]))
-            parts[-1].name = opts.get(b"name", b"").decode("utf-8", "replace")
-            filename = opts.get(b"filename")
-            parts[-1].filename = filename.decode("utf-8", "replace") if filename is not None else None
+            parts[-1].name, parts[-1].filename = disposition(bytes(header["value"]))
         header["field"], header["value"] = bytearray(), bytearray()
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
