@@ -15,127 +15,130 @@ A gRPC channel is one connection: a client that wants every process busy opens s
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
-import grpc
 from google.protobuf import json_format
-from grpc.aio import ServicerContext as Context
+from google.protobuf.message import DecodeError, Message
 from starlette.datastructures import State
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service.auth import OPEN, Keys, Principal
 from service.errors import RequestError, grpc_code
 from service.metrics import Metrics
 from service.settings import Settings
+from service.v2 import frames as h2
+from service.v2 import http2
 from service.v2 import model as v2
 from service.v2.tensors import VERSION, InferRequest, InputTensor, parse_bytes
 
 log = logging.getLogger(__name__)
 SERVICE = "/inference.GRPCInferenceService/"
 PUBLIC_METHODS = ("ServerLive", "ServerReady")  # health checks answer without a key, as /healthz and /readyz
-_caller: contextvars.ContextVar[Principal] = contextvars.ContextVar("caller", default=OPEN)
-R = TypeVar("R")
 
 
-class Servicer(pb_grpc.GRPCInferenceServiceServicer):
-    """Reads the pipeline and readiness from the app's state at every call, as the HTTP routes do."""
+class Servicer:
+    """Reads the pipeline and readiness from the app's state at every call, as the HTTP routes do. Each method
+    takes its request message's bytes and the call's metadata and answers its response message's bytes."""
 
     def __init__(self, state: State, metrics: Metrics) -> None:
         self.state, self.metrics = state, metrics
 
-    def _principal(self, method: str, context: Context) -> Principal:
+    def handlers(self) -> dict[str, http2.Handler]:
+        methods = {
+            "ServerLive": self.server_live,
+            "ServerReady": self.server_ready,
+            "ModelReady": self.model_ready,
+            "ServerMetadata": self.server_metadata,
+            "ModelMetadata": self.model_metadata,
+            "ModelInfer": self.model_infer,
+        }
+        return {SERVICE + name: self._method(name, call) for name, call in methods.items()}
+
+    def _principal(self, method: str, metadata: dict[str, str]) -> Principal:
         """The caller's key (the `authorization` metadata, as HTTP's header), where keys are required and the
         method is not a health check: RequestError 401 without a known key."""
         keys: Keys = self.state.keys
         if not keys.enabled or method in PUBLIC_METHODS:
             return OPEN
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         principal = keys.principal(metadata.get("authorization"))
         if principal is None:
             raise RequestError(401, "an API key is required: metadata authorization: Bearer KEY")
         self.metrics.key_requests.labels(principal.name).inc()
         return principal
 
-    async def _answer(self, method: str, context: Context, call: Callable[[], Awaitable[R]]) -> R:
-        """Runs one call, counted in rac_requests_total{route="/inference.GRPCInferenceService/<method>"} with
-        the HTTP status the outcome would have had (499: the client went away); a RequestError (overload
-        included) becomes the protocol's status code (service/errors.py's one mapping). The call reads its
-        caller's key from `_caller`."""
-        status = 500
-        try:
-            _caller.set(self._principal(method, context))
-            result = await call()
-            status = 200
-            return result
-        except RequestError as e:
-            status = e.status
-            await context.abort(grpc_code(e.status), e.message)
-        except asyncio.CancelledError:
-            status = 499  # the client went away (cancelled, or its deadline passed): no server error
-            raise
-        finally:
-            self.metrics.requests.labels(SERVICE + method, str(status)).inc()
-        raise AssertionError("context.abort returned")  # it always raises
+    def _method(self, method: str, call: Callable[[bytes, Principal], Awaitable[Message]]) -> http2.Handler:
+        """One method, counted in rac_requests_total{route="/inference.GRPCInferenceService/<method>"} with the
+        HTTP status the outcome would have had (499: the client went away or its deadline passed); a
+        RequestError (overload included) becomes the protocol's status code (service/errors.py's one mapping)."""
+        route = SERVICE + method
 
-    async def ServerLive(self, request: Any, context: Context) -> Any:
-        async def call() -> Any:
-            return pb.ServerLiveResponse(live=True)
-
-        return await self._answer("ServerLive", context, call)
-
-    async def ServerReady(self, request: Any, context: Context) -> Any:
-        async def call() -> Any:
-            return pb.ServerReadyResponse(ready=v2.ready(self.state))
-
-        return await self._answer("ServerReady", context, call)
-
-    async def ModelReady(self, request: Any, context: Context) -> Any:
-        async def call() -> Any:
-            v2.check_model(request.name, request.version, v2.loaded(self.state))
-            return pb.ModelReadyResponse(ready=v2.ready(self.state))
-
-        return await self._answer("ModelReady", context, call)
-
-    async def ServerMetadata(self, request: Any, context: Context) -> Any:
-        async def call() -> Any:
-            return json_format.ParseDict(v2.server_metadata(), pb.ServerMetadataResponse())
-
-        return await self._answer("ServerMetadata", context, call)
-
-    async def ModelMetadata(self, request: Any, context: Context) -> Any:
-        async def call() -> Any:
-            v2.check_model(request.name, request.version, v2.loaded(self.state))
-            metadata = v2.model_metadata(v2.require_pipeline(self.state), request.name)
-            return json_format.ParseDict(metadata, pb.ModelMetadataResponse())
-
-        return await self._answer("ModelMetadata", context, call)
-
-    async def ModelInfer(self, request: Any, context: Context) -> Any:
-        async def call() -> Any:
-            v2.check_model(request.model_name, request.model_version, v2.loaded(self.state))
-            pipeline = v2.require_pipeline(self.state)
-            # The HTTP routes' door (service/api/intake.py): wait for a slot or be refused; the message is in.
-            upload = await pipeline.admission.upload(request.ByteSize())
+        async def answer(message: bytes, metadata: dict[str, str]) -> bytes:
+            status = 500
             try:
-                upload.arrived()
-                req = parse(request, v2.element_limits(pipeline.settings))
-                outputs, first = await v2.infer(pipeline, req, _caller.get())
+                result = await call(message, self._principal(method, metadata))
+                status = 200
+                return result.SerializeToString()
+            except RequestError as e:
+                status = e.status
+                raise h2.Status(grpc_code(e.status).value[0], e.message) from None
+            except asyncio.CancelledError:
+                status = 499
+                raise
             finally:
-                upload.close()
-            response = pb.ModelInferResponse(model_name=req.model, model_version=VERSION, id=request.id)
-            response.parameters["memory"].string_param = first.memory
-            response.parameters["memory_version"].string_param = first.memory_version
-            response.parameters["neighbors_used"].int64_param = first.neighbors_used
-            for out in outputs:
-                response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
-                response.raw_output_contents.append(out.raw())
-            return response
+                self.metrics.requests.labels(route, str(status)).inc()
 
-        return await self._answer("ModelInfer", context, call)
+        return answer
+
+    async def server_live(self, message: bytes, caller: Principal) -> Message:
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(self, message: bytes, caller: Principal) -> Message:
+        return pb.ServerReadyResponse(ready=v2.ready(self.state))
+
+    async def model_ready(self, message: bytes, caller: Principal) -> Message:
+        request = decode(pb.ModelReadyRequest, message)
+        v2.check_model(request.name, request.version, v2.loaded(self.state))
+        return pb.ModelReadyResponse(ready=v2.ready(self.state))
+
+    async def server_metadata(self, message: bytes, caller: Principal) -> Message:
+        return json_format.ParseDict(v2.server_metadata(), pb.ServerMetadataResponse())
+
+    async def model_metadata(self, message: bytes, caller: Principal) -> Message:
+        request = decode(pb.ModelMetadataRequest, message)
+        v2.check_model(request.name, request.version, v2.loaded(self.state))
+        metadata = v2.model_metadata(v2.require_pipeline(self.state), request.name)
+        return json_format.ParseDict(metadata, pb.ModelMetadataResponse())
+
+    async def model_infer(self, message: bytes, caller: Principal) -> Message:
+        v2.require_pipeline(self.state)  # not ready: 503 before the message is read
+        request = decode(pb.ModelInferRequest, message)
+        v2.check_model(request.model_name, request.model_version, v2.loaded(self.state))
+        pipeline = v2.require_pipeline(self.state)
+        # The HTTP routes' door (service/api/intake.py): wait for a slot or be refused; the message is in.
+        upload = await pipeline.admission.upload(len(message))
+        try:
+            upload.arrived()
+            req = parse(request, v2.element_limits(pipeline.settings))
+            outputs, first = await v2.infer(pipeline, req, caller)
+        finally:
+            upload.close()
+        response = pb.ModelInferResponse(model_name=req.model, model_version=VERSION, id=request.id)
+        response.parameters["memory"].string_param = first.memory
+        response.parameters["memory_version"].string_param = first.memory_version
+        response.parameters["neighbors_used"].int64_param = first.neighbors_used
+        for out in outputs:
+            response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+            response.raw_output_contents.append(out.raw())
+        return response
+
+
+def decode(kind: type[Message], message: bytes) -> Any:
+    try:
+        return kind.FromString(message)
+    except DecodeError:
+        raise RequestError(400, f"the message is not a {kind.DESCRIPTOR.name}") from None
 
 
 def parse(request: Any, limits: dict[str, int]) -> InferRequest:
@@ -159,24 +162,18 @@ def parse(request: Any, limits: dict[str, int]) -> InferRequest:
     return InferRequest(request.model_name, request.model_version, inputs, parameters, outputs, request.id)
 
 
-async def start(state: State, settings: Settings, metrics: Metrics) -> grpc.aio.Server | None:
+async def start(state: State, settings: Settings, metrics: Metrics) -> http2.Server | None:
     """Serve the protocol on settings.host:settings.grpc_port in this process; None where the port is 0."""
     if not settings.grpc_port:
         return None
-    options = [
-        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
-        ("grpc.max_receive_message_length", settings.max_request_bytes),
-    ]
-    server = grpc.aio.server(options=options)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(state, metrics), server)
+    server = http2.Server(Servicer(state, metrics).handlers(), settings.max_request_bytes)
     address = f"{settings.host}:{settings.grpc_port}"
     try:
-        server.add_insecure_port(address)
-    except RuntimeError as e:
+        await server.start(settings.host, settings.grpc_port, reuse_port=settings.workers > 1)
+    except OSError as e:
         raise RuntimeError(
             f"gRPC cannot listen on {address} (RAC_GRPC_PORT; 0 turns gRPC off; processes of one server share it "
             f"where RAC_WORKERS gives their number, as `python -m service` sets it): {e}"
         ) from None
-    await server.start()
     log.info("Open Inference Protocol over gRPC on %s", address)
     return server
