@@ -149,6 +149,21 @@ def test_grpc_bytes_contents_and_chosen_outputs(server: Server, reference: dict[
     assert [[x.decode() for x in row] for row in result.as_numpy("LABELS")] == reference["LABELS"][:2].tolist()
 
 
+def test_grpc_refuses_what_is_not_the_protocol(server: Server) -> None:
+    """A message that is not a ModelInferRequest is INVALID_ARGUMENT; a method the service lacks, or one of
+    another service, UNIMPLEMENTED; the connection keeps serving."""
+    with grpc.insecure_channel(server.grpc) as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(b"\xff\xff\xff", timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ModelInferRequest" in (e.value.details() or "")
+        for method in ("/inference.GRPCInferenceService/ModelStatistics", "/grpc.health.v1.Health/Check"):
+            with pytest.raises(grpc.RpcError) as e:
+                channel.unary_unary(method)(b"", timeout=30)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        live = service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive(service_pb2.ServerLiveRequest())
+        assert live.live
+
+
 def test_http_answers_only_the_outputs_asked_for(server: Server, reference: dict[str, np.ndarray]) -> None:
     body = {
         "id": "x1",

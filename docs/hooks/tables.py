@@ -70,8 +70,9 @@ COMMANDS = {
     "ray_calls.json": "python -m loadtests.ray_calls --shards-dir /tmp/rac-ray-bench/shards "
     "--json results/ray_calls.json",
     "profile.json": "python -m loadtests.profile --artifacts artifacts/demo --json results/profile.json",
-    "protocols.json": "python -m loadtests.protocols --artifacts artifacts/demo --checkout before=DIR "
-    "--checkout after=. --repeat 2 --json results/protocols.json",
+    "grpc_http2_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --grpc-processes 0 "
+    "--checkout grpc_aio=DIR --checkout http2=. --concurrency 16 --seconds 8 --repeat 3 "
+    "--json results/grpc_http2_ab.json",
     "protocols_drivers.json": "python -m loadtests.protocols --artifacts artifacts/demo --grpc-processes 0,1,4 "
     "--repeat 3 --json results/protocols_drivers.json",
     "classify_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify --grpc-processes '' "
@@ -140,7 +141,7 @@ TABLES: dict[str, Table] = {
     "ray_ab": Table(("ray_transport_ab.json",), c.ray_ab, "HAProxy, throughput optimized; new images (cache misses)."),
     "ray_build": Table(("ray_build.json",), c.ray_build, "Decode, embed, text and thumbnail, per image."),
     "profile": Table(("profile.json",), s.profile),
-    "protocols": Table(("protocols.json",), s.protocols, "16 connections."),
+    "grpc_http2_ab": Table(("grpc_http2_ab.json",), s.protocols, "16 connections, new images (cache misses)."),
     "protocol_drivers": Table(("protocols_drivers.json",), s.protocol_drivers, "16 connections."),
     "classify_ab": Table(("classify_ab.json",), s.classify_ab),
     "request_path_ab": Table(("request_path_ab.json",), s.request_path_ab),

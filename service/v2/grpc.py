@@ -1,10 +1,10 @@
 """The Open Inference Protocol over gRPC: `inference.GRPCInferenceService`, in every server process.
 
-The messages and the service base class are the protocol's own generated code as tritonclient ships it
-(`tritonclient.grpc.service_pb2`, `service_pb2_grpc`): nothing of the wire format is written here. The server
-is grpc.aio on the server process's own event loop (the one uvicorn runs), so a request reaches the very
-pipeline, micro-batcher, cache and metrics the HTTP routes use. Implemented: ServerLive, ServerReady,
-ModelReady, ServerMetadata, ModelMetadata, ModelInfer; the rest answer UNIMPLEMENTED.
+The messages are the protocol's own generated code as tritonclient ships it (`tritonclient.grpc.service_pb2`):
+nothing of the message format is written here. The calls arrive on service/v2/http2.py's HTTP/2 server, on the
+server process's own event loop (the one uvicorn runs), so a request reaches the very pipeline, micro-batcher,
+cache and metrics the HTTP routes use. Implemented: ServerLive, ServerReady, ModelReady, ServerMetadata,
+ModelMetadata, ModelInfer; the rest answer UNIMPLEMENTED.
 
 Several server processes all listen on RAC_GRPC_PORT with SO_REUSEPORT, and the kernel spreads connections
 over them; one process alone does not set it, so a port already taken fails the start instead of being shared.
@@ -112,7 +112,6 @@ class Servicer:
         return json_format.ParseDict(metadata, pb.ModelMetadataResponse())
 
     async def model_infer(self, message: bytes, caller: Principal) -> Message:
-        v2.require_pipeline(self.state)  # not ready: 503 before the message is read
         request = decode(pb.ModelInferRequest, message)
         v2.check_model(request.model_name, request.model_version, v2.loaded(self.state))
         pipeline = v2.require_pipeline(self.state)

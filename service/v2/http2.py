@@ -33,7 +33,7 @@ Handler = Callable[[bytes, dict[str, str]], Awaitable[bytes]]  # (message, metad
 class Stream:
     """One call: its headers, its message as it arrives, and what of the answer waits for window."""
 
-    __slots__ = ("body", "deadline", "ended", "id", "metadata", "path", "pending", "received", "task", "window")
+    __slots__ = ("body", "deadline", "ended", "id", "metadata", "path", "pending", "received", "sent", "task", "window")
 
     def __init__(self, id: int, path: str, metadata: dict[str, str], window: int):
         self.id, self.path, self.metadata = id, path, metadata
@@ -42,7 +42,8 @@ class Stream:
         self.received = 0  # bytes read since the last WINDOW_UPDATE sent for this stream
         self.window = window  # bytes of the answer the peer still lets this stream send
         self.task: asyncio.Task[None] | None = None
-        self.pending = b""  # answer DATA frames' payload still to send, then the trailers block
+        self.pending = b""  # the answer's DATA (prefixed message) while some of it waits for window
+        self.sent = 0  # bytes of it sent
         self.ended = False  # the peer's side is closed (END_STREAM)
 
 
@@ -330,14 +331,14 @@ class Connection(asyncio.Protocol):
 
     def send(self, stream: Stream) -> None:
         """As much of the stream's answer as the windows allow; the trailers once all of it has gone."""
-        data = stream.pending
-        while data:
-            n = min(len(data), self.window, stream.window, self.peer_frame)
+        data, sent = stream.pending, stream.sent
+        while sent < len(data):
+            n = min(len(data) - sent, self.window, stream.window, self.peer_frame)
             if n <= 0:
-                stream.pending = data
+                stream.sent = sent
                 return
-            self.out.append(h2.frame(h2.DATA, 0, stream.id, data[:n]))
-            data = data[n:]
+            self.out.append(h2.frame(h2.DATA, 0, stream.id, data[sent : sent + n]))
+            sent += n
             self.window -= n
             stream.window -= n
         stream.pending = b""
