@@ -159,6 +159,32 @@ def test_ping_is_answered_and_settings_acknowledged(served: Served) -> None:
     assert (h2.SETTINGS, h2.ACK, 0, b"") in frames
 
 
+def test_messages_arriving_on_one_connection_hold_at_most_one_message(served: Served) -> None:
+    """Three calls whose messages arrive in part, side by side, on one connection: the one whose bytes would take
+    what the connection holds past one message's worth is refused (RESOURCE_EXHAUSTED, then RST_STREAM), while
+    the first two go on; nothing waits for the client to finish."""
+    encoder, part = hpack.Encoder(), 2_500_000  # three parts: more than LIMIT (6 MiB) held at once
+    head = [(":method", "POST"), (":scheme", "http"), (":path", "/t.T/Echo"), ("content-type", "application/grpc")]
+    sent = [h2.PREFACE, h2.frame(h2.SETTINGS, 0, 0)]
+    for sid in (1, 3, 5):
+        sent.append(h2.frame(h2.HEADERS, h2.END_HEADERS, sid, encoder.encode(head)))
+        message = b"\x00" + (3_000_000).to_bytes(4, "big") + bytes(part - 5)  # 3 MB declared, 2.5 MB sent
+        sent += [h2.frame(h2.DATA, 0, sid, message[i : i + h2.MAX_FRAME]) for i in range(0, part, h2.MAX_FRAME)]
+    with socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.sendall(b"".join(sent))
+        frames = read_frames(sock)
+    decoder = hpack.Decoder()
+    answered = {
+        f[2]: {bytes(k).decode(): bytes(v).decode() for k, v in decoder.decode(f[3], raw=True)}
+        for f in frames
+        if f[0] == h2.HEADERS
+    }
+    assert list(answered) == [5] and answered[5]["grpc-status"] == str(h2.RESOURCE_EXHAUSTED)
+    assert "arriving" in answered[5]["grpc-message"]
+    assert (h2.RST_STREAM, 0, 5, struct.pack(">I", h2.NO_ERROR)) in frames
+    assert not [f for f in frames if f[0] == h2.GOAWAY]
+
+
 def test_kept_header_blocks_decode_as_hpack_does() -> None:
     """Blocks of table references alone are kept decoded; the table they refer to changes whenever a block adds
     to it. 3,000 blocks from hpack's encoder over header sets that repeat, change and grow the table past its
@@ -180,3 +206,10 @@ def test_kept_header_blocks_decode_as_hpack_does() -> None:
         kept += decoded is not None
         assert (decoded if decoded is not None else connection.decode(block)) == want
     assert kept > 300  # the kept blocks were used, after the table had changed many times
+
+
+def test_timeouts_read_as_grpc_writes_them() -> None:
+    assert h2.timeout("100m") == pytest.approx(0.1) and h2.timeout("2S") == 2.0 and h2.timeout("1H") == 3600.0
+    assert h2.timeout("99999999u") == pytest.approx(99.999999)
+    for bad in (None, "", "S", "5", "5x", "-5S", "²S", "123456789S", " 5S"):
+        assert h2.timeout(bad) is None, bad

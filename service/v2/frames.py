@@ -27,7 +27,7 @@ FRAME_HEAD = struct.Struct(">IBI")  # length (24 bits) and type in one word, fla
 TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 # gRPC status codes (google.rpc.Code) this module answers itself
-OK, CANCELLED, INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL = 0, 1, 3, 4, 8, 12, 13
+OK, INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL = 0, 3, 4, 8, 12, 13
 
 
 class Status(Exception):
@@ -83,9 +83,12 @@ def trailers(code: int, message: str) -> bytes:
 
 def timeout(value: str | None) -> float | None:
     """grpc-timeout ("100m", "5S", ...) in seconds; None where absent or not a timeout."""
-    if not value or value[-1] not in TIMEOUT_UNITS or not value[:-1].isdigit() or len(value) > 9:
+    if not value or value[-1] not in TIMEOUT_UNITS:
         return None
-    return int(value[:-1]) * TIMEOUT_UNITS[value[-1]]
+    digits = value[:-1]  # at most 8 ASCII digits
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 8:
+        return None
+    return int(digits) * TIMEOUT_UNITS[value[-1]]
 
 
 # What this server says first: its settings, and the connection's window raised to WINDOW.

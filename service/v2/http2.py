@@ -14,11 +14,11 @@ to the event loop cost a call more CPU than the whole HTTP/1.1 request path did.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import cast
 
 import hpack
@@ -63,6 +63,7 @@ class Connection(asyncio.Protocol):
         self.peer_window = 65535  # the peer's initial window for a new stream
         self.peer_frame = h2.MAX_FRAME
         self.received = 0  # bytes read since the last connection WINDOW_UPDATE
+        self.arriving = 0  # bytes of the messages of calls not started yet (held until their last byte is in)
         self.table_update = b""  # a dynamic table size update owed at the start of the next header block
         self.out: list[bytes] = []  # frames to write at the end of this turn
         self.stopping = False  # GOAWAY sent: no new calls
@@ -82,12 +83,10 @@ class Connection(asyncio.Protocol):
         self.streams.clear()
 
     def pause_writing(self) -> None:  # the peer does not read its answers: stop reading its calls
-        if self.transport is not None:
-            self.transport.pause_reading()
+        cast(asyncio.Transport, self.transport).pause_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None:
-            self.transport.resume_reading()
+        cast(asyncio.Transport, self.transport).resume_reading()
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
@@ -95,12 +94,10 @@ class Connection(asyncio.Protocol):
         pos = 0
         try:
             if not self.preface:
-                if len(buffer) < len(h2.PREFACE):
-                    if not h2.PREFACE.startswith(bytes(buffer)):
-                        raise h2.ProtocolError(h2.PROTOCOL_ERROR, "not HTTP/2 with prior knowledge")
-                    return
-                if buffer[: len(h2.PREFACE)] != h2.PREFACE:
+                if not h2.PREFACE.startswith(bytes(buffer[: len(h2.PREFACE)])):
                     raise h2.ProtocolError(h2.PROTOCOL_ERROR, "not HTTP/2 with prior knowledge")
+                if len(buffer) < len(h2.PREFACE):
+                    return
                 self.preface, pos = True, len(h2.PREFACE)
             end = len(buffer)
             while end - pos >= 9:
@@ -147,7 +144,7 @@ class Connection(asyncio.Protocol):
             if not flags & h2.ACK:
                 self.out.append(h2.frame(h2.PING, h2.ACK, 0, payload))
         elif kind == h2.RST_STREAM:
-            stream = self.streams.pop(sid, None)
+            stream = self.forget(sid)
             if stream is not None and stream.task is not None:
                 stream.task.cancel()  # the caller went away
         elif kind == h2.PUSH_PROMISE:
@@ -172,10 +169,15 @@ class Connection(asyncio.Protocol):
             if not payload or payload[0] >= len(payload):
                 raise h2.ProtocolError(h2.PROTOCOL_ERROR, "a malformed padded DATA")
             payload = payload[1 : len(payload) - payload[0]]
+        limit = self.server.max_message
+        if self.arriving + len(payload) > limit + 5:  # a connection's messages in part: one message's worth
+            self.refuse(stream, h2.RESOURCE_EXHAUSTED, f"messages of {self.arriving} bytes arriving, limit {limit}")
+            return
         body = stream.body
         body += payload
+        self.arriving += len(payload)
         if len(body) >= 5:  # the message's length is known: refuse it now rather than read it
-            size, limit = int.from_bytes(body[1:5], "big"), self.server.max_message
+            size = int.from_bytes(body[1:5], "big")
             if size > limit:
                 self.refuse(stream, h2.RESOURCE_EXHAUSTED, f"a message of {size} bytes, limit {limit}")
                 return
@@ -279,6 +281,7 @@ class Connection(asyncio.Protocol):
     # -- calls
 
     def start(self, stream: Stream) -> None:
+        self.arriving -= len(stream.body)
         stream.task = asyncio.get_running_loop().create_task(self.run(stream))
 
     async def run(self, stream: Stream) -> None:
@@ -322,7 +325,7 @@ class Connection(asyncio.Protocol):
         if message is None:  # trailers only
             block = head + h2.RESPONSE + h2.trailers(code, text)
             self.out.append(h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream.id, block))
-            del self.streams[stream.id]
+            self.forget(stream.id)
         else:
             self.out.append(h2.frame(h2.HEADERS, h2.END_HEADERS, stream.id, head + h2.RESPONSE))
             stream.pending = b"\x00" + len(message).to_bytes(4, "big") + message
@@ -343,7 +346,7 @@ class Connection(asyncio.Protocol):
             stream.window -= n
         stream.pending = b""
         self.out.append(h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, stream.id, h2.TRAILERS_OK))
-        self.streams.pop(stream.id, None)
+        self.forget(stream.id)
         if not stream.ended:
             self.reset(stream.id, h2.NO_ERROR)
 
@@ -353,7 +356,14 @@ class Connection(asyncio.Protocol):
 
     def reset(self, sid: int, code: int) -> None:
         self.out.append(h2.frame(h2.RST_STREAM, 0, sid, struct.pack(">I", code)))
-        self.streams.pop(sid, None)
+        self.forget(sid)
+
+    def forget(self, sid: int) -> Stream | None:
+        """The stream is done with: its message's bytes no longer count as arriving."""
+        stream = self.streams.pop(sid, None)
+        if stream is not None and stream.task is None:
+            self.arriving -= len(stream.body)
+        return stream
 
     def flush(self) -> None:
         if self.out and self.transport is not None:
@@ -384,8 +394,9 @@ class Server:
 
     async def start(self, host: str, port: int, reuse_port: bool) -> None:
         loop = asyncio.get_running_loop()
+        # The backlog is uvicorn's.
         self.listener = await loop.create_server(
-            lambda: Connection(self), host, port, reuse_port=reuse_port, backlog=1024
+            partial(Connection, self), host, port, reuse_port=reuse_port, backlog=2048
         )
 
     async def stop(self, grace: float) -> None:
@@ -398,8 +409,4 @@ class Server:
         while any(c.streams for c in self.connections) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for c in list(self.connections):
-            if c.transport is not None:
-                c.transport.close()
-        with contextlib.suppress(Exception):
-            if self.listener is not None:
-                await self.listener.wait_closed()
+            cast(asyncio.Transport, c.transport).close()
