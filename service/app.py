@@ -29,7 +29,7 @@ from service.api import pages, routes, schema
 from service.api import zero_shot as zero_shot_routes
 from service.api.intake import Intake, door
 from service.api.keys import Authenticate
-from service.api.parking import ADMISSION, PROBE, Probe
+from service.api.parking import ADMISSION, PROBE, SPREAD, Probe
 from service.api.plain import Service, plain_routes
 from service.artifacts import ArtifactError
 from service.auth import Keys
@@ -39,6 +39,7 @@ from service.errors import NOT_READY, RequestError, json_error
 from service.memory.versions import OpenMemory, load_version
 from service.metrics import Metrics
 from service.settings import Settings
+from service.spread import Spread, shared
 from service.v2 import grpc as v2_grpc
 from service.v2 import rest as v2_rest
 
@@ -88,7 +89,7 @@ def create_app(
     keys = Keys(settings.api_keys, settings.admin_token, settings.api_keys_poll_s)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Admission | Probe]]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Admission | Probe | Spread | None]]:
         try:
             keys.load()
         except ValueError as e:
@@ -139,13 +140,16 @@ def create_app(
                 served.version.manifest.index.type,
             )
         log.info("encoder on %s, cache %s", pipeline.encoder.providers[0], pipeline.cache.store.backend)
+        spread = shared(metrics.multiprocess_dir, "http")
         try:
-            yield {ADMISSION: pipeline.admission, PROBE: probe}  # for the HTTP protocol (service/api/parking.py)
+            yield {ADMISSION: pipeline.admission, PROBE: probe, SPREAD: spread}  # for service/api/parking.py
         finally:
             app.state.ready = False
             if grpc_server is not None:
                 await grpc_server.stop(grace=5)
             await pipeline.stop()
+            if spread is not None:
+                spread.close()
             metrics.process_exited()
 
     app = Service(

@@ -13,13 +13,14 @@ hook: they all signal the main process) makes every server process look at the s
 link now; POST /admin/reload to any process does the same through it.
 
 With several processes each listens on a socket of its own, bound to the server's address with SO_REUSEPORT,
-and the kernel spreads new connections evenly among the processes listening (a hash of each connection's
-addresses). One socket shared by all would go to whichever process wakes first: a burst of keep-alive
-connections, opened at once, could land nearly all on one process for their whole life, leaving the other
-with small batches and idle time. A process starts listening once it is ready, and its socket closes with
-it: connections it had not yet accepted when it died are reset, and new ones go to the others until its
-replacement is ready. The supervisor holds the port bound (not listening) meanwhile, so that a port in use
-fails the start at once and nobody else takes it; a server process whose supervisor is gone stops.
+and the kernel spreads new connections among the processes listening (a hash of each connection's addresses; a
+process holding more than its share sends new ones on: service/spread.py). One socket shared by all would go
+to whichever process wakes first: a burst of keep-alive connections, opened at once, could land nearly all on
+one process for their whole life, leaving the other with small batches and idle time. A process starts
+listening once it is ready, and its socket closes with it: connections it had not yet accepted when it died
+are reset, and new ones go to the others until its replacement is ready. The supervisor holds the port bound
+(not listening) meanwhile, so that a port in use fails the start at once and nobody else takes it; a server
+process whose supervisor is gone stops.
 """
 
 from __future__ import annotations

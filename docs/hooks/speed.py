@@ -241,6 +241,18 @@ def protocols(docs: Sequence[Doc]) -> Rows:
     return [*header, "outside the batches, REST / gRPC", "mean batch, REST / gRPC"], rows
 
 
+def spread_ab(docs: Sequence[Doc]) -> Rows:
+    """Two checkouts' rounds of every API: how the connections fell over the processes, and what that served."""
+    (d,) = docs
+    rows = []
+    for i, name, r in _rounds(d):
+        for api, label in (("classify", "POST /classify"), ("v2_http", "v2 REST"), ("v2_grpc_p0", "v2 gRPC")):
+            x = (*r, api, d.keys(*r, api)[0])
+            held = " / ".join(str(int(c)) for c in d.get(*x, "connections_per_process"))
+            rows.append([str(i), name, label, held, n(d.num(*x, "req_per_s")), f"{d.num(*x, 'mean_batch'):.1f}"])
+    return ["round", "server", "API", "connections per process", "req/s", "mean batch"], rows
+
+
 def protocol_drivers(docs: Sequence[Doc]) -> Rows:
     (d,) = docs
     rows = []

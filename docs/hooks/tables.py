@@ -73,6 +73,8 @@ COMMANDS = {
     "grpc_http2_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --grpc-processes 0 "
     "--checkout grpc_aio=DIR --checkout http2=. --concurrency 16 --seconds 8 --repeat 3 "
     "--json results/grpc_http2_ab.json",
+    "spread_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify --grpc-processes 0 "
+    "--checkout hashed=DIR --checkout spread=. --concurrency 16 --seconds 6 --repeat 3 --json results/spread_ab.json",
     "protocols_drivers.json": "python -m loadtests.protocols --artifacts artifacts/demo --grpc-processes 0,1,4 "
     "--repeat 3 --json results/protocols_drivers.json",
     "classify_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify --grpc-processes '' "
@@ -142,6 +144,7 @@ TABLES: dict[str, Table] = {
     "ray_build": Table(("ray_build.json",), c.ray_build, "Decode, embed, text and thumbnail, per image."),
     "profile": Table(("profile.json",), s.profile),
     "grpc_http2_ab": Table(("grpc_http2_ab.json",), s.protocols, "16 connections, new images (cache misses)."),
+    "spread_ab": Table(("spread_ab.json",), s.spread_ab, "New images (cache misses)."),
     "protocol_drivers": Table(("protocols_drivers.json",), s.protocol_drivers, "16 connections."),
     "classify_ab": Table(("classify_ab.json",), s.classify_ab),
     "request_path_ab": Table(("request_path_ab.json",), s.request_path_ab),

@@ -28,9 +28,11 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.api.intake import door
 from service.core.batching import Admission
+from service.spread import Spread
 
 ADMISSION = "admission"  # the lifespan state's key for the process's Admission (service/app.py)
 PROBE = "probe"  # and for its probe answers: path -> (status, JSON body), None for a path that is not a probe
+SPREAD = "spread"  # and for the connections its processes hold (service/spread.py), where there are several
 RESERVE_S = 0.1  # a resumed connection whose next request's headers are not in by then gives its slot back
 Probe = Callable[[str], tuple[int, bytes] | None]
 
@@ -39,6 +41,17 @@ class ParkingProtocol(HttpToolsProtocol):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._reservation: asyncio.TimerHandle | None = None  # set while a slot is kept for the next request
+        self._spread: Spread | None = None  # where this connection is counted
+        self._leave = False  # this process holds more than its share: closed after its first answer
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        spread: Spread | None = self.app_state.get(SPREAD)
+        if spread is not None and spread.opened():
+            spread.closed()  # not counted from now: the client opens another connection after its answer
+            self._leave = True
+        else:
+            self._spread = spread
 
     def _admission(self) -> Admission | None:
         admission: Admission | None = self.app_state.get(ADMISSION)
@@ -75,6 +88,8 @@ class ParkingProtocol(HttpToolsProtocol):
             self._unreserve()
             return
         super().on_headers_complete()  # the request's task is scheduled: an upload takes the slot at the door
+        if self._leave:
+            self.cycle.keep_alive = False  # "connection: close" on its answer
         if self.scope["method"] != "HEAD":  # a HEAD's answer has no body to carry its head
             self.cycle.transport = OneWrite(self.transport)  # type: ignore[assignment]
         self._unreserve(upload=door(self.scope) is not None)
@@ -119,6 +134,8 @@ class ParkingProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._unreserve()
+        if self._spread is not None:
+            self._spread.closed()
         super().connection_lost(exc)
 
 

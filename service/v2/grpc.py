@@ -7,7 +7,7 @@ cache and metrics the HTTP routes use. Implemented: ServerLive, ServerReady, Mod
 ModelMetadata, ModelInfer; the rest answer UNIMPLEMENTED.
 
 Several server processes all listen on RAC_GRPC_PORT with SO_REUSEPORT, and the kernel spreads connections
-over them; one process alone does not set it, so a port already taken fails the start instead of being shared.
+over them (a process holding more than its share sends new ones on: service/spread.py); one process alone does not set it, so a port already taken fails the start instead of being shared.
 A gRPC channel is one connection: a client that wants every process busy opens several (with
 `grpc.use_local_subchannel_pool`, else grpcio shares one connection among channels to the same address).
 """
@@ -28,6 +28,7 @@ from service.auth import OPEN, Keys, Principal
 from service.errors import RequestError, grpc_code
 from service.metrics import Metrics
 from service.settings import Settings
+from service.spread import shared
 from service.v2 import frames as h2
 from service.v2 import http2
 from service.v2 import model as v2
@@ -165,7 +166,8 @@ async def start(state: State, settings: Settings, metrics: Metrics) -> http2.Ser
     """Serve the protocol on settings.host:settings.grpc_port in this process; None where the port is 0."""
     if not settings.grpc_port:
         return None
-    server = http2.Server(Servicer(state, metrics).handlers(), settings.max_request_bytes)
+    spread = shared(metrics.multiprocess_dir, "grpc")
+    server = http2.Server(Servicer(state, metrics).handlers(), settings.max_request_bytes, spread)
     address = f"{settings.host}:{settings.grpc_port}"
     try:
         await server.start(settings.host, settings.grpc_port, reuse_port=settings.workers > 1)

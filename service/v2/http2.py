@@ -23,6 +23,7 @@ from typing import cast
 
 import hpack
 
+from service.spread import Spread
 from service.v2 import frames as h2
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class Connection(asyncio.Protocol):
         self.arriving = 0  # bytes of the messages of calls not started yet (held until their last byte is in)
         self.table_update = b""  # a dynamic table size update owed at the start of the next header block
         self.out: list[bytes] = []  # frames to write at the end of this turn
-        self.stopping = False  # GOAWAY sent: no new calls
+        self.counted = False  # in the server's Spread
+        self.leave = False  # asked to go after its first answer (then the client has connected once, fully)
 
     # -- reading
 
@@ -74,9 +76,16 @@ class Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
         self.server.connections.add(self)
         self.transport.write(h2.OPENING)
+        spread = self.server.spread
+        self.counted = spread is not None and not spread.opened()
+        if spread is not None and not self.counted:  # this process holds more than its share: not counted
+            spread.closed()  # from now: after its first answer the client is asked to go (GOAWAY)
+            self.leave = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        if self.counted and self.server.spread is not None:
+            self.server.spread.closed()
         for stream in self.streams.values():
             if stream.task is not None:
                 stream.task.cancel()
@@ -219,7 +228,7 @@ class Connection(asyncio.Protocol):
                 self.start(stream)
             return
         self.last = sid
-        if self.stopping or len(self.streams) >= h2.MAX_STREAMS:  # the peer may retry it (elsewhere)
+        if len(self.streams) >= h2.MAX_STREAMS:  # the peer may retry it
             self.reset(sid, h2.REFUSED_STREAM)
             return
         stream = Stream(sid, headers.get(":path", ""), headers, self.peer_window)
@@ -331,6 +340,9 @@ class Connection(asyncio.Protocol):
             stream.pending = b"\x00" + len(message).to_bytes(4, "big") + message
             self.send(stream)
         self.flush()
+        if self.leave:
+            self.leave = False
+            self.goaway()
 
     def send(self, stream: Stream) -> None:
         """As much of the stream's answer as the windows allow; the trailers once all of it has gone."""
@@ -378,17 +390,19 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
     def goaway(self) -> None:
-        """The server is stopping: no new calls on this connection; those open finish."""
-        self.stopping = True
-        self.out.append(h2.frame(h2.GOAWAY, 0, 0, struct.pack(">II", self.last, h2.NO_ERROR)))
+        """Ask the client to open no more calls on this connection (it opens another for them) and to close it
+        once its calls are answered. The last stream named is the largest there is: a call the client sent
+        before it read this is served too, not failed (RFC 9113 6.8's graceful shutdown)."""
+        self.out.append(h2.frame(h2.GOAWAY, 0, 0, struct.pack(">II", h2.MAX_WINDOW, h2.NO_ERROR)))
         self.flush()
 
 
 class Server:
     """gRPC methods (path -> handler) served on host:port by this process's event loop."""
 
-    def __init__(self, handlers: dict[str, Handler], max_message: int):
-        self.handlers, self.max_message = handlers, max_message
+    def __init__(self, handlers: dict[str, Handler], max_message: int, spread: Spread | None = None):
+        """spread: the connections of this server's processes, counted (service/spread.py); None: one process."""
+        self.handlers, self.max_message, self.spread = handlers, max_message, spread
         self.connections: set[Connection] = set()
         self.listener: asyncio.Server | None = None
 
@@ -410,3 +424,5 @@ class Server:
             await asyncio.sleep(0.02)
         for c in list(self.connections):
             cast(asyncio.Transport, c.transport).close()
+        if self.spread is not None:
+            self.spread.close()
