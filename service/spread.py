@@ -2,11 +2,13 @@
 
 The server processes listen on one port with SO_REUSEPORT (service/serve.py), and the kernel gives each new
 connection to one of them by a hash of its addresses: a client's connections, which live for its whole run,
-can land mostly on one process, which then runs big batches while the other runs small ones, dearer an
-image. Each process writes how many connections it holds to a file of its own in a directory the processes
-share; a process that, with a new connection, holds more than one more than the process holding fewest asks
-that connection to go (gRPC: GOAWAY before any call is taken, so the client opens another, which the kernel
-may give to another process).
+can land mostly on one process, which then runs big batches while the other runs small ones, dearer an image.
+Each process writes how many connections it holds to a file of its own in a directory the processes share; a
+process that, with a new connection, holds more than one more than the process holding fewest (an eighth more,
+with many) serves that connection's first request and then asks the client to go (HTTP/1.1: `connection:
+close` on the answer; gRPC: GOAWAY after the first call's answer). The client's next request opens another
+connection, which the kernel may give to another process. The connection is not counted from the moment it is
+asked to go.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 
 
 class Spread:
+    """This process's count of one kind of connection, in the shared directory, beside the other processes'."""
+
     def __init__(self, directory: Path, kind: str, pid: int | None = None):
         """kind: the connections counted ("grpc"); pid: this process (the files' owner), by default os.getpid()."""
         directory.mkdir(exist_ok=True)
@@ -30,12 +34,14 @@ class Spread:
             os.pwrite(self._fd, self.held.to_bytes(4, "little"), 0)
 
     def opened(self) -> bool:
-        """A new connection, counted: True where this process now holds more than its share (more than one
-        more than the process holding fewest), and the connection should go elsewhere."""
+        """A new connection, counted: True where this process now holds more than its share, and the connection
+        should go elsewhere: more than one more than the process holding fewest, or with many connections more
+        than an eighth more (a thousand connections hashed over two processes fall within a few percent of
+        even, and sending them on would only add reconnections under load)."""
         self.held += 1
         self._write()
         others = self.others()
-        return bool(others) and self.held > min(others) + 1
+        return bool(others) and self.held > min(others) + max(1, min(others) // 8)
 
     def closed(self) -> None:
         self.held -= 1

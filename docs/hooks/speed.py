@@ -248,7 +248,9 @@ def spread_ab(docs: Sequence[Doc]) -> Rows:
     for i, name, r in _rounds(d):
         for api, label in (("classify", "POST /classify"), ("v2_http", "v2 REST"), ("v2_grpc_p0", "v2 gRPC")):
             x = (*r, api, d.keys(*r, api)[0])
-            held = " / ".join(str(int(c)) for c in d.get(*x, "connections_per_process"))
+            held = " / ".join(
+                n(d.num(*x, "connections_per_process", j)) for j in range(d.count(*x, "connections_per_process"))
+            )
             rows.append([str(i), name, label, held, n(d.num(*x, "req_per_s")), f"{d.num(*x, 'mean_batch'):.1f}"])
     return ["round", "server", "API", "connections per process", "req/s", "mean batch"], rows
 

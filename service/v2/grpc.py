@@ -7,9 +7,10 @@ cache and metrics the HTTP routes use. Implemented: ServerLive, ServerReady, Mod
 ModelMetadata, ModelInfer; the rest answer UNIMPLEMENTED.
 
 Several server processes all listen on RAC_GRPC_PORT with SO_REUSEPORT, and the kernel spreads connections
-over them (a process holding more than its share sends new ones on: service/spread.py); one process alone does not set it, so a port already taken fails the start instead of being shared.
-A gRPC channel is one connection: a client that wants every process busy opens several (with
-`grpc.use_local_subchannel_pool`, else grpcio shares one connection among channels to the same address).
+over them (a process holding more than its share sends new ones on: service/spread.py); one process alone does
+not set it, so a port already taken fails the start instead of being shared. A gRPC channel is one connection:
+a client that wants every process busy opens several (with `grpc.use_local_subchannel_pool`, else grpcio
+shares one connection among channels to the same address).
 """
 
 from __future__ import annotations
