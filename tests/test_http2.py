@@ -26,7 +26,7 @@ UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_le
 
 class Served:
     def __init__(self, port: int) -> None:
-        self.port, self.cancelled = port, threading.Event()
+        self.port, self.started, self.cancelled = port, threading.Event(), threading.Event()
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,7 @@ def served() -> Iterator[Served]:
         return metadata.get("authorization", "").encode()
 
     async def slow(message: bytes, metadata: dict[str, str]) -> bytes:
+        s.started.set()
         try:
             await asyncio.sleep(60)
         except asyncio.CancelledError:
@@ -111,8 +112,10 @@ def test_a_deadline_cancels_the_handler(served: Served) -> None:
             c.unary_unary("/t.T/Slow")(b"", timeout=0.3)
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert served.cancelled.wait(5)  # the server gave up too: the work does not run on for nobody
+        served.started.clear()
         served.cancelled.clear()
         future = c.unary_unary("/t.T/Slow").future(b"", timeout=30)
+        assert served.started.wait(5)
         future.cancel()  # the client resets the stream
         assert served.cancelled.wait(5)
 

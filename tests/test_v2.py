@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import http.client
 import json
 import socket
 import subprocess
@@ -148,21 +147,6 @@ def test_grpc_bytes_contents_and_chosen_outputs(server: Server, reference: dict[
     assert list(response.outputs[0].shape) == [2, TOP_K]
     result = tg.InferResult(response)
     assert [[x.decode() for x in row] for row in result.as_numpy("LABELS")] == reference["LABELS"][:2].tolist()
-
-
-def test_grpc_refuses_what_is_not_the_protocol(server: Server) -> None:
-    """A message that is not a ModelInferRequest is INVALID_ARGUMENT; a method the service lacks, or one of
-    another service, UNIMPLEMENTED; the connection keeps serving."""
-    with grpc.insecure_channel(server.grpc) as channel:
-        with pytest.raises(grpc.RpcError) as e:
-            channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(b"\xff\xff\xff", timeout=30)
-        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ModelInferRequest" in (e.value.details() or "")
-        for method in ("/inference.GRPCInferenceService/ModelStatistics", "/grpc.health.v1.Health/Check"):
-            with pytest.raises(grpc.RpcError) as e:
-                channel.unary_unary(method)(b"", timeout=30)
-            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        live = service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive(service_pb2.ServerLiveRequest())
-        assert live.live
 
 
 def test_http_answers_only_the_outputs_asked_for(server: Server, reference: dict[str, np.ndarray]) -> None:
@@ -322,40 +306,6 @@ def test_grpc_reaches_every_process_and_counts_in_the_same_metrics(server: Serve
         for o in ("hit", "miss")
     )
     assert images == 4
-
-
-def test_connections_end_up_even_over_the_processes(server: Server) -> None:
-    """16 keep-alive clients, HTTP and gRPC each: whatever the kernel's hash gave each process at first, a
-    process holding more than one more than the other sends a new connection on ("connection: close" after its
-    answer; GOAWAY), and the clients' next calls, on new connections, end up 8 and 8."""
-    http_port, grpc_port = (int(address.rsplit(":", 1)[1]) for address in (server.url, server.grpc))
-    clients = [http.client.HTTPConnection("127.0.0.1", http_port, timeout=10) for _ in range(16)]  # reopened if closed
-    channels = [grpc.insecure_channel(server.grpc, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(16)]
-    stubs = [service_pb2_grpc.GRPCInferenceServiceStub(c) for c in channels]
-
-    def http_calls() -> None:
-        for h in clients:
-            h.request("GET", "/v2/health/ready")
-            answer = h.getresponse()
-            answer.read()
-            assert answer.status == 200
-
-    def grpc_calls() -> None:
-        for stub in stubs:
-            assert stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=10).ready
-
-    try:
-        for port, calls in ((http_port, http_calls), (grpc_port, grpc_calls)):
-            for _ in range(20):
-                calls()
-                if spread(port) == [8, 8]:
-                    break
-            assert spread(port) == [8, 8]
-    finally:
-        for h in clients:
-            h.close()
-        for c in channels:
-            c.close()
 
 
 @pytest.mark.parametrize("processes", [0, 1], ids=["native", "python"])
