@@ -13,18 +13,16 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from loadtests.drivers import spread
 from loadtests.server import free_port, serving
+from tests.helpers import Served
 
-
-class Served:
-    def __init__(self, url: str, grpc: str) -> None:
-        self.url, self.grpc = url, grpc
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def server(quick_artifacts: Path) -> Iterator[Served]:
     port = free_port()
     with serving(quick_artifacts, RAC_WORKERS="2", RAC_GRPC_PORT=str(port)) as url:
-        yield Served(url, f"127.0.0.1:{port}")
+        yield Served(url, f"127.0.0.1:{port}", [])
 
 
 def test_connections_end_up_even_over_the_processes(server: Served) -> None:

@@ -144,6 +144,7 @@ def read_frames(sock: socket.socket) -> list[tuple[int, int, int, bytes]]:
         (h2.PREFACE + struct.pack(">IBI", 20_000 << 8 | h2.DATA, 0, 1), h2.FRAME_SIZE_ERROR),  # a frame too large
         (h2.PREFACE + h2.frame(h2.HEADERS, h2.END_HEADERS, 1, b"\xff\xff\xff\x7f"), h2.COMPRESSION_ERROR),
         (h2.PREFACE + h2.frame(h2.DATA, 0, 3, b"x"), h2.PROTOCOL_ERROR),  # DATA on a stream never opened
+        (h2.PREFACE + h2.frame(h2.HEADERS, h2.END_HEADERS | h2.PADDED, 1, b"\x05abc"), h2.PROTOCOL_ERROR),  # padding
     ],
 )
 def test_a_peer_that_breaks_the_protocol_gets_goaway(served: Served, sent: bytes, code: int) -> None:
@@ -152,6 +153,22 @@ def test_a_peer_that_breaks_the_protocol_gets_goaway(served: Served, sent: bytes
         frames = read_frames(sock)
     goaway = [f for f in frames if f[0] == h2.GOAWAY]
     assert goaway and struct.unpack(">II", goaway[-1][3][:8])[1] == code
+
+
+def test_padded_frames_are_read_without_their_padding(served: Served) -> None:
+    """HEADERS and DATA with padding (grpc clients send none, the protocol allows it): the call is answered as
+    without."""
+    block = hpack.Encoder().encode(
+        [(":method", "POST"), (":scheme", "http"), (":path", "/t.T/Echo"), ("content-type", "application/grpc")]
+    )
+    message = b"\x00" + (5).to_bytes(4, "big") + b"hello"
+    sent = h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0)
+    sent += h2.frame(h2.HEADERS, h2.END_HEADERS | h2.PADDED, 1, b"\x03" + block + b"pad")
+    sent += h2.frame(h2.DATA, h2.END_STREAM | h2.PADDED, 1, b"\x02" + message + b"pp")
+    with socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.sendall(sent)
+        frames = read_frames(sock)
+    assert [f[3] for f in frames if f[0] == h2.DATA and f[2] == 1] == [b"\x00" + (5).to_bytes(4, "big") + b"olleh"]
 
 
 def test_ping_is_answered_and_settings_acknowledged(served: Served) -> None:

@@ -50,6 +50,13 @@ def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
     return FRAME_HEAD.pack(len(payload) << 8 | kind, flags, stream) + payload
 
 
+def unpadded(payload: bytes, kind: str) -> bytes:
+    """A padded frame's payload without its pad length byte and padding (RFC 9113 6.1, 6.2)."""
+    if not payload or payload[0] >= len(payload):
+        raise ProtocolError(PROTOCOL_ERROR, f"a malformed padded {kind}")
+    return payload[1 : len(payload) - payload[0]]
+
+
 def _integer(value: int, prefix: int) -> bytes:
     """HPACK's integer with an N-bit prefix (RFC 7541 5.1), the prefix's other bits zero."""
     limit = (1 << prefix) - 1

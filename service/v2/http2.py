@@ -175,9 +175,7 @@ class Connection(asyncio.Protocol):
             return
         counted = len(payload)  # padding included, as flow control counts it
         if flags & h2.PADDED:
-            if not payload or payload[0] >= len(payload):
-                raise h2.ProtocolError(h2.PROTOCOL_ERROR, "a malformed padded DATA")
-            payload = payload[1 : len(payload) - payload[0]]
+            payload = h2.unpadded(payload, "DATA")
         limit = self.server.max_message
         if self.arriving + len(payload) > limit + 5:  # a connection's messages in part: one message's worth
             self.refuse(stream, h2.RESOURCE_EXHAUSTED, f"messages of {self.arriving} bytes arriving, limit {limit}")
@@ -206,9 +204,7 @@ class Connection(asyncio.Protocol):
         if sid == 0 or sid % 2 == 0:
             raise h2.ProtocolError(h2.PROTOCOL_ERROR, f"HEADERS on stream {sid}")
         if flags & h2.PADDED:
-            if not payload or payload[0] >= len(payload):
-                raise h2.ProtocolError(h2.PROTOCOL_ERROR, "a malformed padded HEADERS")
-            payload = payload[1 : len(payload) - payload[0]]
+            payload = h2.unpadded(payload, "HEADERS")
         if flags & h2.PRIORITY_FLAG:
             payload = payload[5:]
         if flags & h2.END_HEADERS:
