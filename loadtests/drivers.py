@@ -223,6 +223,7 @@ def measured(url: str, processes: list[psutil.Process], drive: Callable[[], dict
     batches = after.get("rac_batch_size_count", 0.0) - before.get("rac_batch_size_count", 0.0)
     images = after.get("rac_batch_size_sum", 0.0) - before.get("rac_batch_size_sum", 0.0)
     in_batches = after.get("rac_batch_cpu_seconds_total", 0.0) - before.get("rac_batch_cpu_seconds_total", 0.0)
+    collecting = sum(v - before.get(k, 0.0) for k, v in after.items() if k.startswith("rac_gc_cpu_seconds_total{"))
     n = max(1, stats["requests"])
     stats["server_cpu_ms_per_request"] = 1000 * used / n
     # The same CPU split by thread: the batches' (their worker threads: the pipeline) and the rest (the request
@@ -232,6 +233,7 @@ def measured(url: str, processes: list[psutil.Process], drive: Callable[[], dict
     # ... of which the event loops' (HTTP, the framework, the service's own Python); the rest is other threads'
     # (gRPC's own, for a gRPC run)
     stats["event_loop_cpu_ms_per_request"] = 1000 * loops / n
+    stats["gc_cpu_ms_per_request"] = 1000 * collecting / n  # the garbage collector's passes, in any thread
     stats["server_cores"] = used / stats["seconds"]
     stats["client_cpu_ms_per_request"] = 1000 * stats["client_cores"] * stats["seconds"] / n
     stats["mean_batch"] = images / batches if batches else None

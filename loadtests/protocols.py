@@ -13,11 +13,14 @@ native driver or loadtests/v2load.py processes for gRPC, every request a new ima
 (all its processes), the load generator's, and the mean batch the server ran. `--grpc-processes` gives the
 gRPC drivers to measure, each right after REST: 0 the native one, N the Python one in N processes. Each
 `--checkout NAME=DIR` is served in turn (`python -m service` from DIR, on the same artifacts and settings) and
-measured at each concurrency, REST then
-gRPC; `--repeat` runs the whole round again, so that two versions of the server are compared on the same
-machine state, interleaved. On a shared host the figures move between rounds: compare within a round.
-`--hits` also sends one image over and over to /classify: every request a cache hit, the request path without
-the model (python -m loadtests.protocols --hits --grpc-processes '' --checkout before=/tmp/old --checkout after=.).
+measured at each concurrency, REST then gRPC; `NAME=DIR,RAC_X=V,...` serves it with settings of its own beside
+the caller's (the same checkout twice: two settings compared); `--repeat` runs the whole round again, so that
+two versions of the server are compared on the same machine state, interleaved. On a shared host the figures
+move between rounds: compare within a round.
+`--warm S` first drives S seconds of /classify with new images at the highest concurrency, unmeasured: a server
+that has served a while, its caches full. `--hits` also sends one image over and over to /classify: every
+request a cache hit, the request path without the model (python -m loadtests.protocols --hits
+--grpc-processes '' --checkout before=/tmp/old --checkout after=.).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from loadtests import multipart
 from loadtests.drivers import measured, server_tree, v2_grpc, v2_http, wrk
@@ -39,15 +42,23 @@ from loadtests.server import ROOT, free_port, serving
 SHARE = 1_500  # distinct images per second of measurement and API: every request a cache miss
 
 
+class Checkout(NamedTuple):
+    """A checkout to serve, and the RAC_* settings it is served with (beside the caller's own)."""
+
+    root: Path
+    settings: dict[str, str]
+
+
 def run(
     artifacts: Path,
-    checkouts: dict[str, Path],
+    checkouts: dict[str, Checkout],
     levels: list[int],
     seconds: float,
     repeat: int,
     drivers: list[int],
     classify: bool = False,
     hits: bool = False,
+    warm: float = 0.0,
 ) -> dict[str, Any]:
     share = max(2_000, round(SHARE * seconds))
     images = iter(pngs())
@@ -55,13 +66,17 @@ def run(
     rounds: list[dict[str, Any]] = []
     for n in range(repeat):
         this: dict[str, Any] = {}
-        for name, root in checkouts.items():
+        for name, (root, settings) in checkouts.items():
             port = free_port()
-            served = serving(artifacts, root, RAC_GRPC_PORT=str(port), **overrides)
+            served = serving(artifacts, root, RAC_GRPC_PORT=str(port), **(overrides | settings))
             with served as url, tempfile.TemporaryDirectory() as t:
                 runs: dict[str, Any] = {"v2_http": {}} | {f"v2_grpc_p{p}": {} for p in drivers}
                 runs["grpc_over_http"] = {}
                 processes = server_tree(url)
+                if warm:  # a server that has served a while: its caches full, its heap grown; not measured
+                    print(f"round {n + 1}, {name}, warming up for {warm:g} s ...", flush=True)
+                    bodies = [multipart.encode([("image", b)]) for b in itertools.islice(images, round(SHARE * warm))]
+                    wrk(f"{url}/classify", bodies, max(levels), warm, Path(t))
                 for c in levels:
                     print(f"round {n + 1}, {name}, {c} connections ...", flush=True)
                     if hits:  # one image over and over: cache hits, the request path without the model
@@ -88,8 +103,8 @@ def run(
     return {
         "command": "python -m loadtests.protocols",
         "machine": {"cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg()},
-        "settings": {"seconds": seconds, "concurrency": levels, **overrides},
-        "checkouts": {name: str(root) for name, root in checkouts.items()},
+        "settings": {"seconds": seconds, "concurrency": levels, "warm_s": warm, **overrides},
+        "checkouts": {name: {"directory": str(c.root), "settings": c.settings} for name, c in checkouts.items()},
         "rounds": rounds,
     }
 
@@ -97,7 +112,12 @@ def run(
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", type=Path, default=Path("artifacts/demo"))
-    p.add_argument("--checkout", action="append", default=[], help="NAME=DIR: a checkout to serve (default: this one)")
+    p.add_argument(
+        "--checkout",
+        action="append",
+        default=[],
+        help="NAME=DIR[,RAC_X=V...]: a checkout to serve, with settings of its own (default: this one)",
+    )
     p.add_argument("--concurrency", default="16", help="comma-separated")
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--repeat", type=int, default=1)
@@ -108,12 +128,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--classify", action="store_true", help="also POST /classify, first at each concurrency")
     p.add_argument("--hits", action="store_true", help="also POST /classify with one image (cache hits), first")
+    p.add_argument(
+        "--warm", type=float, default=0.0, help="seconds of /classify with new images before measuring (not measured)"
+    )
     p.add_argument("--json", type=Path, default=Path("results/protocols.json"))
     a = p.parse_args(argv)
-    checkouts = {name: Path(d).resolve() for name, d in (c.split("=", 1) for c in a.checkout)} or {"this": ROOT}
+    checkouts: dict[str, Checkout] = {}
+    for spec in a.checkout:
+        name, where = spec.split("=", 1)
+        directory, *settings = where.split(",")
+        checkouts[name] = Checkout(Path(directory).resolve(), dict(s.split("=", 1) for s in settings))
+    checkouts = checkouts or {"this": Checkout(ROOT, {})}
     levels = [int(c) for c in a.concurrency.split(",")]
     drivers = [int(p) for p in a.grpc_processes.split(",") if p]
-    results = run(a.artifacts.resolve(), checkouts, levels, a.seconds, a.repeat, drivers, a.classify, a.hits)
+    results = run(a.artifacts.resolve(), checkouts, levels, a.seconds, a.repeat, drivers, a.classify, a.hits, a.warm)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(results, indent=1))
     for n, r in enumerate(results["rounds"], 1):

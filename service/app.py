@@ -130,6 +130,9 @@ def create_app(
         # life of the process: out of the collector's sight, a full collection no longer walks it. Under load
         # one came about every second and held the event loop for a tenth of a second or more.
         gc.freeze()
+        gc.set_threshold(settings.gc_young_objects)  # the young generation's (Settings says why)
+        collections = metrics.collections()
+        gc.callbacks.append(collections)
         for served in pipeline.memories.served.values():
             log.info(
                 "ready: memory %s from %s: %d items (version %s), index %s",
@@ -144,6 +147,7 @@ def create_app(
         try:
             yield {ADMISSION: pipeline.admission, PROBE: probe, SPREAD: spread}  # for service/api/parking.py
         finally:
+            gc.callbacks.remove(collections)
             app.state.ready = False
             if grpc_server is not None:
                 await grpc_server.stop(grace=5)

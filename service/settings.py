@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     encoder_spin: bool = False  # let onnxruntime's idle threads spin (see service/core/encode.py)
     search_threads: int = 1  # FAISS OpenMP threads: small batches gain nothing from more
     head_threads: int = 1  # torch threads for the head
+    # Objects allocated, net, between two passes of the garbage collector over its young generation (Python's
+    # default: 700). The objects of the requests in flight are alive at every pass: at 700 a pass came every few
+    # dozen requests, walked them and promoted them (what the passes cost: rac_gc_cpu_seconds; docs/speed.md).
+    # Above what is ever in flight at once, the passes are rare; cyclic garbage is still collected.
+    gc_young_objects: int = Field(default=50_000, ge=1)
 
     # Micro-batching and back-pressure
     max_batch: int = 32  # images per encode/search/head batch

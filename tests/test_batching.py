@@ -141,3 +141,23 @@ def test_the_batches_cpu_time_is_counted_and_their_waits_are_not() -> None:
 
     counted = asyncio.run(run())
     assert 0.2 <= counted < 0.3  # two batches, each 0.1 s asleep and 0.1 s computing
+
+
+def test_the_collectors_passes_are_counted_by_generation() -> None:
+    """rac_gc_cpu_seconds: a pass's CPU time, in the generation it collected; nothing without a pass."""
+    import gc
+
+    m = Metrics()
+    callback = m.collections()
+    gc.callbacks.append(callback)
+    gc.disable()  # no pass but the one asked for
+    try:
+        junk = [[i] for i in range(200_000)]  # objects for a full pass to walk
+        assert m.gc_cpu.labels("2")._value.get() == 0.0
+        gc.collect(2)
+        del junk
+    finally:
+        gc.enable()
+        gc.callbacks.remove(callback)
+    assert m.gc_cpu.labels("2")._value.get() > 0.0
+    assert m.gc_cpu.labels("0")._value.get() == m.gc_cpu.labels("1")._value.get() == 0.0

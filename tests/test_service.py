@@ -3,6 +3,7 @@ bad input, overload and artifact checks."""
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import subprocess
@@ -198,6 +199,9 @@ def test_health_info_and_metrics(api: TestClient) -> None:
         "rac_queue_depth",
     ):
         assert series in text
+    # The app's young generation, and its passes counted (none, or some with their CPU time, by now)
+    assert gc.get_threshold()[0] == Settings.model_fields["gc_young_objects"].default
+    assert any(callback.__qualname__.startswith("Metrics.collections") for callback in gc.callbacks)
     assert "/openapi.json" in api.get("/docs").text
     schema = api.get("/openapi.json").json()
     assert "multipart/form-data" in schema["paths"]["/classify"]["post"]["requestBody"]["content"]

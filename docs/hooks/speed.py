@@ -304,6 +304,30 @@ def request_path_c64_ab(docs: Sequence[Doc]) -> Rows:
     return _ab(docs, "classify", "/classify req/s at 64 connections", outside=True)
 
 
+def gc_young_ab(docs: Sequence[Doc]) -> Rows:
+    """One checkout under two settings of the collector's young generation: what /classify cost, and the
+    collector's own share (rac_gc_cpu_seconds)."""
+    (d,) = docs
+    rows = []
+    for i, name, r in _rounds(d):
+        x = (*r, "classify", d.keys(*r, "classify")[0])
+        settings = d.get("checkouts", name, "settings")
+        young = str(settings.get("RAC_GC_YOUNG_OBJECTS", "50000 (default)")) if isinstance(settings, dict) else "?"
+        rows.append(
+            [
+                str(i),
+                young,
+                n(d.num(*x, "req_per_s")),
+                f2(d.num(*x, "server_cpu_ms_per_request")),
+                f"{d.num(*x, 'outside_batches_cpu_ms_per_request'):.3f}",
+                f"{d.num(*x, 'batch_cpu_ms_per_image'):.3f}",
+                f"{d.num(*x, 'gc_cpu_ms_per_request'):.4f}",
+            ]
+        )
+    head = ["round", "young generation", "/classify req/s", "server CPU ms/request", "outside the batches"]
+    return [*head, "batches ms/image", "collector ms/request"], rows
+
+
 def v2_rest_plain_ab(docs: Sequence[Doc]) -> Rows:
     return _ab(docs, "v2_http", "v2 REST req/s at 16 connections", outside=True)
 

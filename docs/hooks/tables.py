@@ -91,6 +91,9 @@ COMMANDS = {
     "v2_rest_plain_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify "
     "--grpc-processes 0 --checkout before=DIR --checkout after=. --concurrency 16 --seconds 6 --repeat 3 "
     "--json results/v2_rest_plain_ab.json",
+    "gc_young_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify --grpc-processes '' "
+    "--concurrency 64 --seconds 8 --warm 60 --repeat 3 --checkout young700=.,RAC_GC_YOUNG_OBJECTS=700 "
+    "--checkout young50k=. --json results/gc_young_ab.json",
     "load/summary.json": "make load",
     "filters.json": "python -m loadtests.filters --artifacts artifacts/demo --scale .cache/scale/1m "
     "--json results/filters.json",
@@ -151,6 +154,7 @@ TABLES: dict[str, Table] = {
     "request_path_c64_ab": Table(("request_path_c64_ab.json",), s.request_path_c64_ab),
     "request_path_cuts_ab": Table(("request_path_cuts_ab.json",), s.request_path_c64_ab),
     "v2_rest_plain_ab": Table(("v2_rest_plain_ab.json",), s.v2_rest_plain_ab),
+    "gc_young_ab": Table(("gc_young_ab.json",), s.gc_young_ab, "64 connections, new images, after 60 s of them."),
     "load": Table(("load/summary.json",), s.load),
     "filters": Table(("filters.json",), m.filters, "/classify at 16 connections, new images (cache misses)."),
     "filters_accuracy": Table(("filters.json",), m.filters_accuracy, "Test top-1 % through HTTP, balanced test set."),
