@@ -149,6 +149,8 @@ class Metrics:
             self.stage_seconds.labels(stage)
         for result in ("hit", "miss", "error", "stale"):
             self.cache.labels(result)
+        for generation in ("0", "1", "2"):
+            self.gc_cpu.labels(generation)
 
     def collections(self) -> Callable[[str, dict[str, int]], None]:
         """A callback for gc.callbacks that counts each pass's CPU time in rac_gc_cpu_seconds. A pass holds the

@@ -197,6 +197,7 @@ def test_health_info_and_metrics(api: TestClient) -> None:
         'rac_cache_total{result="miss"}',
         "rac_batch_size_count",
         "rac_queue_depth",
+        'rac_gc_cpu_seconds_total{generation="2"}',
     ):
         assert series in text
     # The app's young generation, and its passes counted (none, or some with their CPU time, by now)
