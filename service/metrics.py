@@ -151,10 +151,13 @@ class Metrics:
             self.cache.labels(result)
         for generation in ("0", "1", "2"):
             self.gc_cpu.labels(generation)
+        self._gc_seconds = [0.0, 0.0, 0.0]  # the collector's passes' CPU time by generation: only they write it
+        self._gc_counted = [0.0, 0.0, 0.0]  # how much of it rac_gc_cpu_seconds holds
 
     def collections(self) -> Callable[[str, dict[str, int]], None]:
-        """A callback for gc.callbacks that counts each pass's CPU time in rac_gc_cpu_seconds. A pass holds the
-        GIL from start to stop and never nests: both calls come from the one thread that runs it."""
+        """A callback for gc.callbacks: each pass's CPU time, kept until flush() counts it. Counting it in the
+        callback could deadlock: a pass may start inside a metric's write, which holds prometheus_client's
+        lock. Passes never overlap, and a pass's start and stop come from the thread that runs it."""
         started = 0.0
 
         def callback(phase: str, info: dict[str, int]) -> None:
@@ -162,11 +165,20 @@ class Metrics:
             if phase == "start":
                 started = time.thread_time()
             else:
-                self.gc_cpu.labels(str(info["generation"])).inc(time.thread_time() - started)
+                self._gc_seconds[info["generation"]] += time.thread_time() - started
 
         return callback
 
+    def flush(self) -> None:
+        """Count the passes since the last flush in rac_gc_cpu_seconds (the pipeline does it every 0.1 s, and
+        an exposition first)."""
+        for generation, seconds in enumerate(self._gc_seconds):
+            if seconds > self._gc_counted[generation]:
+                self.gc_cpu.labels(str(generation)).inc(seconds - self._gc_counted[generation])
+                self._gc_counted[generation] = seconds
+
     def exposition(self) -> bytes:
+        self.flush()
         if self.multiprocess_dir is None:
             return generate_latest(self.registry)
         _forget_dead_processes(self.multiprocess_dir)

@@ -159,5 +159,10 @@ def test_the_collectors_passes_are_counted_by_generation() -> None:
     finally:
         gc.enable()
         gc.callbacks.remove(callback)
-    assert m.gc_cpu.labels("2")._value.get() > 0.0
+    assert m.gc_cpu.labels("2")._value.get() == 0.0  # kept until flushed, never counted inside a pass
+    m.flush()
+    counted = m.gc_cpu.labels("2")._value.get()
+    assert counted > 0.0
+    m.flush()  # nothing new: nothing more
+    assert m.gc_cpu.labels("2")._value.get() == counted
     assert m.gc_cpu.labels("0")._value.get() == m.gc_cpu.labels("1")._value.get() == 0.0

@@ -190,6 +190,7 @@ class Pipeline:
     async def _report(self) -> None:
         while True:
             self.admission.report()
+            self.metrics.flush()
             await asyncio.sleep(GAUGE_PERIOD_S)
 
     async def _warm(self, version: MemoryVersion) -> None:
