@@ -9,6 +9,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,9 +338,12 @@ def test_spread_counts_the_connections_each_process_holds() -> None:
         accepted = [listener.accept()[0] for _ in clients]
         try:
             assert spread(port) == [3]
-            held = Spread(port, 0.0)
+            held = Spread(port, 0.0, 3)
             held.join(timeout=10)  # it stops by itself once it has read the connections
             assert held.counts == [3]
+            fewer = Spread(port, 0.0, 4)  # one more than are open: it reads on until asked
+            time.sleep(0.7)
+            assert fewer.is_alive() and fewer.result() == [3]
         finally:
             for s in clients + accepted:
                 s.close()
