@@ -85,6 +85,30 @@ def test_redis_cache_stores_with_a_ttl(redis_url: str) -> None:
     asyncio.run(run())
 
 
+def test_writes_to_redis_go_in_the_next_round_trip_and_a_failed_one_is_counted(redis_url: str) -> None:
+    key = f"rac:test:{time.time_ns()}"
+
+    async def run(url: str) -> Metrics:
+        m = Metrics()
+        cache = Cache(RedisCache(url, timeout_s=0.5, retry_s=1.0), 60, m)
+        cache.put(key, entry())  # no task: a future that the round trip settles
+        await cache.written()
+        await cache.close()
+        return m
+
+    async def stored() -> bytes | str | None:
+        store = RedisCache(redis_url, timeout_s=0.5, retry_s=1.0)
+        blob = await store.client.get(key)
+        await store.client.delete(key)
+        await store.close()
+        return blob
+
+    assert counts(asyncio.run(run(redis_url))) == {"hit": 0, "miss": 0, "error": 0}
+    assert asyncio.run(stored()) == entry().pack()
+    # The round trip fails: the write is counted as the cache's error.
+    assert counts(asyncio.run(run(f"redis://127.0.0.1:{free_port()}/0"))) == {"hit": 0, "miss": 0, "error": 1}
+
+
 def test_unreachable_redis_is_skipped_fast_and_counted() -> None:
     now = [0.0]  # the breaker's clock, moved by the test
 

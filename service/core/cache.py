@@ -185,16 +185,23 @@ class RedisCache:
         except (RedisError, OSError, TimeoutError) as e:
             self._failed(e)
 
-    async def _queue(self, op: _Op) -> bytes | None:
+    def put(self, key: str, blob: bytes, ttl_s: int) -> asyncio.Future[bytes | None]:
+        """set() without a task of its own: the future is done once the write has gone in a round trip, with
+        CacheUnavailable where Redis is skipped or the round trip failed."""
+        return self._queue(("set", key, blob, ttl_s))
+
+    def _queue(self, op: _Op) -> asyncio.Future[bytes | None]:
         """Every get and set that arrives while a round trip is under way goes in the next one: one round trip
         (one pipeline: an MGET and the SETs) per turn however many requests wait, not one per image."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes | None] = loop.create_future()
         if not self.available:
-            raise CacheUnavailable
-        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+            future.set_exception(CacheUnavailable())
+            return future
         self._waiting.append((op, future))
         if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
-        return await future
+            self._flusher = loop.create_task(self._flush())
+        return future
 
     async def _flush(self) -> None:
         try:
@@ -257,7 +264,7 @@ class Cache:
 
     def __init__(self, store: LocalCache | RedisCache, ttl_s: int, metrics: Metrics):
         self.store, self.ttl_s, self.metrics = store, ttl_s, metrics
-        self._pending: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Future[bytes | None]] = set()  # writes to Redis under way
 
     async def get(self, key: str) -> Entry | None:
         try:
@@ -290,17 +297,16 @@ class Cache:
             self._write(key, vector.astype("<f4").tobytes())
 
     def _write(self, key: str, blob: bytes) -> None:
-        if isinstance(self.store, LocalCache):  # no round trip to wait for: no task either
+        if isinstance(self.store, LocalCache):  # no round trip to wait for
             self.store.put(key, blob, self.ttl_s)
             return
-        task = asyncio.get_running_loop().create_task(self._put(key, blob))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        written = self.store.put(key, blob, self.ttl_s)  # a future and a callback, not a task: one a request
+        self._pending.add(written)
+        written.add_done_callback(self._written)
 
-    async def _put(self, key: str, blob: bytes) -> None:
-        try:
-            await self.store.set(key, blob, self.ttl_s)
-        except CacheUnavailable:
+    def _written(self, written: asyncio.Future[bytes | None]) -> None:
+        self._pending.discard(written)
+        if not written.cancelled() and isinstance(written.exception(), CacheUnavailable):
             self.metrics.cache.labels("error").inc()
 
     async def start(self) -> None:
