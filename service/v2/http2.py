@@ -116,7 +116,7 @@ class Connection(asyncio.Protocol):
                     raise h2.ProtocolError(h2.FRAME_SIZE_ERROR, f"a frame of {length} bytes")
                 if end - pos - 9 < length:
                     break
-                self.frame(head & 0xFF, flags, stream & h2.MAX_WINDOW, bytes(buffer[pos + 9 : pos + 9 + length]))
+                self.frame(head & 0xFF, flags, stream & h2.STREAM_ID, bytes(buffer[pos + 9 : pos + 9 + length]))
                 pos += 9 + length
         except h2.ProtocolError as e:
             self.close(e.code, str(e))
@@ -389,7 +389,7 @@ class Connection(asyncio.Protocol):
         """Ask the client to open no more calls on this connection (it opens another for them) and to close it
         once its calls are answered. The last stream named is the largest there is: a call the client sent
         before it read this is served too, not failed (RFC 9113 6.8's graceful shutdown)."""
-        self.out.append(h2.frame(h2.GOAWAY, 0, 0, struct.pack(">II", h2.MAX_WINDOW, h2.NO_ERROR)))
+        self.out.append(h2.frame(h2.GOAWAY, 0, 0, struct.pack(">II", h2.STREAM_ID, h2.NO_ERROR)))
         self.flush()
 
 
