@@ -14,16 +14,20 @@
    (loadtests/grpc_load.cc, `make grpc-load`: one thread, one connection per caller, prepared requests)
 5. raw image bodies (Content-Type: image/png) beside multipart at the top concurrency
 6. cache-hit latency: one image, over and over, one connection
-7. overload: 64 to 1024 connections of distinct images (loadtests/overload.py): successful and refused
+7. /classify by wrk at the lowest overload level's connections (64), as at the levels above: where the
+   request path's CPU is read (below)
+8. overload: 64 to 1024 connections of distinct images (loadtests/overload.py): successful and refused
    requests per second, latency of each kind apart, /readyz latency meanwhile, every other answer by status,
    the server's CPU per successful request
-8. the ceiling again at the batch sizes the server formed at the top concurrency and at the lowest overload
-   level, each right after the run it is for while the server idles (a shared machine's speed drifts over
-   minutes: what is subtracted is measured within seconds), so that the loss to smaller batches is told
-   apart from the loss to the request path: `server_cpu_ms_per_request` is the server's CPU per successful
-   request at the lowest overload level minus the pipeline's CPU per image at the batch size the server
-   formed there; `server_cpu_split` splits the server's CPU at that level by thread instead, within the one
-   run: the batches' worker threads (rac_batch_cpu_seconds) and the rest, the request path's own
+9. the ceiling again at the batch sizes the server formed at the top concurrency and at 64 connections, each
+   right after the run it is for while the server idles (a shared machine's speed drifts over minutes: what
+   is subtracted is measured within seconds), so that the loss to smaller batches is told apart from the loss
+   to the request path: `server_cpu_ms_per_request` is the server's CPU per successful request at 64
+   connections minus the pipeline's CPU per image at the batch size the server formed there;
+   `server_cpu_split` splits the server's CPU at that level by thread instead, within the one run: the
+   batches' worker threads (rac_batch_cpu_seconds) and the rest, the request path's own. It is read from
+   wrk's run, not the overload driver's: on two cores the generator's work slows the server's, and the
+   driver's Python takes about three times the CPU wrk does there (`client_cores`)
 
 Every goal of the serving path is in "targets", with its value and whether it is met. The machine may be
 shared: its load averages at the start and the end are in "machine"; compare ratios, which come from one run.
@@ -97,13 +101,13 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str, flood: st
     levels = [int(c) for c in concurrency.split(",")]
     floods = [int(c) for c in flood.split(",") if c]
     top = str(max(levels))
-    low = str(min(floods)) if floods else None  # the overload level server_cpu_ms_per_request is read at
+    low = str(min(floods)) if floods else None  # the connections server_cpu_ms_per_request is read at
     settings = Settings(artifacts=artifacts)  # the caller's RAC_* settings, as the served process gets them
     print("preparing images ...", flush=True)
     # Enough distinct images that no measurement runs out (and repeats, hitting the cache) below 1,500 req/s.
     share = max(2_000, round(1_500 * seconds))
     apis = ("http", "v2_http", "v2_grpc")  # /classify and the Open Inference Protocol over REST and gRPC
-    flooded = 4096 + share * (len(levels) * len(apis) + 1)  # where the overload runs' images start
+    flooded = 4096 + share * (len(levels) * len(apis) + 2)  # where the overload runs' images start
     images = list(itertools.islice(pngs(), flooded + 40_000 * len(floods)))
     results: dict[str, Any] = {
         "command": f"rac bench --artifacts {artifacts} --seconds {seconds:g}",
@@ -162,6 +166,11 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str, flood: st
         hit = [multipart.encode([("image", images[0])])]
         drive = functools.partial(wrk, f"{url}/classify", hit, 1, min(seconds, 5.0), tmp)
         results["cache_hit"] = run("cache hits", drive)
+        if low is not None:  # where the request path's CPU is read (the docstring's 7 and 9)
+            bodies = [multipart.encode([("image", p)]) for p in itertools.islice(fresh, share)]
+            drive = functools.partial(wrk, f"{url}/classify", bodies, int(low), seconds, tmp)
+            results["http"][low] = run(f"http, {low} connections", drive)
+            at_formed_batch(f"http_c{low}", results["http"][low]["mean_batch"])
         results["server_cache"] = {
             key.split("{")[1].rstrip("}"): v for key, v in scrape(url).items() if key.startswith("rac_cache_total{")
         }
@@ -171,13 +180,11 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str, flood: st
             bodies = [multipart.encode([("image", p)]) for p in images[start : start + 40_000]]
             drive = functools.partial(overload, url, bodies, c, seconds, tmp)
             results["overload"][str(c)] = run(f"overload, {c} connections", drive)
-            if str(c) == low:
-                at_formed_batch(f"overload_c{low}", results["overload"][low]["mean_batch"])
     results["machine"]["load_avg_end"] = os.getloadavg()
     results["ratios"] = ratios(results, top, floods)
     if low is not None:
-        pipeline_ms = results["ceiling"]["at_formed_batch"][f"overload_c{low}"]["cpu_ms_per_image"]
-        at_low = results["overload"][low]
+        pipeline_ms = results["ceiling"]["at_formed_batch"][f"http_c{low}"]["cpu_ms_per_image"]
+        at_low = results["http"][low]
         results["server_cpu_ms_per_request"] = at_low["server_cpu_ms_per_request"] - pipeline_ms
         # The same at that level, split by thread within the one run: the request path's own CPU (all but the
         # batches' worker threads), and what the batches cost an image there against the ceiling's.
@@ -280,9 +287,9 @@ def table(r: dict[str, Any]) -> str:
             f"a request outside the batches ({split.get('event_loop_ms_per_request') or 0:.3f} in the event loops); "
             f"the batches {split['batch_ms_per_image']:.3f} ms an image "
             f"(the ceiling's {split['ceiling_ms_per_image']:.3f}); batches by size (at most): "
-            f"{r['overload'][str(split['connections'])].get('batch_sizes')}"
+            f"{r['http'][str(split['connections'])].get('batch_sizes')}"
         )
-    top = max(r["http"], key=int)
+    top = max((c for c in r["http"] if c in r["v2_http"]), key=int)
     lines.append(
         f"connections per server process at {top}: "
         + "; ".join(f"{name} {r[api][top].get('connections_per_process')}" for api, name in names.items())

@@ -92,7 +92,7 @@ def bench_overload(docs: Sequence[Doc]) -> Rows:
 def bench_protocols(docs: Sequence[Doc]) -> Rows:
     (d,) = docs
     rows = []
-    for c in d.keys("http"):
+    for c in d.keys("v2_http"):  # the levels all three were run at (/classify alone also at 64)
         base = d.num("http", c, "req_per_s")
         for key, what in (("http", "POST /classify"), ("v2_http", "v2 REST (binary)"), ("v2_grpc", "v2 gRPC")):
             r = (key, c)
