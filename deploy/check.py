@@ -52,6 +52,7 @@ from service.auth import add_key
 API_IMAGE, JOB_IMAGE = "rac:latest", "rac-artifact-job:latest"  # the `image:` names in docker-compose.yml
 ARTIFACTS = "/artifacts/demo"  # RAC_ARTIFACTS in the image
 TOLERANCE = 1e-4  # probabilities: Docker vs a local server on the same artifacts vs the build's own predictions
+BATCHED = 1e-5  # probabilities: the same image's answer from a batch of other images (float32 sums reordered)
 PROMQL_WORDS = {
     "by",
     "without",
@@ -297,9 +298,11 @@ def check_stack(results: Results, ports: dict[str, str], work: Path) -> None:
     step("cache: the examples again, and the keys in the stack's Redis")
     again = [classify(client, api, png, n) for png in pngs]
     first, hits = sum(a["cached"] for a in served), sum(a["cached"] for a in again)
-    same = all(probabilities(a, n) == probabilities(b, n) for a, b in zip(again, served, strict=True))
-    detail = f"first pass cached {first}, repeat cached {hits}/{len(pngs)}, same answers: {same}"
-    results.record("a repeated image is a cache hit", first == 0 and hits == len(pngs) and same, detail)
+    # Within BATCHED, not bit for bit: a process may give the answer it computed for the protocol's request
+    # above, whose images were one batch, and the head's sums differ with the batch in their last bits.
+    diff = max(max_diff(probabilities(a, n), probabilities(b, n)) for a, b in zip(again, served, strict=True))
+    detail = f"first pass cached {first}, repeat cached {hits}/{len(pngs)}, max |dp| {diff:.1e}"
+    results.record("a repeated image is a cache hit", first == 0 and hits == len(pngs) and diff <= BATCHED, detail)
     keys = docker("exec", redis_id, "redis-cli", "--scan", "--pattern", "rac:nb:*").split()
     results.record("neighbour keys are in the stack's Redis", len(keys) >= len(pngs), f"{len(keys)} keys rac:nb:*")
 
