@@ -176,7 +176,7 @@ class RedisCache:
         return await self._queue(("get", key, None, 0))
 
     async def set(self, key: str, blob: bytes, ttl_s: int) -> None:
-        await self._queue(("set", key, blob, ttl_s))
+        await self.put(key, blob, ttl_s)
 
     async def start(self) -> None:
         """Connect before the first request needs it (a failure only trips the breaker)."""
