@@ -72,6 +72,7 @@ FORMED_IMAGES = 16384
 # Rounds of (a run at 64 connections, its ceiling) that server_cpu_ms_per_request is the median of: between two
 # runs of the same code on this shared host the figure moved by up to 0.07 ms.
 CPU_ROUNDS = 3
+Round = tuple[dict[str, Any], dict[str, Any]]  # a run and the ceiling at the batch it formed
 
 
 def raw_encoder(settings: Settings, seconds: float = 2.0) -> dict[str, float]:
@@ -199,9 +200,6 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str, flood: st
     out.write_text(json.dumps(results, indent=1))
     print(table(results))
     print(f"\nwrote {out}")
-
-
-Round = tuple[dict[str, Any], dict[str, Any]]  # a run and the ceiling at the batch it formed
 
 
 def request_path(results: dict[str, Any], rounds: list[Round], connections: int) -> int:
