@@ -1,9 +1,13 @@
 import asyncio
+import random
 import threading
 import time
 
 import pytest
+from prometheus_client import Counter, Histogram
 
+from loadtests.server import samples
+from service import metrics as metrics_module
 from service.core.batching import Admission, Batcher, Overloaded
 from service.metrics import Metrics
 
@@ -137,7 +141,8 @@ def test_the_batches_cpu_time_is_counted_and_their_waits_are_not() -> None:
         await batcher.submit(0.1)
         await batcher.submit(0.1)
         await batcher.stop()
-        return float(m.batch_cpu._value.get())
+        m.flush()
+        return float(m.registry.get_sample_value("rac_batch_cpu_seconds_total") or 0.0)
 
     counted = asyncio.run(run())
     assert 0.2 <= counted < 0.3  # two batches, each 0.1 s asleep and 0.1 s computing
@@ -148,21 +153,79 @@ def test_the_collectors_passes_are_counted_by_generation() -> None:
     import gc
 
     m = Metrics()
+
+    def counted(generation: str) -> float:
+        return m.registry.get_sample_value("rac_gc_cpu_seconds_total", {"generation": generation}) or 0.0
+
     callback = m.collections()
     gc.callbacks.append(callback)
     gc.disable()  # no pass but the one asked for
     try:
         junk = [[i] for i in range(200_000)]  # objects for a full pass to walk
-        assert m.gc_cpu.labels("2")._value.get() == 0.0
+        assert counted("2") == 0.0
         gc.collect(2)
         del junk
     finally:
         gc.enable()
         gc.callbacks.remove(callback)
-    assert m.gc_cpu.labels("2")._value.get() == 0.0  # kept until flushed, never counted inside a pass
+    assert counted("2") == 0.0  # kept until flushed, never counted inside a pass
     m.flush()
-    counted = m.gc_cpu.labels("2")._value.get()
-    assert counted > 0.0
+    full = counted("2")
+    assert full > 0.0
     m.flush()  # nothing new: nothing more
-    assert m.gc_cpu.labels("2")._value.get() == counted
-    assert m.gc_cpu.labels("0")._value.get() == m.gc_cpu.labels("1")._value.get() == 0.0
+    assert counted("2") == full
+    assert counted("0") == counted("1") == 0.0
+
+
+def test_kept_counts_and_observations_once_flushed_equal_prometheus_own_writes() -> None:
+    """The metrics a request and a batch write are Kept until flush(): then the exposition is what
+    prometheus_client's own inc() and observe() would have written, with counts from two threads at once, values
+    on bucket bounds and beyond the last, and nothing counted before the flush."""
+    kept, direct = Metrics(), Metrics()
+    rng = random.Random(0)
+    times = [rng.choice((0.0001, 0.005, 7.0, 0.0)) if i % 3 == 0 else rng.uniform(0, 0.3) for i in range(4000)]
+
+    def count(m: Metrics, part: list[float], own: bool) -> None:
+        """prometheus_client's own writes (own), or the Kept ones the service makes."""
+        for i, t in enumerate(part):
+            if own:
+                stage, images = m.stage_seconds.metric.labels("queue"), m.images.metric.labels("miss", "default")
+                batch_size, batch_cpu = m.batch_size.metric, m.batch_cpu.metric
+                assert isinstance(stage, Histogram) and isinstance(batch_size, Histogram)
+                assert isinstance(images, Counter) and isinstance(batch_cpu, Counter)
+                stage.observe(t)
+                batch_size.observe(i % 40)
+                images.inc()
+                batch_cpu.inc(t)
+            else:
+                m.stage_seconds.labels("queue").observe(t)
+                m.batch_size.observe(i % 40)
+                m.images.labels("miss", "default").inc()
+                m.batch_cpu.inc(t)
+
+    threads = [threading.Thread(target=count, args=(kept, times[i::2], False)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    count(direct, times, True)
+    assert kept.registry.get_sample_value("rac_images_total", {"outcome": "miss", "memory": "default"}) == 0.0
+    kept.flush()
+
+    def exposed(m: Metrics) -> dict[str, float]:
+        return {k: round(v, 9) for k, v in samples(m.exposition().decode()).items() if "_created" not in k}
+
+    buckets = [line for line in kept.exposition().decode().splitlines() if "stage_seconds_bucket" in line]
+    assert exposed(kept) == exposed(direct) and buckets
+    assert buckets == [line for line in direct.exposition().decode().splitlines() if "stage_seconds_bucket" in line]
+
+
+def test_kept_counts_are_written_past_a_bound_where_nothing_flushes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pipeline run without a server (the ceiling, an evaluation) never flushes: its counts do not pile up."""
+    monkeypatch.setattr(metrics_module, "KEPT_AT_MOST", 10)
+    m = Metrics()
+    for _ in range(10):
+        m.batch_cpu.inc(1.0)
+    assert m.registry.get_sample_value("rac_batch_cpu_seconds_total") == 0.0 and len(m.pending) == 10
+    m.batch_cpu.inc(1.0)
+    assert m.registry.get_sample_value("rac_batch_cpu_seconds_total") == 11.0 and not m.pending

@@ -24,7 +24,8 @@ def entry(seed: int = 0, d: int = 256, k: int = 100) -> Entry:
 
 
 def counts(m: Metrics) -> dict[str, float]:
-    return {r: m.cache.labels(r)._value.get() for r in ("hit", "miss", "error")}
+    m.flush()
+    return {r: m.registry.get_sample_value("rac_cache_total", {"result": r}) or 0.0 for r in ("hit", "miss", "error")}
 
 
 def test_entries_round_trip_exactly_and_compactly() -> None:

@@ -105,10 +105,18 @@ def test_metrics_count_every_process(quick_artifacts: Path) -> None:
 
         with ThreadPoolExecutor(8) as pool:
             assert sum(pool.map(send, range(8))) == 80
-        for _ in range(6):  # scrapes land on either process
+
+        def summed() -> bool:
             lines = httpx.get(f"{url}/metrics").text.splitlines()
-            assert 'rac_requests_total{route="/classify",status="200"} 80.0' in lines
-            assert 'rac_stage_seconds_count{stage="total"} 80.0' in lines
+            expected = (
+                'rac_requests_total{route="/classify",status="200"} 80.0',
+                'rac_stage_seconds_count{stage="total"} 80.0',
+            )
+            return all(line in lines for line in expected)
+
+        wait_until(summed, 5, "every process's counts in /metrics")  # each writes them every 0.1 s
+        for _ in range(6):  # scrapes land on either process, and none is missing the other's counts
+            assert summed()
 
 
 def test_the_cache_lives_in_the_real_redis(quick_artifacts: Path, redis_url: str) -> None:

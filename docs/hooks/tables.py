@@ -88,6 +88,9 @@ COMMANDS = {
     "request_path_cuts_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify "
     "--grpc-processes '' --checkout before=DIR --checkout after=. --concurrency 64 --seconds 6 --repeat 3 "
     "--json results/request_path_cuts_ab.json",
+    "request_path_kept_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify "
+    "--grpc-processes '' --checkout before=DIR --checkout after=. --concurrency 64 --seconds 6 --repeat 3 "
+    "--json results/request_path_kept_ab.json",
     "v2_rest_plain_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify "
     "--grpc-processes 0 --checkout before=DIR --checkout after=. --concurrency 16 --seconds 6 --repeat 3 "
     "--json results/v2_rest_plain_ab.json",
@@ -153,6 +156,7 @@ TABLES: dict[str, Table] = {
     "request_path_ab": Table(("request_path_ab.json",), s.request_path_ab),
     "request_path_c64_ab": Table(("request_path_c64_ab.json",), s.request_path_c64_ab),
     "request_path_cuts_ab": Table(("request_path_cuts_ab.json",), s.request_path_c64_ab),
+    "request_path_kept_ab": Table(("request_path_kept_ab.json",), s.request_path_c64_ab),
     "v2_rest_plain_ab": Table(("v2_rest_plain_ab.json",), s.v2_rest_plain_ab),
     "gc_young_ab": Table(("gc_young_ab.json",), s.gc_young_ab, "64 connections, new images, after 60 s of them."),
     "load": Table(("load/summary.json",), s.load),

@@ -35,12 +35,9 @@ class Part:
 async def read_images(request: Request, field_name: str, limit: int, max_files: int) -> list[bytes]:
     """The images of one request: the parts named `field_name` of a multipart form, or the whole body when
     it is sent raw as image/png, image/jpeg or image/webp."""
-    kind, params = options(request.headers.get("content-type"))
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"request body is {declared} bytes; the limit is {limit}")
+    kind, params = options(content_type(request, limit))
     if kind in RAW_TYPES:
-        return [await read_body(request, limit)]
+        return [await read_body(request, limit, checked=True)]
     if kind != b"multipart/form-data":
         shown = kind.decode("latin-1") or "none"
         raise RequestError(
@@ -65,10 +62,7 @@ async def read_images(request: Request, field_name: str, limit: int, max_files: 
 
 async def read_form(request: Request, limit: int) -> list[Part]:
     """Every part of a multipart/form-data body (files and plain fields alike), read under `limit` bytes."""
-    kind, params = options(request.headers.get("content-type"))
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"request body is {declared} bytes; the limit is {limit}")
+    kind, params = options(content_type(request, limit))
     if kind != b"multipart/form-data":
         raise RequestError(415, f"content type {kind.decode('latin-1') or 'none'}: send multipart/form-data")
     boundary = params.get(b"boundary")
@@ -77,12 +71,26 @@ async def read_form(request: Request, limit: int) -> list[Part]:
     return await _parse(request, boundary, limit)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused (413) as soon as it passes `limit` bytes (its Content-Length, or what has
-    arrived), never all read first."""
-    declared = request.headers.get("content-length")
+def content_type(request: Request, limit: int) -> bytes:
+    """The request's Content-Type (b"" for none); RequestError 413 where its Content-Length is over `limit`. One
+    pass over the headers as they came (Starlette's Headers decodes and compares them anew at every get)."""
+    kind: bytes | None = None
+    declared: bytes | None = None
+    for name, value in request.scope["headers"]:  # the first of each, as Headers.get() reads it
+        if name == b"content-type" and kind is None:
+            kind = value
+        elif name == b"content-length" and declared is None:
+            declared = value
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"request body is {declared} bytes; the limit is {limit}")
+        raise RequestError(413, f"request body is {declared.decode()} bytes; the limit is {limit}")
+    return kind or b""
+
+
+async def read_body(request: Request, limit: int, checked: bool = False) -> bytes:
+    """The whole body, refused (413) as soon as it passes `limit` bytes (its Content-Length, or what has
+    arrived), never all read first. checked: content_type() has checked its Content-Length already."""
+    if not checked:
+        content_type(request, limit)
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
@@ -96,7 +104,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def _parse(request: Request, boundary: bytes, limit: int) -> list[Part]:
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, checked=True)
     return split(body, boundary) or parse(body, boundary)
 
 
