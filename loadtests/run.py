@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
 
         def watch() -> None:  # the counters during the run, as Prometheus would see them
             while not stop.wait(2.0):
-                samples.append({"t": time.time(), **delta(scrape(url), before, "rac_")})
+                samples.append({"t": time.time(), **delta(scrape(url, settle=False), before, "rac_")})
 
         with serving(artifacts, REDIS_URL=a.redis) as url:
             before = scrape(url)

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from service.core.batching import GAUGE_PERIOD_S
 from service.settings import cores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,9 +28,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def scrape(url: str) -> dict[str, float]:
-    """rac_* samples from /metrics, keyed by name and labels as written."""
-    return samples(httpx.get(f"{url}/metrics", timeout=5).text)
+# Each server process writes what it counts every 0.1 s (GAUGE_PERIOD_S; the process that answers /metrics, at
+# once): a scrape that must see every request answered so far waits this long first.
+SETTLE_S = 3 * GAUGE_PERIOD_S
+
+
+def exposition(url: str, settle: bool = True) -> str:
+    """GET /metrics: with `settle`, once every server process has written what it counted so far."""
+    if settle:
+        time.sleep(SETTLE_S)
+    return httpx.get(f"{url}/metrics", timeout=5).text
+
+
+def scrape(url: str, settle: bool = True) -> dict[str, float]:
+    """rac_* samples from /metrics, keyed by name and labels as written (settle: as exposition() says)."""
+    return samples(exposition(url, settle))
 
 
 def samples(exposition: str) -> dict[str, float]:

@@ -19,7 +19,7 @@ import pytest
 import redis
 import torch
 
-from loadtests.server import free_port, serving
+from loadtests.server import exposition, free_port, serving
 from models.build.artifact import config_from_manifest, prepare
 from models.memory.make import search
 from service.artifacts import ENCODER, HEAD, INDEX, KEYS, VALUES, read_manifest
@@ -131,7 +131,7 @@ def test_the_cache_lives_in_the_real_redis(quick_artifacts: Path, redis_url: str
         assert (first["cached"], second["cached"]) == (False, True)
         assert first["predictions"] == second["predictions"] and first["neighbors"] == second["neighbors"]
         assert len(list(client.scan_iter(f"rac:nb:*:{version}:*"))) == 1
-        assert 'rac_cache_total{result="hit"} 1.0' in httpx.get(f"{url}/metrics").text
+        assert 'rac_cache_total{result="hit"} 1.0' in exposition(url)
 
 
 @pytest.fixture
@@ -209,7 +209,7 @@ def test_redis_stopped_and_restarted_while_requests_flow(quick_artifacts: Path, 
         wait_until(lambda: any(hits[restarting:]), 30, "answers from the cache again")
         done.set()
         thread.join()
-        metrics = httpx.get(f"{url}/metrics").text
+        metrics = exposition(url)
     assert statuses and set(statuses) == {200}  # not one request failed
     during = hits[stopped + 2 : restarting]  # (the first two may have been on their way when Redis stopped)
     assert during and not any(during)  # without Redis: answered, from scratch

@@ -26,7 +26,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from loadtests.drivers import GRPC_LOAD, Spread, batch_sizes, spread, v2_grpc
-from loadtests.server import free_port, samples, serving
+from loadtests.server import exposition, free_port, samples, serving
 from service.app import create_app
 from service.metrics import Metrics
 from service.settings import Settings
@@ -286,7 +286,7 @@ def test_grpc_reaches_every_process_and_counts_in_the_same_metrics(server: Serve
         return {c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port and c.status == status}
 
     assert len(processes(psutil.CONN_LISTEN)) == 2
-    before = httpx.get(f"{server.url}/metrics").text
+    before = exposition(server.url)
     channels = [grpc.insecure_channel(server.grpc, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(16)]
     try:
         stubs = [service_pb2_grpc.GRPCInferenceServiceStub(c) for c in channels]
@@ -297,7 +297,7 @@ def test_grpc_reaches_every_process_and_counts_in_the_same_metrics(server: Serve
         for c in channels:
             c.close()
     grpc_infer(server, server.images[:4])
-    after = httpx.get(f"{server.url}/metrics").text
+    after = exposition(server.url)
 
     route = {"route": "/inference.GRPCInferenceService/ModelInfer", "status": "200"}
     assert sample(after, "rac_requests_total", **route) - sample(before, "rac_requests_total", **route) == 1
@@ -317,9 +317,9 @@ def test_the_grpc_load_drivers_count_what_the_server_answered(server: Server, tm
     if processes == 0 and not GRPC_LOAD.exists():
         unavailable(f"{GRPC_LOAD} is not built (make grpc-load, which make test runs)", "RAC_REQUIRE_GRPC_LOAD")
     route = {"route": "/inference.GRPCInferenceService/ModelInfer", "status": "200"}
-    before = sample(httpx.get(f"{server.url}/metrics").text, "rac_requests_total", **route)
+    before = sample(exposition(server.url), "rac_requests_total", **route)
     stats = v2_grpc(server.grpc, server.images, 4, 1.0, tmp_path, processes)
-    after = sample(httpx.get(f"{server.url}/metrics").text, "rac_requests_total", **route)
+    after = sample(exposition(server.url), "rac_requests_total", **route)
     assert stats["non_ok"] == 0 and stats["requests"] > 4
     assert after - before == stats["requests"] + 4
     assert 0 < stats["p50_ms"] <= stats["p99_ms"] <= stats["max_ms"] and stats["client_cores"] > 0

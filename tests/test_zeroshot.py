@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from loadtests.server import serving
+from loadtests.server import exposition, serving
 from models.zero_shot.align import AlignConfig, Pairs, project, seen_rows, train_alignment
 from models.zero_shot.reco import Fusion, FusionConfig, FusionData, MemoryViews, train_reco
 from service.artifacts import ITEMS, MANIFEST, ZS_FILES, ZS_TEXT_ALIGNED, ZS_TEXT_TOWER, ZS_TOKENIZER, read_manifest
@@ -174,7 +174,7 @@ def test_zero_shot_over_http(zs_server: str, zs_artifacts: Path) -> None:
     assert other["template"] == "{}" and other["cached"]["labels"] == 0
     info = httpx.get(f"{zs_server}/info").json()
     assert info["supports"] == {"closed_set": True, "zero_shot": True} and info["zero_shot"]["k"] >= 1
-    metrics = httpx.get(f"{zs_server}/metrics").text
+    metrics = exposition(zs_server)
     assert 'rac_stage_seconds_count{stage="zs_total"}' in metrics
     assert 'route="/classify/zero-shot",status="200"' in metrics
 
