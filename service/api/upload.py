@@ -18,6 +18,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
+from service.api.intake import content_length
 from service.errors import RequestError
 
 RAW_TYPES = (b"image/png", b"image/jpeg", b"image/webp")
@@ -35,9 +36,10 @@ class Part:
 async def read_images(request: Request, field_name: str, limit: int, max_files: int) -> list[bytes]:
     """The images of one request: the parts named `field_name` of a multipart form, or the whole body when
     it is sent raw as image/png, image/jpeg or image/webp."""
-    kind, params = options(content_type(request, limit))
+    within(request, limit)
+    kind, params = options(content_type(request))
     if kind in RAW_TYPES:
-        return [await read_body(request, limit, checked=True)]
+        return [await read_body(request, limit)]
     if kind != b"multipart/form-data":
         shown = kind.decode("latin-1") or "none"
         raise RequestError(
@@ -62,7 +64,8 @@ async def read_images(request: Request, field_name: str, limit: int, max_files: 
 
 async def read_form(request: Request, limit: int) -> list[Part]:
     """Every part of a multipart/form-data body (files and plain fields alike), read under `limit` bytes."""
-    kind, params = options(content_type(request, limit))
+    within(request, limit)
+    kind, params = options(content_type(request))
     if kind != b"multipart/form-data":
         raise RequestError(415, f"content type {kind.decode('latin-1') or 'none'}: send multipart/form-data")
     boundary = params.get(b"boundary")
@@ -71,26 +74,23 @@ async def read_form(request: Request, limit: int) -> list[Part]:
     return await _parse(request, boundary, limit)
 
 
-def content_type(request: Request, limit: int) -> bytes:
-    """The request's Content-Type (b"" for none); RequestError 413 where its Content-Length is over `limit`. One
-    pass over the headers as they came (Starlette's Headers decodes and compares them anew at every get)."""
-    kind: bytes | None = None
-    declared: bytes | None = None
-    for name, value in request.scope["headers"]:  # the first of each, as Headers.get() reads it
-        if name == b"content-type" and kind is None:
-            kind = value
-        elif name == b"content-length" and declared is None:
-            declared = value
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"request body is {declared.decode()} bytes; the limit is {limit}")
-    return kind or b""
+def content_type(request: Request) -> bytes:
+    """The request's Content-Type as it came (b"" for none; the first, as Headers.get() reads it), without
+    Starlette's Headers, which decodes and compares every header anew at each lookup."""
+    return next((value for name, value in request.scope["headers"] if name == b"content-type"), b"")
 
 
-async def read_body(request: Request, limit: int, checked: bool = False) -> bytes:
+def within(request: Request, limit: int) -> None:
+    """RequestError 413 where the request's Content-Length is over `limit`."""
+    declared = content_length(request.scope)
+    if declared is not None and declared > limit:
+        raise RequestError(413, f"request body is {declared} bytes; the limit is {limit}")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refused (413) as soon as it passes `limit` bytes (its Content-Length, or what has
-    arrived), never all read first. checked: content_type() has checked its Content-Length already."""
-    if not checked:
-        content_type(request, limit)
+    arrived), never all read first."""
+    within(request, limit)
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
@@ -104,7 +104,7 @@ async def read_body(request: Request, limit: int, checked: bool = False) -> byte
 
 
 async def _parse(request: Request, boundary: bytes, limit: int) -> list[Part]:
-    body = await read_body(request, limit, checked=True)
+    body = await read_body(request, limit)
     return split(body, boundary) or parse(body, boundary)
 
 
