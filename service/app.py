@@ -70,8 +70,12 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route, upload = scope.get("route"), door(scope)  # no route: refused at the door, or not found
-            path = route.path if route is not None else upload.route if upload is not None else "other"
+            route = scope.get("route")
+            if route is not None:
+                path = route.path
+            else:  # refused at the door, or not found
+                upload = door(scope)
+                path = upload.route if upload is not None else "other"
             self.metrics.requests.labels(path, str(status)).inc()
 
 

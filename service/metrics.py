@@ -15,6 +15,7 @@ file: a few microseconds, seven times a request on the event loop and twice an i
 from __future__ import annotations
 
 import bisect
+import collections
 import os
 import time
 from collections import deque
@@ -70,24 +71,19 @@ def write(pending: Pending) -> None:
     """What waits in `pending`, written: each counter's counts summed into one write, each histogram's observations
     into one write of their sum and one for each bucket they fall in (prometheus_client's observe() puts an amount
     in the first bucket whose bound is at least the amount)."""
-    counts: dict[Counter, float] = {}
-    sums: dict[Histogram, float] = {}
-    buckets: dict[tuple[Histogram, int], int] = {}
+    grouped: dict[Counter | Histogram, list[float]] = {}
     while pending:
         metric, amount = pending.popleft()
+        grouped.setdefault(metric, []).append(amount)
+    for metric, amounts in grouped.items():
         # type(), not isinstance(): prometheus_client's classes are Protocols, whose isinstance() costs microseconds
         if type(metric) is Histogram:
-            sums[metric] = sums.get(metric, 0.0) + amount
-            where = (metric, bisect.bisect_left(metric._upper_bounds, amount))
-            buckets[where] = buckets.get(where, 0) + 1
+            metric._sum.inc(sum(amounts))
+            bounds, buckets = metric._upper_bounds, metric._buckets
+            for i, n in collections.Counter([bisect.bisect_left(bounds, a) for a in amounts]).items():
+                buckets[i].inc(n)
         elif type(metric) is Counter:
-            counts[metric] = counts.get(metric, 0.0) + amount
-    for counter, n in counts.items():
-        counter.inc(n)
-    for histogram, total in sums.items():
-        histogram._sum.inc(total)
-    for (histogram, i), n in buckets.items():
-        histogram._buckets[i].inc(n)
+            metric.inc(sum(amounts))
 
 
 class Metrics:

@@ -74,7 +74,7 @@ def test_the_local_cache_honours_the_ttl() -> None:
     now = [100.0]
     cache = LocalCache(10, clock=lambda: now[0])
 
-    async def run() -> list[bytes | None]:
+    async def run() -> list[object]:
         await cache.set("a", b"1", ttl_s=5)
         await cache.set("b", b"2", ttl_s=60)
         seen = [await cache.get("a")]

@@ -4,14 +4,16 @@ fast reader of a header's parameters against python-multipart's, for every value
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 
 import httpx
 import pytest
 from python_multipart.multipart import parse_options_header
+from starlette.requests import Request
 
-from service.api.upload import DISPOSITION, Part, options, parse, split
+from service.api.upload import DISPOSITION, Part, options, parse, read_body, split
 from service.errors import RequestError
 from tests.synthetic import png
 
@@ -94,3 +96,32 @@ def test_header_parameters_read_as_python_multipart_reads_them() -> None:
         if (found := DISPOSITION.fullmatch(raw)) is not None:  # split()'s reading of a usual part header
             params = parse_options_header(raw)[1]
             assert found.groups() == (params[b"name"], params.get(b"filename")), value
+
+
+def _request(messages: list[dict[str, object]], length: int | None = None) -> Request:
+    """A request whose body comes as `messages`, with a Content-Length of `length` where given."""
+    headers = [] if length is None else [(b"content-length", str(length).encode())]
+    queue = iter(messages)
+
+    async def receive() -> dict[str, object]:
+        return next(queue)
+
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": headers}, receive)
+
+
+def test_a_body_is_read_in_its_chunks_and_refused_past_the_limit_or_when_the_client_leaves() -> None:
+    chunks: list[dict[str, object]] = [
+        {"type": "http.request", "body": b"ab", "more_body": True},
+        {"type": "http.request", "body": b"cd"},
+    ]
+    assert asyncio.run(read_body(_request(chunks), 4)) == b"abcd"
+    assert asyncio.run(read_body(_request([{"type": "http.request", "body": b""}]), 4)) == b""
+    refusals = [
+        (_request(chunks), 3, 413),  # no Content-Length: refused once what arrived passes the limit
+        (_request(chunks, length=4), 3, 413),  # declared over the limit: refused before reading
+        (_request([chunks[0], {"type": "http.disconnect"}]), 4, 400),
+    ]
+    for request, limit, status in refusals:
+        with pytest.raises(RequestError) as refused:
+            asyncio.run(read_body(request, limit))
+        assert refused.value.status == status

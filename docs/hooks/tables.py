@@ -4,6 +4,7 @@ speed.py, cluster.py, ...), and which command wrote each file. A new measurement
 
 from __future__ import annotations
 
+import ab
 import accuracy as a
 import cluster as c
 import finetune as ft
@@ -91,6 +92,14 @@ COMMANDS = {
     "request_path_kept_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify "
     "--grpc-processes '' --checkout before=DIR --checkout after=. --concurrency 64 --seconds 6 --repeat 3 "
     "--json results/request_path_kept_ab.json",
+    "request_path_lean_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify "
+    "--grpc-processes '' --checkout before=DIR --checkout after=. --concurrency 64 --seconds 6 --repeat 5 "
+    "--json results/request_path_lean_ab.json",
+    "protocols_lean_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --grpc-processes 0 "
+    "--checkout before=DIR --checkout after=. --concurrency 16 --seconds 8 --repeat 3 "
+    "--json results/protocols_lean_ab.json",
+    "opcodes_ab.json": "python -m loadtests.opcodes --artifacts artifacts/demo --checkout before=DIR "
+    "--checkout after=. --json results/opcodes_ab.json",
     "v2_rest_plain_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify "
     "--grpc-processes 0 --checkout before=DIR --checkout after=. --concurrency 16 --seconds 6 --repeat 3 "
     "--json results/v2_rest_plain_ab.json",
@@ -148,17 +157,19 @@ TABLES: dict[str, Table] = {
     "ray": Table(("ray_bench.json",), c.ray, "Distinct images (cache misses), over HTTP on loopback."),
     "ray_ab": Table(("ray_transport_ab.json",), c.ray_ab, "HAProxy, throughput optimized; new images (cache misses)."),
     "ray_build": Table(("ray_build.json",), c.ray_build, "Decode, embed, text and thumbnail, per image."),
-    "profile": Table(("profile.json",), s.profile),
-    "grpc_http2_ab": Table(("grpc_http2_ab.json",), s.protocols, "16 connections, new images (cache misses)."),
-    "spread_ab": Table(("spread_ab.json",), s.spread_ab, "New images (cache misses)."),
-    "protocol_drivers": Table(("protocols_drivers.json",), s.protocol_drivers, "16 connections."),
-    "classify_ab": Table(("classify_ab.json",), s.classify_ab),
-    "request_path_ab": Table(("request_path_ab.json",), s.request_path_ab),
-    "request_path_c64_ab": Table(("request_path_c64_ab.json",), s.request_path_c64_ab),
-    "request_path_cuts_ab": Table(("request_path_cuts_ab.json",), s.request_path_c64_ab),
-    "request_path_kept_ab": Table(("request_path_kept_ab.json",), s.request_path_c64_ab),
-    "v2_rest_plain_ab": Table(("v2_rest_plain_ab.json",), s.v2_rest_plain_ab),
-    "gc_young_ab": Table(("gc_young_ab.json",), s.gc_young_ab, "64 connections, new images, after 60 s of them."),
+    "profile": Table(("profile.json",), ab.profile),
+    "grpc_http2_ab": Table(("grpc_http2_ab.json",), ab.protocols, "16 connections, new images (cache misses)."),
+    "spread_ab": Table(("spread_ab.json",), ab.spread_ab, "New images (cache misses)."),
+    "protocol_drivers": Table(("protocols_drivers.json",), ab.protocol_drivers, "16 connections."),
+    "classify_ab": Table(("classify_ab.json",), ab.classify_ab),
+    "request_path_ab": Table(("request_path_ab.json",), ab.request_path_ab),
+    "request_path_c64_ab": Table(("request_path_c64_ab.json",), ab.request_path_c64_ab),
+    "request_path_cuts_ab": Table(("request_path_cuts_ab.json",), ab.request_path_c64_ab),
+    "request_path_kept_ab": Table(("request_path_kept_ab.json",), ab.request_path_c64_ab),
+    "request_path_lean_ab": Table(("request_path_lean_ab.json",), ab.request_path_c64_ab),
+    "opcodes_ab": Table(("opcodes_ab.json",), ab.opcodes_ab, "/classify at 8 connections, new images, one process."),
+    "v2_rest_plain_ab": Table(("v2_rest_plain_ab.json",), ab.v2_rest_plain_ab),
+    "gc_young_ab": Table(("gc_young_ab.json",), ab.gc_young_ab, "64 connections, new images, after 60 s of them."),
     "load": Table(("load/summary.json",), s.load),
     "filters": Table(("filters.json",), m.filters, "/classify at 16 connections, new images (cache misses)."),
     "filters_accuracy": Table(("filters.json",), m.filters_accuracy, "Test top-1 % through HTTP, balanced test set."),

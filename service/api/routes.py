@@ -16,7 +16,7 @@ from service.api.upload import read_images
 from service.artifacts import model_identity
 from service.auth import OPEN, Keys, Principal
 from service.core.pipeline import NO_FILTER, Answer, Pipeline
-from service.errors import NOT_READY, RequestError, json_error
+from service.errors import NOT_READY, JSONBody, RequestError, json_error
 from service.memory.filters import Filter
 from service.metrics import Metrics
 
@@ -80,7 +80,8 @@ OPTIONS: dict[str, tuple[int, int | None, int, str]] = {
     ),  # max: k (schema.py)
 }
 INTEGER = re.compile(r"-?[0-9]+")
-NO_QUERY = QueryParams()  # what a request without a query string reads (most do)
+# What a request without a query string reads (most do): no lookups, each of which would raise a KeyError inside.
+DEFAULT_OPTIONS = {name: default for name, (_, _, default, _) in OPTIONS.items()}
 MEMORY_TEXT = "the named memory (one of /info's `memories`); unset: the server's default"
 FILTER_TEXT = {
     "source": "search only items of any of these sources",
@@ -189,9 +190,8 @@ MemoryDep = Annotated[str, Depends(get_memory)]
 
 
 def json_response(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), status, headers, media_type="application/json"
-    )
+    body = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+    return JSONBody(body, status) if headers is None else Response(body, status, headers, media_type="application/json")
 
 
 def validation_message(detail: list[dict[str, Any]]) -> str:
@@ -250,13 +250,12 @@ async def _classify(request: Request, field: str, many: bool) -> tuple[Pipeline,
     """The classify routes' work, their query read here rather than by FastAPI's parameter machinery (see
     OPTIONS): the pipeline, top_k, and each image's answer or refusal."""
     pipeline = await get_pipeline(request)
-    q = request.query_params if request.scope["query_string"] else NO_QUERY
-    options = _options(q, pipeline)
-    memory = await get_memory(pipeline, await get_principal(request), q.get("memory"))
+    q = request.query_params if request.scope["query_string"] else None
+    options = _options(q, pipeline) if q else DEFAULT_OPTIONS
+    memory = await get_memory(pipeline, await get_principal(request), q.get("memory") if q else None)
     only = Filter.of(q.getlist("source"), q.getlist("tag"), q.getlist("exclude_key")) if q else NO_FILTER
     s = pipeline.settings
-    limit = s.max_request_bytes if many else s.max_image_bytes + 64 * 1024
-    images = await read_images(request, field, limit, s.max_batch_images if many else 1)
+    images = await read_images(request, field, s.body_limit(many), s.max_batch_images if many else 1)
     return pipeline, options["top_k"], await pipeline.classify(images, options["neighbors"], only, memory)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
 from service.api.intake import content_length
 from service.errors import RequestError
@@ -35,8 +35,8 @@ class Part:
 
 async def read_images(request: Request, field_name: str, limit: int, max_files: int) -> list[bytes]:
     """The images of one request: the parts named `field_name` of a multipart form, or the whole body when
-    it is sent raw as image/png, image/jpeg or image/webp."""
-    within(request, limit)
+    it is sent raw as image/png, image/jpeg or image/webp. A body over `limit` bytes is refused (413) as
+    read_body says, once its type is known to be one of these."""
     kind, params = options(content_type(request))
     if kind in RAW_TYPES:
         return [await read_body(request, limit)]
@@ -64,7 +64,6 @@ async def read_images(request: Request, field_name: str, limit: int, max_files: 
 
 async def read_form(request: Request, limit: int) -> list[Part]:
     """Every part of a multipart/form-data body (files and plain fields alike), read under `limit` bytes."""
-    within(request, limit)
     kind, params = options(content_type(request))
     if kind != b"multipart/form-data":
         raise RequestError(415, f"content type {kind.decode('latin-1') or 'none'}: send multipart/form-data")
@@ -80,27 +79,24 @@ def content_type(request: Request) -> bytes:
     return next((value for name, value in request.scope["headers"] if name == b"content-type"), b"")
 
 
-def within(request: Request, limit: int) -> None:
-    """RequestError 413 where the request's Content-Length is over `limit`."""
-    declared = content_length(request.scope)
-    if declared is not None and declared > limit:
-        raise RequestError(413, f"request body is {declared} bytes; the limit is {limit}")
-
-
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refused (413) as soon as it passes `limit` bytes (its Content-Length, or what has
     arrived), never all read first."""
-    within(request, limit)
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise RequestError(413, f"request body is over the limit of {limit} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect:  # nobody is left to answer; no traceback in the log either
-        raise RequestError(400, "client disconnected before the body was complete") from None
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    declared = content_length(request.scope)
+    if declared is not None and declared > limit:
+        raise RequestError(413, f"request body is {declared} bytes; the limit is {limit}")
+    chunks, size, receive = [], 0, request.receive  # its messages as they come: no generator around them
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # nobody is left to answer; no traceback in the log either
+            raise RequestError(400, "client disconnected before the body was complete")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def _parse(request: Request, boundary: bytes, limit: int) -> list[Part]:

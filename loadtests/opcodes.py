@@ -1,0 +1,187 @@
+"""The Python opcodes a server process's event loop runs for one /classify request: a count, not a time, so
+that a change to the request path's Python can be compared where a shared host's speed moves by more than
+the change between two timed runs.
+
+    python -m loadtests.opcodes --artifacts artifacts/demo --json results/opcodes.json
+    python -m loadtests.opcodes --artifacts artifacts/demo --checkout before=/tmp/old --checkout after=. \
+        --json results/opcodes_ab.json
+
+Each checkout is served in one process (`python -m service`'s uvicorn configuration and protocol, its settings
+from RAC_* as usual, one process) with its event loop traced (sys.settrace, opcode events) while wrk sends
+/classify with a new image every request; the count is divided by the requests wrk had answered meanwhile.
+Not counted: C code (uvloop, httptools, orjson, hashing, numpy), the batches (their thread is not traced) and the
+kernel. Traced, a request takes many times as long as it does untraced: the count is the figure, never the time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TOP = 40  # functions listed by name in the results
+
+
+def _where(path: str) -> str:
+    """A code object's file as the results name it: within site-packages, the standard library or the checkout."""
+    if "site-packages/" in path:
+        return path.split("site-packages/", 1)[1]
+    stdlib = sysconfig.get_paths()["stdlib"]
+    if path.startswith(stdlib):
+        return "python/" + os.path.relpath(path, stdlib)
+    return os.path.relpath(path) if os.path.isabs(path) else path
+
+
+def serve(artifacts: Path, port: int, out: Path) -> None:
+    """The server process: traced from SIGUSR1 to SIGUSR2, the counts then written to `out` (JSON)."""
+    import asyncio
+
+    import uvicorn
+    from uvicorn._compat import asyncio_run
+
+    from service.serve import AppFactory, _config
+    from service.settings import Settings
+
+    config = _config(AppFactory(Settings(artifacts=artifacts, host="127.0.0.1", port=port)), 1)
+    server = uvicorn.Server(config)
+    counts: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def tracer(frame: Any, event: str, arg: object) -> Any:
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            code = frame.f_code
+            counts[code.co_filename, code.co_name] += 1
+        return tracer
+
+    def stop() -> None:
+        sys.settrace(None)
+        by_function = {f"{_where(f)}:{name}": n for (f, name), n in counts.items()}
+        out.write_text(json.dumps(by_function))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGUSR1, sys.settrace, tracer)  # the loop's thread: where it traces
+        loop.add_signal_handler(signal.SIGUSR2, stop)
+        await server.serve()
+
+    asyncio_run(main(), loop_factory=config.get_loop_factory())  # the loop uvicorn runs on: uvloop where installed
+
+
+def measure(
+    name: str, checkout: Path, artifacts: Path, bodies: Path, connections: int, seconds: float
+) -> dict[str, Any]:
+    import httpx
+
+    from loadtests.drivers import LUA
+    from loadtests.multipart import CONTENT_TYPE
+    from loadtests.server import free_port
+
+    port, tmp = free_port(), Path(tempfile.mkdtemp())
+    counts = tmp / "counts.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAC_HOST", "RAC_PORT", "RAC_WORKERS", "REDIS_URL")}
+    env |= {"PYTHONPATH": str(checkout.resolve()), "RAC_GRPC_PORT": "0"}
+    cmd = [sys.executable, __file__, "--serve", str(artifacts.resolve()), str(port), str(counts)]
+    log = (tmp / "server.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name}: the server exited with {proc.returncode}: see {tmp / 'server.log'}")
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name}: {url} not ready in 300 s")
+            time.sleep(0.2)
+        (tmp / "load.lua").write_text(LUA)
+        wrk_env = os.environ | {"WRK_OUT": str(tmp / "wrk.json"), "WRK_CONTENT_TYPE": CONTENT_TYPE}
+
+        def drive(s: float) -> int:
+            cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(s))}s", "--timeout", "30s", "-s"]
+            done = subprocess.run([*cmd, str(tmp / "load.lua"), f"{url}/classify", "--", str(bodies)], env=wrk_env)
+            if done.returncode != 0:
+                raise RuntimeError(f"wrk failed ({done.returncode})")
+            return int(json.loads((tmp / "wrk.json").read_text())["requests"])
+
+        print(f"{name}: warming up ...", flush=True)
+        drive(3)
+        proc.send_signal(signal.SIGUSR1)
+        print(f"{name}: traced, {seconds:g} s ...", flush=True)
+        requests = drive(seconds)
+        proc.send_signal(signal.SIGUSR2)
+        while not counts.exists():
+            time.sleep(0.1)
+        time.sleep(0.5)  # the file is written whole in one call; let it finish
+        by_function: dict[str, int] = json.loads(counts.read_text())
+    finally:
+        proc.kill()  # a throwaway process: nothing of it needs a graceful stop
+        proc.wait(30)
+        log.close()
+    by_file: collections.Counter[str] = collections.Counter()
+    for key, n in by_function.items():
+        by_file[key.rsplit(":", 1)[0]] += n
+    total = sum(by_function.values())
+    return {
+        "directory": str(checkout),
+        "requests": requests,
+        "opcodes_per_request": total / requests,
+        "by_file": {k: v / requests for k, v in by_file.most_common()},
+        "by_function": {k: v / requests for k, v in collections.Counter(by_function).most_common(TOP)},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifacts", type=Path, default=Path("artifacts/demo"))
+    p.add_argument("--checkout", action="append", help="NAME=DIR: a checkout to serve (default: this one)")
+    p.add_argument("--connections", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--json", type=Path, default=Path("results/opcodes.json"))
+    p.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)  # ARTIFACTS PORT OUT: the traced server process
+    args = p.parse_args()
+    if args.serve:
+        serve(Path(args.serve[0]), int(args.serve[1]), Path(args.serve[2]))
+        return
+    import itertools
+
+    from loadtests.images import pngs
+    from loadtests.multipart import encode
+    from loadtests.overload import write_bodies
+
+    checkouts = [c.split("=", 1) for c in args.checkout or [f"this={ROOT}"]]
+    bodies = Path(tempfile.mkdtemp()) / "bodies.bin"
+    write_bodies(bodies, [encode([("image", png)]) for png in itertools.islice(pngs(), 20_000)])
+    results: dict[str, Any] = {
+        "command": "python -m loadtests.opcodes " + " ".join(sys.argv[1:]),
+        "connections": args.connections,
+        "seconds": args.seconds,
+        "checkouts": {},
+    }
+    for name, directory in checkouts:
+        r = results["checkouts"][name] = measure(
+            name, Path(directory), args.artifacts, bodies, args.connections, args.seconds
+        )
+        print(f"{name}: {r['opcodes_per_request']:.0f} opcodes a request over {r['requests']} requests")
+        for key, n in list(r["by_file"].items())[:12]:
+            print(f"  {n:8.1f}  {key}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
