@@ -66,7 +66,9 @@ def serve(artifacts: Path, port: int, out: Path) -> None:
     def stop() -> None:
         sys.settrace(None)
         by_function = {f"{_where(f)}:{name}": n for (f, name), n in counts.items()}
-        out.write_text(json.dumps(by_function))
+        written = out.with_suffix(".part")
+        written.write_text(json.dumps(by_function))
+        written.replace(out)  # whole or not there: the caller waits for it
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -125,7 +127,6 @@ def measure(
         proc.send_signal(signal.SIGUSR2)
         while not counts.exists():
             time.sleep(0.1)
-        time.sleep(0.5)  # the file is written whole in one call; let it finish
         by_function: dict[str, int] = json.loads(counts.read_text())
     finally:
         proc.kill()  # a throwaway process: nothing of it needs a graceful stop
