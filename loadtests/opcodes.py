@@ -86,52 +86,43 @@ def measure(
 
     from loadtests.drivers import LUA
     from loadtests.multipart import CONTENT_TYPE
-    from loadtests.server import free_port
+    from loadtests.server import free_port, wait_ready
 
     port, tmp = free_port(), Path(tempfile.mkdtemp())
     counts = tmp / "counts.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RAC_HOST", "RAC_PORT", "RAC_WORKERS", "REDIS_URL")}
     env |= {"PYTHONPATH": str(checkout.resolve()), "RAC_GRPC_PORT": "0"}
     cmd = [sys.executable, __file__, "--serve", str(artifacts.resolve()), str(port), str(counts)]
-    log = (tmp / "server.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name}: the server exited with {proc.returncode}: see {tmp / 'server.log'}")
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{name}: {url} not ready in 300 s")
-            time.sleep(0.2)
-        (tmp / "load.lua").write_text(LUA)
-        wrk_env = os.environ | {"WRK_OUT": str(tmp / "wrk.json"), "WRK_CONTENT_TYPE": CONTENT_TYPE}
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a pipe left unread would fill and stall it
+        proc = subprocess.Popen(cmd, cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_ready(proc, log, url, lambda: httpx.get(f"{url}/readyz").status_code == 200)
+            (tmp / "load.lua").write_text(LUA)
+            wrk_env = os.environ | {"WRK_OUT": str(tmp / "wrk.json"), "WRK_CONTENT_TYPE": CONTENT_TYPE}
 
-        def drive(s: float) -> int:
-            cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(s))}s", "--timeout", "30s", "-s"]
-            done = subprocess.run([*cmd, str(tmp / "load.lua"), f"{url}/classify", "--", str(bodies)], env=wrk_env)
-            if done.returncode != 0:
-                raise RuntimeError(f"wrk failed ({done.returncode})")
-            return int(json.loads((tmp / "wrk.json").read_text())["requests"])
+            def drive(s: float) -> int:
+                cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(s))}s", "--timeout", "30s", "-s"]
+                done = subprocess.run([*cmd, str(tmp / "load.lua"), f"{url}/classify", "--", str(bodies)], env=wrk_env)
+                if done.returncode != 0:
+                    raise RuntimeError(f"wrk failed ({done.returncode})")
+                return int(json.loads((tmp / "wrk.json").read_text())["requests"])
 
-        print(f"{name}: warming up ...", flush=True)
-        drive(3)
-        proc.send_signal(signal.SIGUSR1)
-        print(f"{name}: traced, {seconds:g} s ...", flush=True)
-        requests = drive(seconds)
-        proc.send_signal(signal.SIGUSR2)
-        while not counts.exists():
-            time.sleep(0.1)
-        by_function: dict[str, int] = json.loads(counts.read_text())
-    finally:
-        proc.kill()  # a throwaway process: nothing of it needs a graceful stop
-        proc.wait(30)
-        log.close()
+            print(f"{name}: warming up ...", flush=True)
+            drive(3)
+            proc.send_signal(signal.SIGUSR1)
+            print(f"{name}: traced, {seconds:g} s ...", flush=True)
+            requests = drive(seconds)
+            proc.send_signal(signal.SIGUSR2)
+            while not counts.exists():
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"{name}: the server exited before writing its counts:\n{log.read()}")
+                time.sleep(0.1)
+            by_function: dict[str, int] = json.loads(counts.read_text())
+        finally:
+            proc.kill()  # a throwaway process: nothing of it needs a graceful stop
+            proc.wait(30)
     by_file: collections.Counter[str] = collections.Counter()
     for key, n in by_function.items():
         by_file[key.rsplit(":", 1)[0]] += n

@@ -8,9 +8,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import httpx
 import psutil
@@ -71,6 +72,23 @@ def all_started(url: str, env: dict[str, str]) -> bool:
     return len(listening(int(url.rsplit(":", 1)[1]))) >= (int(env.get("RAC_WORKERS") or 0) or cores())
 
 
+def wait_ready(proc: subprocess.Popen[str], log: IO[str], url: str, ready: Callable[[], bool]) -> None:
+    """Until `ready()` (an HTTP error counts as not yet) for the server `proc` started at `url`, its output in
+    `log`: RuntimeError with that output where it exits first, TimeoutError past STARTUP_S."""
+    deadline = time.monotonic() + STARTUP_S
+    while proc.poll() is None:
+        try:
+            if ready():
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not become ready in {STARTUP_S} s")
+        time.sleep(0.1)
+    log.seek(0)
+    raise RuntimeError(f"the service exited with {proc.returncode}:\n{log.read()}")
+
+
 @contextmanager
 def serving(artifacts: Path, root: Path = ROOT, /, **env: str) -> Iterator[str]:
     """Start `python -m service` (uvicorn, RAC_WORKERS processes) of the checkout at `root` on a free port with
@@ -88,19 +106,7 @@ def serving(artifacts: Path, root: Path = ROOT, /, **env: str) -> Iterator[str]:
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, cwd=root, env=environ, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
-            deadline = time.monotonic() + STARTUP_S
-            while proc.poll() is None:
-                try:
-                    if all_started(url, environ):
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{url} did not become ready in {STARTUP_S} s")
-                time.sleep(0.1)
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"the service exited with {proc.returncode}:\n{log.read()}")
+            wait_ready(proc, log, url, lambda: all_started(url, environ))
             yield url
         finally:
             proc.terminate()

@@ -54,8 +54,13 @@ NOT_READY = "not ready: loading or warming up"  # /readyz and every route while 
 def json_error(status: int, message: str, field: str = "detail") -> Response:
     """The refusal as JSON: `{"detail": ...}` for the service's routes, `{"error": ...}` (field="error") for
     the Open Inference Protocol's."""
-    headers = RETRY_AFTER if status == 503 else None
-    return Response(orjson.dumps({field: message}), status, headers, media_type="application/json")
+    return json_answer(orjson.dumps({field: message}), status, RETRY_AFTER if status == 503 else None)
+
+
+def json_answer(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON answer already serialized: a JSONBody where it has no other header, Starlette's Response where it
+    has some."""
+    return JSONBody(body, status) if headers is None else Response(body, status, headers, media_type="application/json")
 
 
 class JSONBody(Response):

@@ -16,7 +16,7 @@ from service.api.upload import read_images
 from service.artifacts import model_identity
 from service.auth import OPEN, Keys, Principal
 from service.core.pipeline import NO_FILTER, Answer, Pipeline
-from service.errors import NOT_READY, JSONBody, RequestError, json_error
+from service.errors import NOT_READY, RequestError, json_answer, json_error
 from service.memory.filters import Filter
 from service.metrics import Metrics
 
@@ -190,8 +190,7 @@ MemoryDep = Annotated[str, Depends(get_memory)]
 
 
 def json_response(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    body = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
-    return JSONBody(body, status) if headers is None else Response(body, status, headers, media_type="application/json")
+    return json_answer(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), status, headers)
 
 
 def validation_message(detail: list[dict[str, Any]]) -> str:
