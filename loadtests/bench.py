@@ -11,7 +11,9 @@
    the server's CPU per request (read from its processes) and the mean batch the server formed
 4. the same for the Open Inference Protocol, at each concurrency right after /classify: v2 REST driven by wrk
    with prepared binary-tensor bodies (as tritonclient.http sends them), and gRPC by the native driver
-   (loadtests/grpc_load.cc, `make grpc-load`: one thread, one connection per caller, prepared requests)
+   (loadtests/grpc_load.cc, `make grpc-load`: one thread, one connection per caller, prepared requests); at the
+   top concurrency, PROTOCOL_ROUNDS pairs of the two (REST first, then gRPC first, in turn): `v2_grpc_rounds` has
+   each pair's gRPC/REST ratio, and the figures at that concurrency are the median pair's
 5. raw image bodies (Content-Type: image/png) beside multipart at the top concurrency
 6. cache-hit latency: one image, over and over, one connection
 7. /classify by wrk at the lowest overload level's connections (64), as at the levels above, CPU_ROUNDS times:
@@ -72,6 +74,9 @@ FORMED_IMAGES = 16384
 # Rounds of (a run at 64 connections, its ceiling) that server_cpu_ms_per_request is the median of: between two
 # runs of the same code on this shared host the figure moved by up to 0.07 ms.
 CPU_ROUNDS = 3
+# Pairs of (v2 REST, v2 gRPC) runs at the top concurrency that ratios.v2_grpc_c16_over_v2_http is the median of:
+# between pairs of runs of the same code the ratio moved from 0.86 to 1.04 (results/protocols_lean_ab.json).
+PROTOCOL_ROUNDS = 3
 Round = tuple[dict[str, Any], dict[str, Any]]  # a run and the ceiling at the batch it formed
 
 
@@ -113,7 +118,8 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str, flood: st
     # Enough distinct images that no measurement runs out (and repeats, hitting the cache) below 1,500 req/s.
     share = max(2_000, round(1_500 * seconds))
     apis = ("http", "v2_http", "v2_grpc")  # /classify and the Open Inference Protocol over REST and gRPC
-    flooded = 4096 + share * (len(levels) * len(apis) + 1 + CPU_ROUNDS)  # where the overload runs' images start
+    runs = len(levels) * len(apis) + 2 * (PROTOCOL_ROUNDS - 1) + 1 + CPU_ROUNDS  # each with its own new images
+    flooded = 4096 + share * runs  # where the overload runs' images start
     images = list(itertools.islice(pngs(), flooded + 40_000 * len(floods)))
     results: dict[str, Any] = {
         "command": f"rac bench --artifacts {artifacts} --seconds {seconds:g}",
@@ -155,17 +161,32 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str, flood: st
 
         for api in (*apis, "raw"):
             results[api] = {}
+
+        def protocols(c: int, label: str = "", grpc_first: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+            """v2 REST and v2 gRPC at c connections, one after the other: (REST, gRPC)."""
+            rest = functools.partial(v2_http, url, list(itertools.islice(fresh, share)), c, seconds, tmp)
+            target = f"127.0.0.1:{grpc_port}"
+            grpc = functools.partial(v2_grpc, target, list(itertools.islice(fresh, share)), c, seconds, tmp)
+            runs = [("REST", rest), ("gRPC", grpc)]
+            done = {name: run(f"v2 {name}, {c} connections{label}", d) for name, d in runs[:: -1 if grpc_first else 1]}
+            return done["REST"], done["gRPC"]
+
+        pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (v2 REST, v2 gRPC) at the top concurrency
         for c in levels:  # the three APIs back to back at each concurrency, each with its own new images
             bodies = [multipart.encode([("image", p)]) for p in itertools.islice(fresh, share)]
             drive = functools.partial(wrk, f"{url}/classify", bodies, c, seconds, tmp)
             results["http"][str(c)] = run(f"http, {c} connections", drive)
             if str(c) == top:
                 at_formed_batch(f"http_c{top}", results["http"][top]["mean_batch"])
-            drive = functools.partial(v2_http, url, list(itertools.islice(fresh, share)), c, seconds, tmp)
-            results["v2_http"][str(c)] = run(f"v2 REST, {c} connections", drive)
-            target = f"127.0.0.1:{grpc_port}"
-            drive = functools.partial(v2_grpc, target, list(itertools.islice(fresh, share)), c, seconds, tmp)
-            results["v2_grpc"][str(c)] = run(f"v2 gRPC, {c} connections", drive)
+                # in turn REST first and gRPC first: the host's drift within a pair favours neither
+                for i in range(PROTOCOL_ROUNDS):
+                    pairs.append(protocols(c, f", round {i + 1} of {PROTOCOL_ROUNDS}", grpc_first=i % 2 == 1))
+            else:
+                results["v2_http"][str(c)], results["v2_grpc"][str(c)] = protocols(c)
+        grpc_ratios = [grpc["req_per_s"] / rest["req_per_s"] for rest, grpc in pairs]
+        median_pair = sorted(range(len(pairs)), key=grpc_ratios.__getitem__)[len(pairs) // 2]
+        results["v2_http"][top], results["v2_grpc"][top] = pairs[median_pair]
+        results["v2_grpc_rounds"] = grpc_ratios
         raw = list(itertools.islice(fresh, share))  # raw image/png bodies: what `curl --data-binary` sends
         drive = functools.partial(wrk, f"{url}/classify", raw, int(top), seconds, tmp, "image/png")
         results["raw"][top] = run(f"raw image bodies, {top} connections", drive)
@@ -310,6 +331,8 @@ def table(r: dict[str, Any]) -> str:
             + ", ".join(f"{x:.3f}" for x in r["server_cpu_rounds"])
         )
     top = max((c for c in r["http"] if c in r["v2_http"]), key=int)
+    if r.get("v2_grpc_rounds"):
+        lines.append(f"v2 gRPC / v2 REST at {top} by round: " + ", ".join(f"{x:.3f}" for x in r["v2_grpc_rounds"]))
     lines.append(
         f"connections per server process at {top}: "
         + "; ".join(f"{name} {r[api][top].get('connections_per_process')}" for api, name in names.items())

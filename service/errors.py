@@ -58,20 +58,26 @@ def json_error(status: int, message: str, field: str = "detail") -> Response:
 
 
 def json_answer(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """A JSON answer already serialized: a JSONBody where it has no other header, Starlette's Response where it
-    has some."""
-    return JSONBody(body, status) if headers is None else Response(body, status, headers, media_type="application/json")
+    """A JSON answer already serialized."""
+    return Body(body, status, b"application/json", headers)
 
 
-class JSONBody(Response):
-    """A JSON answer already serialized, with no header but its length and type, set directly: Starlette's
-    Response works them out from its media type and body at every answer."""
+class Body(Response):
+    """An answer already serialized, its headers set directly: its length, its type and any other given.
+    Starlette's Response works them out from its media type and body at every answer."""
 
-    media_type = "application/json"
-
-    def __init__(self, body: bytes, status_code: int = 200) -> None:  # what Response.__init__ sets, no more
+    def __init__(
+        self,
+        body: bytes,
+        status_code: int = 200,
+        media_type: bytes = b"application/json",
+        headers: dict[str, str] | None = None,
+    ) -> None:  # what Response.__init__ sets, no more
         self.body, self.status_code, self.background = body, status_code, None
-        self.raw_headers = [(b"content-length", b"%d" % len(body)), (b"content-type", b"application/json")]
+        self.media_type = media_type.decode("latin-1")
+        self.raw_headers = [(b"content-length", b"%d" % len(body)), (b"content-type", media_type)]
+        if headers:
+            self.raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
 
 def grpc_code(status: int) -> grpc.StatusCode:

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
+import itertools
+import operator
 import os
 import time
 from collections import deque
@@ -31,59 +34,61 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 
 # Written at once past this many, where nothing flushes (a pipeline run without a server: the ceiling, an evaluation).
 KEPT_AT_MOST = 65536
-Pending = deque[tuple[Counter | Histogram, float]]  # (a counter or a histogram's child, what it counts or observes)
 
 
 class Kept:
-    """A counter or a histogram (or a labelled one's child) whose counts and observations wait in the process
-    until Metrics.flush() writes them: one append to a deque each, safe from any thread, and from a collector's
-    pass (Metrics.collections), which may start inside a prometheus_client write, holding its lock."""
+    """A counter or a histogram (or a labelled one's child) whose counts and observations wait in its own deque
+    until Metrics.flush() writes them: one append each, safe from any thread, and from a collector's pass
+    (Metrics.collections), which may start inside a prometheus_client write, holding its lock."""
 
-    __slots__ = ("metric", "pending")
+    __slots__ = ("amounts", "metric")
 
-    def __init__(self, metric: Counter | Histogram, pending: Pending):
-        self.metric, self.pending = metric, pending
+    def __init__(self, metric: Counter | Histogram, kept: list[Kept]):
+        self.metric, self.amounts = metric, deque[float]()
+        kept.append(self)  # flush() writes every Kept there is
 
     def inc(self, amount: float = 1.0) -> None:
-        self.pending.append((self.metric, amount))
-        if len(self.pending) > KEPT_AT_MOST:
-            write(self.pending)
+        self.amounts.append(amount)
+        if len(self.amounts) > KEPT_AT_MOST:
+            self.write()
 
     observe = inc  # an observation waits as a count does: write() tells them apart
+
+    def write(self) -> None:
+        """What waits, written: a counter's counts summed into one write, a histogram's observations into one write
+        of their sum and one for each bucket they fall in (prometheus_client's observe() puts an amount in the
+        first bucket whose bound is at least the amount)."""
+        waiting = len(self.amounts)
+        if not waiting:
+            return
+        # as many pops as there were amounts, in C: an amount appended meanwhile (another thread) waits its turn
+        amounts = list(map(operator.call, itertools.repeat(self.amounts.popleft, waiting)))
+        metric = self.metric
+        # type(), not isinstance(): prometheus_client's classes are Protocols, whose isinstance() costs microseconds
+        if type(metric) is Histogram:
+            metric._sum.inc(sum(amounts))
+            bucket = functools.partial(bisect.bisect_left, metric._upper_bounds)
+            for i, n in collections.Counter(map(bucket, amounts)).items():
+                metric._buckets[i].inc(n)
+        elif type(metric) is Counter:
+            metric.inc(sum(amounts))
 
 
 class Labelled:
     """A labelled counter or histogram whose children are looked up once and Kept: prometheus_client's
     labels() builds a tuple of strings and takes a lock at every call."""
 
-    def __init__(self, metric: Counter | Histogram, pending: Pending):
-        self.metric, self.pending = metric, pending
+    def __init__(self, metric: Counter | Histogram, kept: list[Kept]):
+        self.metric, self.kept = metric, kept
         self._children: dict[tuple[str, ...], Kept] = {}
 
     def labels(self, *values: str) -> Kept:
-        child = self._children.get(values)
-        if child is None:  # two threads may both get here: labels() gives them the same child
-            child = self._children[values] = Kept(self.metric.labels(*values), self.pending)
+        return self._children.get(values) or self._add(values)
+
+    def _add(self, values: tuple[str, ...]) -> Kept:
+        # two threads may both get here: labels() gives them the same child, and both Kept are written
+        child = self._children[values] = Kept(self.metric.labels(*values), self.kept)
         return child
-
-
-def write(pending: Pending) -> None:
-    """What waits in `pending`, written: each counter's counts summed into one write, each histogram's observations
-    into one write of their sum and one for each bucket they fall in (prometheus_client's observe() puts an amount
-    in the first bucket whose bound is at least the amount)."""
-    grouped: dict[Counter | Histogram, list[float]] = {}
-    while pending:
-        metric, amount = pending.popleft()
-        grouped.setdefault(metric, []).append(amount)
-    for metric, amounts in grouped.items():
-        # type(), not isinstance(): prometheus_client's classes are Protocols, whose isinstance() costs microseconds
-        if type(metric) is Histogram:
-            metric._sum.inc(sum(amounts))
-            bounds, buckets = metric._upper_bounds, metric._buckets
-            for i, n in collections.Counter([bisect.bisect_left(bounds, a) for a in amounts]).items():
-                buckets[i].inc(n)
-        elif type(metric) is Counter:
-            metric.inc(sum(amounts))
 
 
 class Metrics:
@@ -96,7 +101,7 @@ class Metrics:
         self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
         r = self.registry
-        self.pending: Pending = deque()  # what the Kept metrics counted and observed since the last flush()
+        self.kept: list[Kept] = []  # every Kept metric (and labelled child), whose counts flush() writes
         self.stage_seconds = Labelled(
             Histogram(
                 "rac_stage_seconds",
@@ -105,15 +110,15 @@ class Metrics:
                 buckets=BUCKETS,
                 registry=r,
             ),
-            self.pending,
+            self.kept,
         )
         self.requests = Labelled(
             Counter("rac_requests_total", "HTTP requests by route and status", ["route", "status"], registry=r),
-            self.pending,
+            self.kept,
         )
         self.key_requests = Labelled(
             Counter("rac_key_requests_total", "Requests by API key name (never the key)", ["key"], registry=r),
-            self.pending,
+            self.kept,
         )
         self.images = Labelled(
             Counter(
@@ -122,7 +127,7 @@ class Metrics:
                 ["outcome", "memory"],
                 registry=r,
             ),
-            self.pending,
+            self.kept,
         )
         self.cache = Labelled(
             Counter(
@@ -131,7 +136,7 @@ class Metrics:
                 ["result"],
                 registry=r,
             ),
-            self.pending,
+            self.kept,
         )
         self.batch_size = Kept(
             Histogram(
@@ -140,7 +145,7 @@ class Metrics:
                 buckets=(1, 2, 4, 8, 16, 32, 64, 128),
                 registry=r,
             ),
-            self.pending,
+            self.kept,
         )
         self.batch_cpu = Kept(
             Counter(
@@ -148,7 +153,7 @@ class Metrics:
                 "CPU time the batches took in their worker threads (decode, encode, search, head)",
                 registry=r,
             ),
-            self.pending,
+            self.kept,
         )
         self.queue_depth = Gauge(
             "rac_queue_depth",
@@ -203,7 +208,7 @@ class Metrics:
                 ["generation"],
                 registry=r,
             ),
-            self.pending,
+            self.kept,
         )
         for stage in STAGES:  # export every series from the start, so dashboards never see a gap
             self.stage_seconds.labels(stage)
@@ -217,21 +222,22 @@ class Metrics:
         once could deadlock: the pass may have started inside a write, holding prometheus_client's lock). Passes
         never overlap, and a pass's start and stop come from the thread that runs it."""
         started = 0.0
-        generations = [self.gc_cpu.labels(str(g)).metric for g in range(3)]
+        generations = [self.gc_cpu.labels(str(g)).amounts for g in range(3)]
 
         def callback(phase: str, info: dict[str, int]) -> None:
             nonlocal started
             if phase == "start":
                 started = time.thread_time()
             else:  # only kept, never written here, even past KEPT_AT_MOST
-                self.pending.append((generations[info["generation"]], time.thread_time() - started))
+                generations[info["generation"]].append(time.thread_time() - started)
 
         return callback
 
     def flush(self) -> None:
         """Write what the Kept metrics counted since the last flush (the pipeline does it every 0.1 s, and an
         exposition first)."""
-        write(self.pending)
+        for kept in self.kept:
+            kept.write()
 
     def exposition(self) -> bytes:
         self.flush()

@@ -226,6 +226,6 @@ def test_kept_counts_are_written_past_a_bound_where_nothing_flushes(monkeypatch:
     m = Metrics()
     for _ in range(10):
         m.batch_cpu.inc(1.0)
-    assert m.registry.get_sample_value("rac_batch_cpu_seconds_total") == 0.0 and len(m.pending) == 10
+    assert m.registry.get_sample_value("rac_batch_cpu_seconds_total") == 0.0 and len(m.batch_cpu.amounts) == 10
     m.batch_cpu.inc(1.0)
-    assert m.registry.get_sample_value("rac_batch_cpu_seconds_total") == 11.0 and not m.pending
+    assert m.registry.get_sample_value("rac_batch_cpu_seconds_total") == 11.0 and not m.batch_cpu.amounts

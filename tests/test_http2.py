@@ -228,6 +228,23 @@ def test_kept_header_blocks_decode_as_hpack_does() -> None:
     assert kept > 300  # the kept blocks were used, after the table had changed many times
 
 
+def test_the_server_answers_deadline_exceeded_when_a_calls_timeout_passes(served: Served) -> None:
+    """A call whose grpc-timeout passes while its handler runs: the handler is cancelled, and the server itself
+    answers DEADLINE_EXCEEDED in trailers (a client that kept waiting learns it from the server)."""
+    served.cancelled.clear()
+    head = [(":method", "POST"), (":scheme", "http"), (":path", "/t.T/Slow"), ("content-type", "application/grpc")]
+    sent = h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0)
+    sent += h2.frame(h2.HEADERS, h2.END_HEADERS, 1, hpack.Encoder().encode([*head, ("grpc-timeout", "200m")]))
+    sent += h2.frame(h2.DATA, h2.END_STREAM, 1, b"\x00" + (0).to_bytes(4, "big"))
+    with socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.sendall(sent)
+        frames = read_frames(sock)
+    blocks = [hpack.Decoder().decode(f[3], raw=True) for f in frames if f[0] == h2.HEADERS and f[2] == 1]
+    fields = {bytes(k).decode(): bytes(v).decode() for block in blocks for k, v in block}
+    assert fields["grpc-status"] == str(h2.DEADLINE_EXCEEDED)
+    assert served.cancelled.is_set()
+
+
 def test_timeouts_read_as_grpc_writes_them() -> None:
     assert h2.timeout("100m") == pytest.approx(0.1) and h2.timeout("2S") == 2.0 and h2.timeout("1H") == 3600.0
     assert h2.timeout("99999999u") == pytest.approx(99.999999)

@@ -296,14 +296,16 @@ def test_plainly_served_routes_answer_as_fastapis_own(
         same("GET", "/readyz")
         same("HEAD", "/readyz")
         infer = {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": [b64encode(image).decode()]}]}
-        same("POST", "/v2/models/rac/infer", json=infer)
-        same("POST", "/v2/models/rac/versions/1/infer", json=infer)
-        same("POST", "/v2/models/rac/versions/7/infer", json=infer)
-        same("POST", "/v2/models/resnet/infer", json=infer)
-        same("POST", "/v2/models/rac/infer", json={"inputs": []})
-        same("GET", "/v2/models/rac/versions/1")
-        same("GET", "/v2/models/rac/versions/1/ready")
-        same("GET", "/v2/models/rac/versions/1/infer")
+        for _ in range(2):  # the second time, a path with parameters is found by its match kept from the first
+            same("POST", "/v2/models/rac/infer", json=infer)
+            same("POST", "/v2/models/rac/versions/1/infer", json=infer)
+            same("POST", "/v2/models/rac/versions/7/infer", json=infer)
+            same("POST", "/v2/models/resnet/infer", json=infer)
+            same("POST", "/v2/models/rac/infer", json={"inputs": []})
+            same("GET", "/v2/models/rac/versions/1")
+            same("GET", "/v2/models/rac/versions/1/ready")
+            same("GET", "/v2/models/rac/versions/1/infer")
+        assert ("POST", "/v2/models/rac/versions/7/infer") in cast(Service, api.app).matched
     text = api.get("/metrics").text
     assert re.search(r'rac_requests_total\{route="/readyz",status="200"\} [1-9]', text)
     # The short way in: a plain route's request skips FastAPI's own layers (its exit stack among them), others not.

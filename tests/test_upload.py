@@ -42,6 +42,34 @@ def test_forms_as_clients_send_them_split_into_the_parsers_parts() -> None:
         assert _fields(fast) == _fields(parse(body, boundary))
 
 
+def test_part_headers_are_read_as_the_parser_reads_them() -> None:
+    """Part headers in many spellings (the usual ones read by one match, the rest line by line): the same name
+    and filename as the parser's, wherever split() takes the body."""
+    rng = random.Random(11)
+    dispositions = [
+        b'form-data; name="image"; filename="x.png"',
+        b'Form-Data; NAME="image"; FileName="x.png"',
+        b'form-data; name="images"',
+        b'form-data; name="a;b"; filename="c.png"',
+        b'form-data;name="image";filename="x.png"',
+        b'attachment; name="image"',
+        b'form-data; name="image" ',
+        b"form-data; name=image; filename=x.png",
+    ]
+    names = [b"Content-Disposition", b"content-disposition", b"CONTENT-DISPOSITION", b"Content-Disposition "]
+    others = [b"", b"\r\nContent-Type: image/png", b"\r\ncontent-type:image/png", b"\r\nX-Other: 1", b"\r\nno colon"]
+    taken = 0
+    for _ in range(400):
+        head = rng.choice(names) + rng.choice([b": ", b":", b":  "]) + rng.choice(dispositions)
+        head = rng.choice([head + rng.choice(others), rng.choice(others)[2:] + b"\r\n" + head])
+        body = b"--B\r\n" + head + b"\r\n\r\nabc\r\n--B--\r\n"
+        fast = split(body, b"B")
+        if fast is not None:
+            taken += 1
+            assert _fields(fast) == _fields(parse(body, b"B")), body
+    assert taken > 100
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -80,6 +108,10 @@ def test_header_parameters_read_as_python_multipart_reads_them() -> None:
         "multipart/form-data; boundary=----WebKitFormBoundary7MA4YWxkTrZu0gW",
         'form-data; name="image"; filename="x.png"',
         "Multipart/Form-Data;boundary=abc=def",
+        'multipart/form-data; boundary="quoted"',
+        "multipart/form-data ; boundary=x ",
+        "multipart/form-data; boundary=a b",
+        "multipart/form-data; charset=utf-8; boundary=x",
         "image/png",
         " IMAGE/PNG \t",
         "",
@@ -89,7 +121,8 @@ def test_header_parameters_read_as_python_multipart_reads_them() -> None:
     pieces = ["a", "B", "=", ";", '"', " ", "\t", "\\", "*", "\u00e9", ":", "name", "filename", "boundary", "form-data"]
     fuzz = ["".join(rng.choice(pieces) for _ in range(rng.randrange(14))) for _ in range(20_000)]
     dispositions = [f'form-data; name="{a}"' + (f'; filename="{b}"' if b else "") for a, b in itertools.pairwise(fuzz)]
-    for value in usual + odd + fuzz + dispositions:
+    forms = ["multipart/form-data; " + value for value in fuzz[:2000]]
+    for value in usual + odd + fuzz + dispositions + forms:
         assert options(value) == parse_options_header(value), value
         raw = value.encode("latin-1")
         assert options(raw) == parse_options_header(raw), value

@@ -164,3 +164,28 @@ def opcodes_ab(docs: Sequence[Doc]) -> Rows:
 
 def _or_zero(d: Doc, keys: tuple[str, ...]) -> float:
     return d.num(*keys) if keys[-1] in d.keys(*keys[:-1]) else 0.0
+
+
+def opcodes_protocols_ab(docs: Sequence[Doc]) -> Rows:
+    """Python opcodes the event loop ran a request, per protocol (one loadtests.opcodes file each) and checkout."""
+    names = docs[0].keys("checkouts")
+    rows = []
+    for d in docs:
+        counts = [d.num("checkouts", name, "opcodes_per_request") for name in names]
+        rows.append([str(d.get("protocol")), *(n(c) for c in counts), f"{counts[-1] / counts[0] - 1:+.0%}"])
+    return ["protocol", *names, "change"], rows
+
+
+def outside_ab(docs: Sequence[Doc]) -> Rows:
+    """Two checkouts' rounds of every API they served (python -m loadtests.protocols --classify --grpc-processes
+    0): the server's CPU a request outside the batches (the request path's own), and what each served."""
+    (d,) = docs
+    apis = {"classify": "/classify", "v2_http": "v2 REST", "v2_grpc_p0": "v2 gRPC"}
+    rows = []
+    for i, name, r in _rounds(d):
+        row = [str(i), name]
+        for api in apis:
+            x = (*r, api, d.keys(*r, api)[0])
+            row.append(f"{d.num(*x, 'outside_batches_cpu_ms_per_request'):.3f} ({n(d.num(*x, 'req_per_s'))})")
+        rows.append(row)
+    return ["round", "server", *(f"{label}: ms outside the batches (req/s)" for label in apis.values())], rows

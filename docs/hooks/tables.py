@@ -95,11 +95,22 @@ COMMANDS = {
     "request_path_lean_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify "
     "--grpc-processes '' --checkout before=DIR --checkout after=. --concurrency 64 --seconds 6 --repeat 5 "
     "--json results/request_path_lean_ab.json",
+    "protocols_counted_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --grpc-processes 0 "
+    "--checkout before=DIR --checkout after=. --concurrency 16 --seconds 8 --repeat 3 "
+    "--json results/protocols_counted_ab.json",
     "protocols_lean_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --grpc-processes 0 "
     "--checkout before=DIR --checkout after=. --concurrency 16 --seconds 8 --repeat 3 "
     "--json results/protocols_lean_ab.json",
     "opcodes_ab.json": "python -m loadtests.opcodes --artifacts artifacts/demo --checkout before=DIR "
-    "--checkout after=. --json results/opcodes_ab.json",
+    "--checkout after=DIR --json results/opcodes_ab.json",
+    **{
+        f"opcodes_{name}_ab.json": f"python -m loadtests.opcodes --artifacts artifacts/demo --protocol {protocol} "
+        f"--checkout before=DIR --checkout after=. --json results/opcodes_{name}_ab.json"
+        for name, protocol in (("classify", "classify"), ("v2_http", "v2-http"), ("v2_grpc", "v2-grpc"))
+    },
+    "request_path_counted_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify "
+    "--grpc-processes 0 --checkout before=DIR --checkout after=. --concurrency 64 --seconds 6 --repeat 3 "
+    "--json results/request_path_counted_ab.json",
     "v2_rest_plain_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify "
     "--grpc-processes 0 --checkout before=DIR --checkout after=. --concurrency 16 --seconds 6 --repeat 3 "
     "--json results/v2_rest_plain_ab.json",
@@ -168,6 +179,12 @@ TABLES: dict[str, Table] = {
     "request_path_kept_ab": Table(("request_path_kept_ab.json",), ab.request_path_c64_ab),
     "request_path_lean_ab": Table(("request_path_lean_ab.json",), ab.request_path_c64_ab),
     "opcodes_ab": Table(("opcodes_ab.json",), ab.opcodes_ab, "/classify at 8 connections, new images, one process."),
+    "opcodes_protocols_ab": Table(
+        ("opcodes_classify_ab.json", "opcodes_v2_http_ab.json", "opcodes_v2_grpc_ab.json"),
+        ab.opcodes_protocols_ab,
+        "8 connections, new images, one process.",
+    ),
+    "request_path_counted_ab": Table(("request_path_counted_ab.json",), ab.outside_ab, "64 connections, new images."),
     "v2_rest_plain_ab": Table(("v2_rest_plain_ab.json",), ab.v2_rest_plain_ab),
     "gc_young_ab": Table(("gc_young_ab.json",), ab.gc_young_ab, "64 connections, new images, after 60 s of them."),
     "load": Table(("load/summary.json",), s.load),

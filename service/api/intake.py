@@ -121,10 +121,10 @@ def expects_continue(scope: Scope) -> bool:
 
 
 def content_length(scope: Scope) -> int | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            return int(value) if value.isdigit() else None
-    return None
+    """The declared body length; None for none (or one that is not a number). The parser refuses a request
+    that repeats the header, so a dictionary of the headers (built in C) finds the one there is."""
+    value = dict(scope["headers"]).get(b"content-length")
+    return int(value) if value is not None and value.isdigit() else None
 
 
 async def discard(receive: Receive) -> bool:

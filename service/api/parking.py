@@ -92,7 +92,8 @@ class ParkingProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False  # "connection: close" on its answer
         if self.scope["method"] != "HEAD":  # a HEAD's answer has no body to carry its head
             self.cycle.transport = OneWrite(self.transport)  # type: ignore[assignment]
-        self._unreserve(upload=door(self.scope) is not None)
+        if self._reservation is not None:  # a resumed connection's slot: an upload takes it at the door
+            self._unreserve(upload=door(self.scope) is not None)
 
     def _answer_probe(self) -> bool:
         probe: Probe | None = self.app_state.get(PROBE)

@@ -10,12 +10,12 @@ OpenAPI document; errors go to the same handlers.
 telemetry and body-limit middleware (telemetry is off, Intake bounds bodies), the exit stack (no plain route
 opens a file) and the scan of the route list. Such a request goes through the service's own middleware
 (RequestMetrics, Authenticate, Intake: every refusal counted as before), then its endpoint, found by method
-and path in one dictionary lookup (a path with parameters: by its template, among the few such plain routes)
-and called with the Request and the path's parameters: an exception it raises goes to the app's
-handler for its class, as Starlette's route would send it (a RequestError mapped as everywhere), without that
-route's two wrappers around every request and every message sent. An exception nothing handles is answered
-500 and logged by uvicorn, as the error page would. Every other request, and any request under a root path,
-takes FastAPI's way.
+and path in one dictionary lookup (a path with parameters: by its template, among the few such plain routes,
+the first time, then by that match, kept) and called with the Request and the path's parameters: an exception
+it raises goes to the app's handler for its class, as Starlette's route would send it (a RequestError mapped
+as everywhere), without that route's two wrappers around every request and every message sent. An exception
+nothing handles is answered 500 and logged by uvicorn, as the error page would. Every other request, and any
+request under a root path, takes FastAPI's way.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+MATCHED = 1024  # matches of paths with parameters kept (then forgotten all at once: any path may come)
 
 
 class PlainRoute(Route):
@@ -71,6 +73,8 @@ class Service(FastAPI):
         super().__init__(**kwargs)
         self.plain: dict[tuple[str, str], PlainRoute] = {}  # (method, path) -> route, for paths without parameters
         self.templated: list[PlainRoute] = []  # the others
+        # (method, path) -> the route and path parameters of a path with parameters, as matched before
+        self.matched: dict[tuple[str, str], tuple[PlainRoute, dict[str, typing.Any]]] = {}
         self._short: ASGIApp | None = None
         self._handlers: dict[type, typing.Any] = {}  # exception class -> the app's handler for it
 
@@ -82,12 +86,21 @@ class Service(FastAPI):
 
     def _plain(self, scope: Scope) -> PlainRoute | None:
         """The plain route that serves a request, with the path's parameters put in its scope; None for none."""
-        route = self.plain.get((scope["method"], scope["path"]))
+        key = (scope["method"], scope["path"])
+        route = self.plain.get(key)
         if route is not None:
+            return route
+        known = self.matched.get(key)  # a path with parameters seen before (clients send the same few)
+        if known is not None:
+            route, params = known
+            scope.update(endpoint=route.endpoint, path_params=dict(params), route=route)
             return route
         for route in self.templated:
             match, child = route.matches(scope)  # Starlette's own matching: the method too, its path parameters
             if match == Match.FULL:
+                if len(self.matched) >= MATCHED:
+                    self.matched.clear()
+                self.matched[key] = route, dict(child["path_params"])
                 scope.update(child)
                 return route
         return None

@@ -24,6 +24,15 @@ from service.errors import RequestError
 RAW_TYPES = (b"image/png", b"image/jpeg", b"image/webp")
 # A part's Content-Disposition as browsers, curl and httpx write it, read as options() would read it.
 DISPOSITION = re.compile(rb'form-data; name="([^"\\;]*)"(?:; filename="([^"\\;]*)")?')
+# A form's Content-Type as clients send it (an unquoted boundary of printable ASCII without `"`, `*`, `;` or a
+# backslash), read as options() would read it.
+FORM = re.compile(rb"multipart/form-data[ \t]*;[ \t]*boundary=([!#-)+-:<-\[\]-~]+)[ \t]*", re.IGNORECASE)
+# A part's headers as clients send them (its Content-Disposition as DISPOSITION reads it, then perhaps its
+# Content-Type), read as split()'s reading of each header line would read them.
+USUAL_HEAD = re.compile(
+    rb'Content-Disposition: form-data; name="([^"\\;]*)"(?:; filename="([^"\\;]*)")?(?:\r\nContent-Type: [^\r\n]*)?',
+    re.IGNORECASE,
+)
 
 
 @dataclass
@@ -74,9 +83,14 @@ async def read_form(request: Request, limit: int) -> list[Part]:
 
 
 def content_type(request: Request) -> bytes:
-    """The request's Content-Type as it came (b"" for none; the first, as Headers.get() reads it), without
+    """The request's Content-Type as it came (b"" for none)."""
+    return header(request, b"content-type") or b""
+
+
+def header(request: Request, name: bytes) -> bytes | None:
+    """A request header's value as it came (`name` in lower case; the first, as Headers.get() reads it), without
     Starlette's Headers, which decodes and compares every header anew at each lookup."""
-    return next((value for name, value in request.scope["headers"] if name == b"content-type"), b"")
+    return dict(reversed(request.scope["headers"])).get(name)  # built in C; reversed: the first wins
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -112,6 +126,8 @@ def options(value: str | bytes | None) -> tuple[bytes, dict[bytes, bytes]]:
     if not value:
         return b"", {}
     raw = value.encode("latin-1") if isinstance(value, str) else value
+    if (form := FORM.fullmatch(raw)) is not None:  # most requests: one match instead of the steps below
+        return b"multipart/form-data", {b"boundary": form[1]}
     if not raw.isascii():  # python-multipart lower-cases latin-1 letters too
         return parse_options_header(raw)
     kind, found, rest = raw.partition(b";")
@@ -139,6 +155,10 @@ def disposition(value: bytes) -> tuple[str, str | None]:
     else:
         _, opts = options(value)
         name, filename = opts.get(b"name", b""), opts.get(b"filename")
+    return _decoded(name, filename)
+
+
+def _decoded(name: bytes, filename: bytes | None) -> tuple[str, str | None]:
     return name.decode("utf-8", "replace"), filename.decode("utf-8", "replace") if filename is not None else None
 
 
@@ -155,15 +175,23 @@ def split(body: bytes, boundary: bytes) -> list[Part] | None:
         head, found, data = chunk.partition(b"\r\n\r\n")
         if not found or inner in data:  # no header end, or a delimiter line with padding: not the usual shape
             return None
-        part = Part(name="", data=data)
-        for line in head.split(b"\r\n"):
-            field, colon, value = line.partition(b":")
-            if not colon or not field or field != field.strip():
-                return None
-            if field.lower() == b"content-disposition":
-                part.name, part.filename = disposition(value.strip())
-        parts.append(part)
+        names = _decoded(*usual.groups()) if (usual := USUAL_HEAD.fullmatch(head)) is not None else _names(head)
+        if names is None:
+            return None
+        parts.append(Part(*names, data))
     return parts
+
+
+def _names(head: bytes) -> tuple[str, str | None] | None:
+    """A part's name and filename from its header lines, read one by one; None where one is not a header."""
+    name, filename = "", None
+    for line in head.split(b"\r\n"):
+        field, colon, value = line.partition(b":")
+        if not colon or not field or field != field.strip():
+            return None
+        if field.lower() == b"content-disposition":
+            name, filename = disposition(value.strip())
+    return name, filename
 
 
 def parse(body: bytes, boundary: bytes) -> list[Part]:

@@ -17,7 +17,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, Generic, NoReturn, Protocol, TypeVar
 
 from service.errors import Overloaded
@@ -235,10 +234,11 @@ class Upload:
         self.bytes = 0
 
 
-@dataclass
 class _Queued(Generic[J, R]):
-    job: J
-    future: asyncio.Future[R] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    __slots__ = ("future", "job")
+
+    def __init__(self, job: J, future: asyncio.Future[R]):
+        self.job, self.future = job, future
 
 
 class Batcher(Generic[J, R]):
@@ -252,9 +252,9 @@ class Batcher(Generic[J, R]):
     ):
         self.run, self.metrics = run, metrics
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
-        self.queue: asyncio.Queue[_Queued[J, R]] = asyncio.Queue()
+        self.queue: deque[_Queued[J, R]] = deque()  # unbounded: admission already bounds what can be in it
         self.arriving = 0  # jobs on their way: in cache lookup, not yet submitted
-        self._wake: asyncio.Future[None] | None = None  # set while a batch being gathered waits for more
+        self._wake: asyncio.Future[None] | None = None  # set while a batch waits for its first job, or for more
         self.worker = ThreadPoolExecutor(in_flight, thread_name_prefix="batch")
         self.slots = asyncio.Semaphore(in_flight)
         self._running: set[asyncio.Task[None]] = set()
@@ -270,8 +270,8 @@ class Batcher(Generic[J, R]):
         self.worker.shutdown(wait=True)
 
     async def submit(self, job: J) -> R:
-        queued: _Queued[J, R] = _Queued(job)
-        self.queue.put_nowait(queued)  # unbounded queue: admission already bounds what can be in it
+        queued: _Queued[J, R] = _Queued(job, asyncio.get_running_loop().create_future())
+        self.queue.append(queued)
         self._wakeup()
         return await queued.future
 
@@ -285,25 +285,32 @@ class Batcher(Generic[J, R]):
         return Coming(self)
 
     async def _gather(self) -> list[_Queued[J, R]]:
-        batch = [await self.queue.get()]
         loop = asyncio.get_running_loop()
+        while not self.queue:  # wait for the first job
+            await self._wait(None)
+        batch = [self.queue.popleft()]
         deadline = loop.time() + self.max_wait_s
         while len(batch) < self.max_batch:
-            if not self.queue.empty():
-                batch.append(self.queue.get_nowait())
+            if self.queue:
+                batch.append(self.queue.popleft())
                 continue
             if self.arriving == 0 or loop.time() >= deadline:  # nothing else on its way, or no more time
                 break
-            # Wait for the next job, the last one on its way, or the deadline: one future and one timer
-            # (asyncio.wait_for would make a task per wait).
-            self._wake = loop.create_future()
-            timer = loop.call_at(deadline, self._wakeup)
-            try:
-                await self._wake
-            finally:
-                timer.cancel()
-                self._wake = None
+            await self._wait(deadline)  # for the next job, the last one on its way, or the deadline
         return batch
+
+    async def _wait(self, deadline: float | None) -> None:
+        """Until submit() or the last job on its way wakes it, or the deadline (one future and one timer:
+        asyncio.wait_for would make a task per wait)."""
+        loop = asyncio.get_running_loop()
+        self._wake = loop.create_future()
+        timer = None if deadline is None else loop.call_at(deadline, self._wakeup)
+        try:
+            await self._wake
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._wake = None
 
     async def _loop(self) -> None:
         while True:

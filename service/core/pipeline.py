@@ -275,16 +275,25 @@ class Pipeline:
         """What the batch computed for one image, as its answer: the head's scores (zero-shot: `rescore`d
         against the labels), its neighbours, where they came from, and each stage's milliseconds."""
         computed, timings, cached = found
-        scores, seconds = computed.scores, {"decode": timings["decode"], "queue": timings["queue"]}
-        seconds |= _stages(computed, head) | (extra or {})
+        scores, stages = computed.scores, computed.seconds  # the batch's stages: encode, search, its own head's
+        ms = {
+            "decode": _ms(timings["decode"]),
+            "queue": _ms(timings["queue"]),
+            "encode": _ms(stages["encode"]),
+            "search": _ms(stages["search"]),
+            head: _ms(stages[head]),
+        }
+        for name, seconds in (extra or {}).items():
+            ms[name] = _ms(seconds)
         if rescore is not None:
             t = time.perf_counter()
             scores = rescore(scores)
-            seconds["score"] = time.perf_counter() - t
-        seconds["total"] = time.perf_counter() - timings["start"]
-        self.metrics.stage_seconds.labels(total_stage).observe(seconds["total"])
+            ms["score"] = _ms(time.perf_counter() - t)
+        total = time.perf_counter() - timings["start"]
+        ms["total"] = _ms(total)
+        self.metrics.stage_seconds.labels(total_stage).observe(total)
         used = len(computed.entry.ids)
-        return Answer(scores, computed.neighbors, used, version.name, version.id, cached, _ms(seconds))
+        return Answer(scores, computed.neighbors, used, version.name, version.id, cached, ms)
 
     def select(self, version: MemoryVersion, only: Filter) -> Selection | None:
         """The request's filter resolved against the version it holds (None: no filter); RequestError 422 for
@@ -363,11 +372,6 @@ class Pipeline:
         )
 
 
-def _stages(computed: Computed, head: str) -> dict[str, float]:
-    """The batch stages an answer reports: encode, search and its own head's."""
-    return {name: computed.seconds[name] for name in ("encode", "search", head)}
-
-
-def _ms(seconds: dict[str, float]) -> dict[str, float]:
+def _ms(seconds: float) -> float:
     """Milliseconds to the microsecond (round(x, 3) costs several times more: it goes through decimal digits)."""
-    return {name: int(1e6 * s + 0.5) / 1e3 for name, s in seconds.items()}
+    return int(1e6 * seconds + 0.5) / 1e3

@@ -1,5 +1,5 @@
 """HTTP/2's frames (RFC 9113) and gRPC's use of them: the constants, the frames and header blocks this
-service writes, and the parts of a call's headers it reads (service/v2/http2.py serves them).
+service writes, the parts of a call's headers it reads, and a call's state (service/v2/http2.py serves them).
 
 Header blocks are written without HPACK's dynamic table (every field a literal or a static-table reference),
 so writing one needs no state shared with the peer.
@@ -7,6 +7,7 @@ so writing one needs no state shared with the peer.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -114,3 +115,40 @@ OPENING = frame(
         MAX_HEADER_BLOCK,
     ),
 ) + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", WINDOW - 65535))
+
+
+class Stream:
+    """One call: its headers, its message as it arrives, and what of the answer waits for window."""
+
+    __slots__ = (
+        "body",
+        "deadline",
+        "ended",
+        "expired",
+        "id",
+        "metadata",
+        "path",
+        "pending",
+        "received",
+        "sent",
+        "task",
+        "window",
+    )
+
+    def __init__(self, id: int, path: str, metadata: dict[str, str], window: int):
+        self.id, self.path, self.metadata = id, path, metadata
+        self.deadline = timeout(metadata.get("grpc-timeout"))
+        self.body = bytearray()
+        self.received = 0  # bytes read since the last WINDOW_UPDATE sent for this stream
+        self.window = window  # bytes of the answer the peer still lets this stream send
+        self.task: asyncio.Task[None] | None = None
+        self.pending = b""  # the answer's DATA (prefixed message) while some of it waits for window
+        self.sent = 0  # bytes of it sent
+        self.ended = False  # the peer's side is closed (END_STREAM)
+        self.expired = False  # its deadline passed: its task was cancelled for it
+
+    def expire(self) -> None:
+        """Its deadline passed: its task is cancelled, and answers DEADLINE_EXCEEDED."""
+        if self.task is not None and not self.task.done():
+            self.expired = True
+            self.task.cancel()

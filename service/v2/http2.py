@@ -31,23 +31,6 @@ log = logging.getLogger(__name__)
 Handler = Callable[[bytes, dict[str, str]], Awaitable[bytes]]  # (message, metadata) -> answer; raises Status
 
 
-class Stream:
-    """One call: its headers, its message as it arrives, and what of the answer waits for window."""
-
-    __slots__ = ("body", "deadline", "ended", "id", "metadata", "path", "pending", "received", "sent", "task", "window")
-
-    def __init__(self, id: int, path: str, metadata: dict[str, str], window: int):
-        self.id, self.path, self.metadata = id, path, metadata
-        self.deadline = h2.timeout(metadata.get("grpc-timeout"))
-        self.body = bytearray()
-        self.received = 0  # bytes read since the last WINDOW_UPDATE sent for this stream
-        self.window = window  # bytes of the answer the peer still lets this stream send
-        self.task: asyncio.Task[None] | None = None
-        self.pending = b""  # the answer's DATA (prefixed message) while some of it waits for window
-        self.sent = 0  # bytes of it sent
-        self.ended = False  # the peer's side is closed (END_STREAM)
-
-
 class Connection(asyncio.Protocol):
     def __init__(self, server: Server):
         self.server = server
@@ -57,7 +40,7 @@ class Connection(asyncio.Protocol):
         self.decoder = hpack.Decoder()
         self.decoder.max_header_list_size = h2.MAX_HEADER_BLOCK
         self.indexed: dict[bytes, dict[str, str]] = {}  # header blocks of table references alone, decoded
-        self.streams: dict[int, Stream] = {}
+        self.streams: dict[int, h2.Stream] = {}
         self.last = 0  # the highest stream id the peer opened
         self.continued: tuple[int, int, bytearray] | None = None  # (stream, flags, block) until END_HEADERS
         self.window = 65535  # bytes of answers the peer still lets this connection send
@@ -227,7 +210,7 @@ class Connection(asyncio.Protocol):
         if len(self.streams) >= h2.MAX_STREAMS:  # the peer may retry it
             self.reset(sid, h2.REFUSED_STREAM)
             return
-        stream = Stream(sid, headers.get(":path", ""), headers, self.peer_window)
+        stream = h2.Stream(sid, headers.get(":path", ""), headers, self.peer_window)
         self.streams[sid] = stream
         if headers.get(":method") != "POST" or not headers.get("content-type", "").startswith("application/grpc"):
             self.refuse(stream, h2.INVALID_ARGUMENT, "a gRPC call is a POST of content-type application/grpc")
@@ -285,12 +268,15 @@ class Connection(asyncio.Protocol):
 
     # -- calls
 
-    def start(self, stream: Stream) -> None:
+    def start(self, stream: h2.Stream) -> None:
         self.arriving -= len(stream.body)
         stream.task = asyncio.get_running_loop().create_task(self.run(stream))
 
-    async def run(self, stream: Stream) -> None:
+    async def run(self, stream: h2.Stream) -> None:
         body = stream.body
+        # The deadline: one timer that cancels the task (asyncio.timeout's context costs a call several times more)
+        loop = asyncio.get_running_loop()
+        timer = None if stream.deadline is None else loop.call_later(stream.deadline, stream.expire)
         try:
             handler = self.server.handlers.get(stream.path)
             if handler is None:
@@ -299,31 +285,29 @@ class Connection(asyncio.Protocol):
                 raise h2.Status(h2.INVALID_ARGUMENT, "a unary call carries exactly one message")
             if body[0]:
                 raise h2.Status(h2.UNIMPLEMENTED, "compressed messages are not accepted: send them uncompressed")
-            message = bytes(body[5:])
-            if stream.deadline is None:
-                answer = await handler(message, stream.metadata)
-            else:
-                async with asyncio.timeout(stream.deadline):
-                    answer = await handler(message, stream.metadata)
+            answer = await handler(bytes(body[5:]), stream.metadata)
         except h2.Status as e:
             self.answer(stream, None, e.code, e.message)
-        except TimeoutError:
-            self.answer(stream, None, h2.DEADLINE_EXCEEDED, "the call's deadline passed")
         except asyncio.CancelledError:
-            return  # the caller reset the stream or the connection went
+            if stream.expired:
+                self.answer(stream, None, h2.DEADLINE_EXCEEDED, "the call's deadline passed")
+            return  # else the caller reset the stream or the connection went
         except Exception:
             log.exception("gRPC call %s failed", stream.path)
             self.answer(stream, None, h2.INTERNAL, "internal error")
         else:
             self.answer(stream, answer, h2.OK, "")
+        finally:
+            if timer is not None:
+                timer.cancel()
 
-    def refuse(self, stream: Stream, code: int, message: str) -> None:
+    def refuse(self, stream: h2.Stream, code: int, message: str) -> None:
         """Answer a call before its message is in, and tell the peer to stop sending it."""
         self.answer(stream, None, code, message)
         if not stream.ended:
             self.reset(stream.id, h2.NO_ERROR)
 
-    def answer(self, stream: Stream, message: bytes | None, code: int, text: str) -> None:
+    def answer(self, stream: h2.Stream, message: bytes | None, code: int, text: str) -> None:
         if self.streams.get(stream.id) is not stream or self.transport is None:
             return  # reset meanwhile
         head, self.table_update = self.table_update, b""
@@ -340,7 +324,7 @@ class Connection(asyncio.Protocol):
             self.leave = False
             self.goaway()
 
-    def send(self, stream: Stream) -> None:
+    def send(self, stream: h2.Stream) -> None:
         """As much of the stream's answer as the windows allow; the trailers once all of it has gone."""
         data, sent = stream.pending, stream.sent
         while sent < len(data):
@@ -366,7 +350,7 @@ class Connection(asyncio.Protocol):
         self.out.append(h2.frame(h2.RST_STREAM, 0, sid, struct.pack(">I", code)))
         self.forget(sid)
 
-    def forget(self, sid: int) -> Stream | None:
+    def forget(self, sid: int) -> h2.Stream | None:
         """The stream is done with: its message's bytes no longer count as arriving."""
         stream = self.streams.pop(sid, None)
         if stream is not None and stream.task is None:

@@ -147,10 +147,11 @@ async def infer(pipeline: Pipeline, req: InferRequest, principal: Principal) -> 
 
 
 def _tensor(name: str, answers: list[Answer], classes: list[str], top_k: int) -> OutputTensor:
+    # np.array over the rows, not np.stack: the same (B, ...) array, without np.stack's Python around it
     if name == "PROBABILITIES":
-        return OutputTensor(name, "FP32", np.stack([a.probs for a in answers]).astype(np.float32))  # (B, C)
+        return OutputTensor(name, "FP32", np.array([a.probs for a in answers], np.float32))  # (B, C)
     if name == "LABELS":
-        top = np.argsort(-np.stack([a.probs for a in answers]), axis=1, kind="stable")[:, :top_k]  # (B, top_k)
+        top = np.argsort(-np.array([a.probs for a in answers]), axis=1, kind="stable")[:, :top_k]  # (B, top_k)
         labels = np.array([[classes[c].encode() for c in row] for row in top.tolist()], dtype=object)
         return OutputTensor(name, "BYTES", labels.reshape(top.shape))
     return neighbor_tensor(name, [a.neighbors for a in answers])

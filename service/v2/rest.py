@@ -24,9 +24,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from service.api.upload import read_body
+from service.api.upload import header, read_body
 from service.auth import OPEN
-from service.errors import RequestError
+from service.errors import Body, RequestError, json_answer
 from service.v2 import model as v2
 from service.v2.tensors import VERSION, InferRequest, InputTensor, parse_bytes
 
@@ -62,7 +62,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 def _json(payload: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(payload), status, media_type="application/json")
+    return json_answer(orjson.dumps(payload), status)
 
 
 # ---------------------------------------------------------------- health and metadata
@@ -141,7 +141,8 @@ async def model_version_infer(request: Request, model_name: str, model_version: 
     pipeline = v2.require_pipeline(request.app.state)
     body = await _body(request, pipeline.settings.max_request_bytes)
     limits = v2.element_limits(pipeline.settings)
-    req, binary = parse(body, request.headers.get(HEADER_LENGTH), model_name, model_version, limits)
+    length = header(request, HEADER_LENGTH.lower().encode())
+    req, binary = parse(body, None if length is None else length.decode("latin-1"), model_name, model_version, limits)
     outputs, first = await v2.infer(pipeline, req, getattr(request.state, "principal", OPEN))
     doc: dict[str, object] = {"model_name": req.model, "model_version": VERSION}
     if req.id:
@@ -164,15 +165,14 @@ async def model_version_infer(request: Request, model_name: str, model_version: 
     doc["outputs"] = entries
     head = orjson.dumps(doc)
     if not blobs:
-        return Response(head, media_type="application/json")
-    headers = {HEADER_LENGTH: str(len(head))}
-    return Response(b"".join([head, *blobs]), headers=headers, media_type="application/octet-stream")
+        return Body(head)
+    return Body(b"".join([head, *blobs]), 200, b"application/octet-stream", {HEADER_LENGTH: str(len(head))})
 
 
 async def _body(request: Request, limit: int) -> bytes:
     """The whole body, refused (413) once it passes `limit` bytes, checked while reading; decompressed."""
     body = await read_body(request, limit)
-    encoding = request.headers.get("content-encoding", "identity").lower()
+    encoding = (header(request, b"content-encoding") or b"identity").decode("latin-1").lower()
     if encoding == "identity":
         return body
     wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)

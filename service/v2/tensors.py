@@ -80,7 +80,7 @@ NEIGHBOR_OUTPUTS = {
 
 def neighbor_tensor(name: str, neighbors: list[Neighbors]) -> OutputTensor:
     field_name, datatype, dtype = NEIGHBOR_OUTPUTS[name]
-    return OutputTensor(name, datatype, np.stack([getattr(n, field_name) for n in neighbors]).astype(dtype))
+    return OutputTensor(name, datatype, np.array([getattr(n, field_name) for n in neighbors], dtype))  # (B, n)
 
 
 def serialize_bytes(elements: list[bytes]) -> bytes:
