@@ -167,8 +167,8 @@ def main(artifacts: Path, out: Path, seconds: float, concurrency: str, flood: st
             rest = functools.partial(v2_http, url, list(itertools.islice(fresh, share)), c, seconds, tmp)
             target = f"127.0.0.1:{grpc_port}"
             grpc = functools.partial(v2_grpc, target, list(itertools.islice(fresh, share)), c, seconds, tmp)
-            runs = [("REST", rest), ("gRPC", grpc)]
-            done = {name: run(f"v2 {name}, {c} connections{label}", d) for name, d in runs[:: -1 if grpc_first else 1]}
+            order = [("gRPC", grpc), ("REST", rest)] if grpc_first else [("REST", rest), ("gRPC", grpc)]
+            done = {name: run(f"v2 {name}, {c} connections{label}", drive) for name, drive in order}
             return done["REST"], done["gRPC"]
 
         pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (v2 REST, v2 gRPC) at the top concurrency
