@@ -120,10 +120,15 @@ def expects_continue(scope: Scope) -> bool:
     return any(name == b"expect" and value.lower() == b"100-continue" for name, value in scope["headers"])
 
 
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """A request header's value as it came (`name` in lower case; the first, as Starlette's Headers.get() reads
+    it), from a dictionary built in C: Headers decodes and compares every header anew at each lookup."""
+    return dict(reversed(scope["headers"])).get(name)  # reversed: the first wins
+
+
 def content_length(scope: Scope) -> int | None:
-    """The declared body length; None for none (or one that is not a number). The parser refuses a request
-    that repeats the header, so a dictionary of the headers (built in C) finds the one there is."""
-    value = dict(scope["headers"]).get(b"content-length")
+    """The declared body length; None for none (or one that is not a number)."""
+    value = header(scope, b"content-length")
     return int(value) if value is not None and value.isdigit() else None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.api.intake import header
 from service.auth import OPEN, Keys, route_scope
 from service.metrics import Metrics
 
@@ -26,7 +27,8 @@ class Authenticate:
             state["principal"] = OPEN
             await self.app(scope, receive, send)
             return
-        authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        given = header(scope, b"authorization")
+        authorization = None if given is None else given.decode("latin-1")
         principal = self.keys.principal(authorization)
         if principal is None:
             why = "an API key is required: Authorization: Bearer KEY" if not authorization else "unknown API key"

@@ -18,7 +18,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import Request
 
-from service.api.intake import content_length
+from service.api.intake import content_length, header
 from service.errors import RequestError
 
 RAW_TYPES = (b"image/png", b"image/jpeg", b"image/webp")
@@ -84,13 +84,7 @@ async def read_form(request: Request, limit: int) -> list[Part]:
 
 def content_type(request: Request) -> bytes:
     """The request's Content-Type as it came (b"" for none)."""
-    return header(request, b"content-type") or b""
-
-
-def header(request: Request, name: bytes) -> bytes | None:
-    """A request header's value as it came (`name` in lower case; the first, as Headers.get() reads it), without
-    Starlette's Headers, which decodes and compares every header anew at each lookup."""
-    return dict(reversed(request.scope["headers"])).get(name)  # built in C; reversed: the first wins
+    return header(request.scope, b"content-type") or b""
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -24,7 +24,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from service.api.upload import header, read_body
+from service.api.intake import header
+from service.api.upload import read_body
 from service.auth import OPEN
 from service.errors import Body, RequestError, json_answer
 from service.v2 import model as v2
@@ -59,6 +60,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 NOT_READY: dict[int | str, dict[str, Any]] = {400: {"model": Readiness, "description": "not ready (yet)"}}
 HEADER_LENGTH = "Inference-Header-Content-Length"
+HEADER_LENGTH_KEY = HEADER_LENGTH.lower().encode()  # as the request's headers name it
 
 
 def _json(payload: object, status: int = 200) -> Response:
@@ -141,7 +143,7 @@ async def model_version_infer(request: Request, model_name: str, model_version: 
     pipeline = v2.require_pipeline(request.app.state)
     body = await _body(request, pipeline.settings.max_request_bytes)
     limits = v2.element_limits(pipeline.settings)
-    length = header(request, HEADER_LENGTH.lower().encode())
+    length = header(request.scope, HEADER_LENGTH_KEY)
     req, binary = parse(body, None if length is None else length.decode("latin-1"), model_name, model_version, limits)
     outputs, first = await v2.infer(pipeline, req, getattr(request.state, "principal", OPEN))
     doc: dict[str, object] = {"model_name": req.model, "model_version": VERSION}
@@ -172,7 +174,7 @@ async def model_version_infer(request: Request, model_name: str, model_version: 
 async def _body(request: Request, limit: int) -> bytes:
     """The whole body, refused (413) once it passes `limit` bytes, checked while reading; decompressed."""
     body = await read_body(request, limit)
-    encoding = (header(request, b"content-encoding") or b"identity").decode("latin-1").lower()
+    encoding = (header(request.scope, b"content-encoding") or b"identity").decode("latin-1").lower()
     if encoding == "identity":
         return body
     wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)

@@ -86,7 +86,7 @@ async def infer(pipeline: Pipeline, req: InferRequest, principal: Principal) -> 
     memory = pipeline.memories.reachable(memory_parameter(req.parameters), principal)
     result = await pipeline.zero_shot_classify(tensors[IMAGE], labels, template, neighbors, only, memory)
     answers = answered(result.answers, IMAGE)
-    probs = np.stack([a.probs for a in answers]).astype(np.float32)  # (B, L)
+    probs = np.array([a.probs for a in answers], np.float32)  # (B, L)
     out = []
     for name in names:
         if name == "PROBABILITIES":
