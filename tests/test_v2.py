@@ -9,7 +9,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +24,9 @@ from fastapi.testclient import TestClient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from loadtests.drivers import GRPC_LOAD, Spread, batch_sizes, spread, v2_grpc
-from loadtests.server import exposition, free_port, samples, serving
+from loadtests.drivers import GRPC_LOAD, v2_grpc
+from loadtests.server import exposition, free_port, serving
 from service.app import create_app
-from service.metrics import Metrics
 from service.settings import Settings
 from tests.helpers import Served, sample, unavailable, wait_until
 from tests.synthetic import CLASSES, png
@@ -326,29 +324,6 @@ def test_the_grpc_load_drivers_count_what_the_server_answered(server: Server, tm
     assert sum(stats["connections_per_process"]) >= 4  # each caller's connection, held by some server process
 
 
-def test_spread_counts_the_connections_each_process_holds() -> None:
-    """What the drivers report as connections_per_process: the established connections to the port, by the
-    process that holds them (here this one holds 3), and nothing for a port nobody is connected to."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        port = listener.getsockname()[1]
-        assert spread(port) == []
-        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
-        accepted = [listener.accept()[0] for _ in clients]
-        try:
-            assert spread(port) == [3]
-            held = Spread(port, 0.0, 3)
-            held.join(timeout=10)  # it stops by itself once it has read the connections
-            assert held.counts == [3]
-            fewer = Spread(port, 0.0, 4)  # one more than are open: it reads on until asked
-            time.sleep(0.7)
-            assert fewer.is_alive() and fewer.result() == [3]
-        finally:
-            for s in clients + accepted:
-                s.close()
-
-
 def test_one_process_does_not_share_a_taken_grpc_port(quick_artifacts: Path) -> None:
     """Only several processes of one server share the gRPC port; a lone process whose port another program
     holds (even one that allows sharing) stops at start-up, naming the setting."""
@@ -407,14 +382,3 @@ def test_the_docs_client_example_runs(server: Server, quick_artifacts: Path, pro
     assert done.returncode == 0, done.stderr
     labels = (quick_artifacts / "manifest.json").read_text()
     assert done.stdout.startswith("[[b'") and done.stdout.split("'")[1] in labels
-
-
-def test_batch_sizes_counts_the_batches_of_each_size_between_two_scrapes() -> None:
-    """What the drivers report as batch_sizes: rac_batch_size's buckets between two scrapes, each batch counted
-    once, in the bucket of its size."""
-    metrics = Metrics()
-    metrics.batch_size.observe(32)
-    before = samples(metrics.exposition().decode())  # what scrape() reads from /metrics
-    for size in (1, 1, 3, 4, 16, 17, 32, 200):
-        metrics.batch_size.observe(size)
-    assert batch_sizes(before, samples(metrics.exposition().decode())) == {"1": 2, "4": 2, "16": 1, "32": 2, "inf": 1}
