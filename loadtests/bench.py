@@ -76,7 +76,7 @@ FORMED_IMAGES = 16384
 CPU_ROUNDS = 3
 # Pairs of (v2 REST, v2 gRPC) runs at the top concurrency that ratios.v2_grpc_c16_over_v2_http is the median of:
 # between pairs of runs of the same code the ratio moved from 0.86 to 1.04 (results/protocols_lean_ab.json), by
-# more than the goal's margin, so that the median of three pairs still fell on either side of it from one run to
+# more than the goal's margin, and the median of three pairs landed on either side of the goal from one bench to
 # the next. Seven pairs cost the bench about a minute and a half more than three.
 PROTOCOL_ROUNDS = 7
 Round = tuple[dict[str, Any], dict[str, Any]]  # a run and the ceiling at the batch it formed
