@@ -11,7 +11,8 @@ The v2 part of `rac bench` alone (loadtests/drivers.py: wrk with prepared binary
 native driver or loadtests/v2load.py processes for gRPC, every request a new image), without the ceiling, encoder,
 /classify and overload runs that make the whole bench long, with what each request cost: the server's CPU
 (all its processes), the load generator's, and the mean batch the server ran. `--grpc-processes` gives the
-gRPC drivers to measure, each right after REST: 0 the native one, N the Python one in N processes. Each
+gRPC drivers to measure, each right after REST: 0 the native one, N the Python one in N processes; with
+`--classify`, v2 REST's throughput over /classify's is kept beside gRPC's over REST's. Each
 `--checkout NAME=DIR` is served in turn (`python -m service` from DIR, on the same artifacts and settings) and
 measured at each concurrency, REST then gRPC; `NAME=DIR,RAC_X=V,...` serves it with settings of its own beside
 the caller's (the same checkout twice: two settings compared); `--repeat` runs the whole round again, so that
@@ -90,6 +91,9 @@ def run(
                     rest = list(itertools.islice(images, share))
                     drive = functools.partial(v2_http, url, rest, c, seconds, Path(t))
                     runs["v2_http"][str(c)] = measured(url, processes, drive)
+                    if classify:
+                        rate = runs["v2_http"][str(c)]["req_per_s"] / runs["classify"][str(c)]["req_per_s"]
+                        runs.setdefault("rest_over_classify", {})[str(c)] = rate
                     runs["grpc_over_http"][str(c)] = {}
                     for p in drivers:
                         grpc = list(itertools.islice(images, share))
@@ -154,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
                     line += (
                         f" client {r['client_cpu_ms_per_request']:.2f} ms CPU/req, batch {r['mean_batch'] or 0:.1f};"
                     )
+                if "rest_over_classify" in runs:
+                    line += f" v2 REST/classify {runs['rest_over_classify'][c]:.3f};"
                 print(f"{line} gRPC/REST {', '.join(f'{k} {v:.3f}' for k, v in ratios.items())}")
     print(f"wrote {a.json}")
 

@@ -98,6 +98,8 @@ COMMANDS = {
     "protocols_counted_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --grpc-processes 0 "
     "--checkout before=DIR --checkout after=. --concurrency 16 --seconds 8 --repeat 3 "
     "--json results/protocols_counted_ab.json",
+    "v2_rest_classify.json": "python -m loadtests.protocols --artifacts artifacts/demo --classify "
+    "--grpc-processes '' --concurrency 16 --seconds 10 --repeat 5 --json results/v2_rest_classify.json",
     "protocols_rounds.json": "python -m loadtests.protocols --artifacts artifacts/demo --grpc-processes 0 "
     "--concurrency 16 --seconds 10 --repeat 7 --json results/protocols_rounds.json",
     "protocols_lean_ab.json": "python -m loadtests.protocols --artifacts artifacts/demo --grpc-processes 0 "
