@@ -25,7 +25,7 @@ $(ARTIFACTS)/manifest.json:
 evaluate: setup data $(ARTIFACTS)/manifest.json  ## the paper's tables (Table 1, k sweep, memory ablation)
 	$(BIN)/rac evaluate --artifacts $(ARTIFACTS) --json results/evaluation.json
 
-test: setup data redis browser grpc-load  ## lint, the docs built strictly, then every test
+test: setup data redis browser wrk grpc-load  ## lint, the docs built strictly, then every test
 	$(MAKE) lint
 	$(MAKE) docs
 	$(BIN)/pytest
